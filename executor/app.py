@@ -1,0 +1,156 @@
+"""The executor's HTTP API (FastAPI): every response is a release, a view of public facts, or a refusal.
+
+Every refusal (bad input, auth, budget) is audited and answered as a `Refusal` with a receipt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from veil import __version__
+from veil.executor.auth import ANONYMOUS, Principal, authenticate
+from veil.executor.errors import VeilError
+from veil.executor.site import Site
+from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release
+
+MAX_BODY_BYTES = 64 * 1024
+log = logging.getLogger("veil.executor")
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse request bodies over `limit` bytes before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, send)
+        chunks, size, more = [], 0, True
+        while more:  # read (at most limit + 1 bytes of) the body, then replay it
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._too_large(scope, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        error = VeilError("body_too_large", f"the request body exceeds {self.limit} bytes",
+                          hint="send one query per request; a query is a few hundred bytes", status=413)
+        site: Site = scope["app"].state.site
+        receipt = await run_in_threadpool(site.refuse, ANONYMOUS, scope["path"].strip("/") or "request", error)
+        response = _refusal_response(error, receipt)
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _refusal_response(error: VeilError, receipt: str | None) -> JSONResponse:
+    body = Refusal(code=error.code, message=error.message, hint=error.hint, receipt=receipt,
+                   remaining=error.remaining)
+    return JSONResponse(body.model_dump(), status_code=error.status)
+
+
+def create_app(site: Site) -> FastAPI:
+    """The executor app for one site."""
+    app = FastAPI(
+        title=f"Veil site executor: {site.catalog.title}",
+        version=__version__,
+        description="Answers only with differentially private releases, charged to a ledger and audited.",
+    )
+    app.state.site = site
+    app.add_middleware(BodyLimit)
+
+    def principal(request: Request, authorization: str | None = Header(default=None)) -> Principal:
+        who = authenticate(site.engine, authorization)
+        request.state.principal = who
+        return who
+
+    async def audited_refusal(request: Request, error: VeilError) -> JSONResponse:
+        who = getattr(request.state, "principal", ANONYMOUS)
+        context: dict[str, Any] = getattr(request.state, "context", {})
+        receipt = await run_in_threadpool(site.refuse, who, request.url.path.strip("/").split("/")[0] or "request",
+                                          error, context.get("dataset"), context.get("query"))
+        return _refusal_response(error, receipt)
+
+    @app.exception_handler(VeilError)
+    async def _on_refusal(request: Request, exc: VeilError) -> JSONResponse:
+        return await audited_refusal(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        error = VeilError("malformed_request", f"the request is not valid: {problems}",
+                          hint="see the request schema at /openapi.json", status=422)
+        return await audited_refusal(request, error)
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        error = VeilError("internal_error", f"the executor failed ({type(exc).__name__}); nothing was charged",
+                          hint="retry later; if it persists, tell the site's administrators", status=500)
+        return await audited_refusal(request, error)
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", site=site.catalog.site, version=__version__, datasets=len(site.catalog.datasets))
+
+    @app.get("/datasets", response_model=list[DatasetInfo])
+    def datasets(who: Principal = Depends(principal)) -> list[DatasetInfo]:
+        """The datasets you may use, with schema and public metadata (never rows)."""
+        return site.datasets(who)
+
+    @app.get("/datasets/{name}", response_model=DatasetInfo)
+    def dataset(name: str, who: Principal = Depends(principal)) -> DatasetInfo:
+        return site.dataset_for(who, name).info()
+
+    @app.post("/query", response_model=Release, responses={400: {"model": Refusal}, 409: {"model": Refusal}})
+    def query(body: QueryRequest, request: Request, who: Principal = Depends(principal)) -> Release:
+        """Run one DP query (SQL or JSON spec); the release carries intervals, cost and receipt."""
+        request.state.context = {
+            "dataset": body.spec.dataset if body.spec else None,
+            "query": (body.sql if body.sql is not None else json.dumps(body.spec.model_dump(), sort_keys=True))[:4000],
+        }
+        return site.query(who, body)
+
+    @app.get("/grants", response_model=list[GrantInfo])
+    def grants(who: Principal = Depends(principal)) -> list[GrantInfo]:
+        """Your project's grants (a steward sees all) with what is spent and what remains."""
+        return site.grants(who)
+
+    @app.get("/receipts/{receipt}", response_model=AuditEntry)
+    def receipt(receipt: str, who: Principal = Depends(principal)) -> AuditEntry:
+        """The audit entry a receipt points to."""
+        return site.receipt(who, receipt)
+
+    return app

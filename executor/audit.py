@@ -1,0 +1,131 @@
+"""The append-only, hash-chained audit log. An entry's hash is the receipt its response carries.
+
+Each entry hashes its own fields together with the previous entry's hash, so editing, deleting,
+inserting or reordering any entry breaks the chain at that point; the head row (last seq and
+hash) catches a truncated tail. `verify` also checks that the ledger's spent totals equal the
+sum of the charges recorded in released entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from veil.executor.store import GENESIS, audit, audit_head, caps, grants
+from veil.wire import AuditEntry
+
+FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "delta",
+          "result_digest", "decision", "reason", "prev_hash")
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 over the entry's fields (canonical JSON), the previous hash included."""
+    body = json.dumps({k: entry[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def append(
+    conn: Connection,
+    *,
+    principal: str,
+    role: str,
+    action: str,
+    decision: str,
+    project: str | None = None,
+    dataset: str | None = None,
+    query: str | None = None,
+    rho: float = 0.0,
+    delta: float = 0.0,
+    result_digest: str | None = None,
+    reason: str | None = None,
+) -> AuditEntry:
+    """Append one entry inside the caller's write transaction and return it (hash = receipt)."""
+    head = conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).one()
+    entry: dict[str, Any] = dict(
+        seq=head.seq + 1, ts=now(), principal=principal, role=role, project=project, action=action,
+        dataset=dataset, query=query, rho=float(rho), delta=float(delta), result_digest=result_digest,
+        decision=decision, reason=reason, prev_hash=head.hash,
+    )
+    entry["hash"] = entry_hash(entry)
+    conn.execute(insert(audit).values(**entry))
+    conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=entry["seq"], hash=entry["hash"]))
+    return AuditEntry(**entry)
+
+
+def find(engine: Engine, receipt: str) -> AuditEntry | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(audit).where(audit.c.hash == receipt)).mappings().first()
+    return AuditEntry(**row) if row else None
+
+
+@dataclass
+class Verification:
+    """The outcome of checking a site's audit log and ledger."""
+
+    entries: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def verify(engine: Engine) -> Verification:
+    """Walk the chain from the genesis hash; compare the head and the ledger with what it records."""
+    result = Verification()
+    spent: dict[tuple[str, str], list[float]] = {}
+    with engine.connect() as conn:
+        expected_prev, expected_seq = GENESIS, 1
+        for row in conn.execute(select(audit).order_by(audit.c.seq)).mappings():
+            entry = dict(row)
+            result.entries += 1
+            if entry["seq"] != expected_seq:
+                result.problems.append(f"entry {entry['seq']}: expected seq {expected_seq} (an entry is missing or inserted)")
+            if entry["prev_hash"] != expected_prev:
+                result.problems.append(f"entry {entry['seq']}: does not follow the previous entry (deleted, inserted or reordered)")
+            if entry_hash(entry) != entry["hash"]:
+                result.problems.append(f"entry {entry['seq']}: its content does not match its hash (edited)")
+            if entry["decision"] == "released":
+                s = spent.setdefault((entry["project"], entry["dataset"]), [0.0, 0.0])
+                s[0] += entry["rho"]
+                s[1] += entry["delta"]
+            expected_prev, expected_seq = entry["hash"], entry["seq"] + 1
+        head = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).one()
+        if (head.seq, head.hash) != (expected_seq - 1, expected_prev):
+            result.problems.append(f"the log ends at entry {expected_seq - 1} but its head says {head.seq} (truncated)")
+        for g in conn.execute(select(grants)).mappings():
+            rho, delta = spent.get((g["project"], g["dataset"]), [0.0, 0.0])
+            if not (_close(g["rho_spent"], rho) and _close(g["delta_spent"], delta)):
+                result.problems.append(
+                    f"grant {g['project']}/{g['dataset']}: ledger says rho {g['rho_spent']:.6g}, "
+                    f"the audit log's releases add up to {rho:.6g}")
+        per_dataset: dict[str, list[float]] = {}
+        for (_, ds), (rho, delta) in spent.items():
+            acc = per_dataset.setdefault(ds, [0.0, 0.0])
+            acc[0] += rho
+            acc[1] += delta
+        for c in conn.execute(select(caps)).mappings():
+            rho, delta = per_dataset.get(c["dataset"], [0.0, 0.0])
+            if not (_close(c["rho_spent"], rho) and _close(c["delta_spent"], delta)):
+                result.problems.append(
+                    f"dataset cap {c['dataset']}: ledger says rho {c['rho_spent']:.6g}, releases add up to {rho:.6g}")
+    return result
+
+
+def count_entries(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(audit)).scalar_one())

@@ -1,0 +1,81 @@
+"""Bearer tokens per principal with a role; only a SHA-256 of each secret is stored.
+
+A token reads `veil_<id>_<secret>`: the id finds the row, the secret's hash is compared in
+constant time. Tokens are random (256 bits), so a plain hash suffices (no password stretching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, insert, select
+
+from veil.executor import audit
+from veil.executor.errors import AuthError
+from veil.executor.store import tokens, write
+from veil.wire import NAME_PATTERN
+
+ROLES = ("researcher", "steward", "admin")
+_TOKEN = re.compile(r"^veil_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_DUMMY_HASH = hashlib.sha256(b"no such token").hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a name, a role and, for researchers, the project they work for."""
+
+    name: str
+    role: str
+    project: str | None = None
+
+
+ANONYMOUS = Principal("anonymous", "none")
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(engine: Engine, principal: str, role: str, project: str | None) -> str:
+    """Store a new token for `principal` and return it; it is shown once and never stored in clear."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not '{role}'")
+    if role == "researcher" and not project:
+        raise ValueError("a researcher token needs --project: researchers act for a project")
+    if project is not None and not re.match(NAME_PATTERN, project):
+        raise ValueError(f"project '{project}' is not a valid name (letters, digits, _)")
+    token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    with write(engine) as conn:
+        conn.execute(insert(tokens).values(token_id=token_id, secret_hash=_hash(secret), principal=principal,
+                                           role=role, project=project, created_at=audit.now(), revoked=False))
+        audit.append(conn, principal="site-admin", role="admin", action="token", decision="created",
+                     project=project, reason=f"token for {principal} as {role}")
+    return f"veil_{token_id}_{secret}"
+
+
+def authenticate(engine: Engine, authorization: str | None) -> Principal:
+    """The principal behind an `Authorization: Bearer ...` header, or AuthError (401)."""
+    if not authorization or not authorization.startswith("Bearer "):
+        raise AuthError("missing_token", "this request carries no bearer token",
+                        hint="send 'Authorization: Bearer <token>'; a steward creates tokens with "
+                             "'veil executor token create'")
+    match = _TOKEN.match(authorization.removeprefix("Bearer ").strip())
+    token_id, secret = match.groups() if match else ("", "")
+    with engine.connect() as conn:
+        row = conn.execute(select(tokens).where(tokens.c.token_id == token_id)).mappings().first()
+    stored = row["secret_hash"] if row else _DUMMY_HASH
+    if not hmac.compare_digest(_hash(secret), stored) or row is None or row["revoked"]:
+        raise AuthError("invalid_token", "the bearer token is not valid for this site",
+                        hint="check the token file your study config names, or ask the steward for a new token")
+    return Principal(row["principal"], row["role"], row["project"])
+
+
+def require(principal: Principal, *roles: str) -> None:
+    """AuthError (403) unless the principal holds one of `roles`."""
+    if principal.role not in roles:
+        raise AuthError("forbidden", f"role '{principal.role}' may not do this; it needs {' or '.join(roles)}",
+                        hint="use a token of the right role", status=403)

@@ -1,0 +1,226 @@
+"""A site's catalog: its datasets, where they live, and the public metadata the steward set.
+
+The catalog is a TOML file (see `README.md`, "Site catalog"). Bounds, category sets and the maximum
+number of rows per patient are public facts declared by the steward, never read from the data.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from veil.executor.errors import CatalogError
+from veil.wire import ColumnInfo, DatasetInfo, NAME_PATTERN
+
+import re
+
+DTYPES: dict[str, pl.DataType] = {
+    "Int64": pl.Int64(),
+    "Int32": pl.Int32(),
+    "Float64": pl.Float64(),
+    "String": pl.String(),
+    "Date": pl.Date(),
+    "Boolean": pl.Boolean(),
+}
+LEVELS = ("L1", "L2", "L3")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column and what the steward declared public about it."""
+
+    name: str
+    dtype: str
+    description: str | None = None
+    bounds: tuple[float, float] | None = None
+    categories: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.dtype in ("Int64", "Int32", "Float64")
+
+    @property
+    def is_integer(self) -> bool:
+        return self.dtype in ("Int64", "Int32")
+
+    def info(self) -> ColumnInfo:
+        return ColumnInfo(
+            name=self.name,
+            dtype=self.dtype,
+            description=self.description,
+            bounds=self.bounds,
+            categories=list(self.categories) if self.categories is not None else None,
+            nullable=self.nullable,
+        )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset of a site: a Parquet file and its public metadata."""
+
+    name: str
+    title: str
+    description: str
+    path: Path
+    level: str
+    privacy_unit: str
+    max_rows_per_unit: int
+    max_rows: int
+    lifetime_epsilon: float
+    columns: dict[str, Column] = field(default_factory=dict)
+
+    def column(self, name: str) -> Column:
+        """The column called `name`, or a CatalogError listing the columns that exist."""
+        try:
+            return self.columns[name]
+        except KeyError:
+            known = ", ".join(self.columns)
+            raise CatalogError(
+                "unknown_column",
+                f"dataset '{self.name}' has no column '{name}'",
+                hint=f"columns are: {known}",
+            ) from None
+
+    def schema(self) -> pl.Schema:
+        return pl.Schema({c.name: DTYPES[c.dtype] for c in self.columns.values()})
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(
+            name=self.name,
+            title=self.title,
+            description=self.description,
+            level=self.level,  # type: ignore[arg-type]
+            privacy_unit=self.privacy_unit,
+            max_rows_per_unit=self.max_rows_per_unit,
+            columns=[c.info() for c in self.columns.values()],
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A site: its name, database URL, accounting settings and datasets."""
+
+    site: str
+    title: str
+    database_url: str
+    reporting_delta: float
+    default_l1_epsilon: float
+    datasets: dict[str, Dataset]
+    path: Path
+
+    def dataset(self, name: str) -> Dataset:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise CatalogError(
+                "unknown_dataset",
+                f"site '{self.site}' has no dataset '{name}'",
+                hint="list the datasets you may use with GET /datasets",
+                status=404,
+            ) from None
+
+
+def _require(table: dict[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise CatalogError("bad_catalog", f"{where}: missing required key '{key}'")
+    return table[key]
+
+
+def _check_name(name: str, where: str) -> str:
+    if not re.match(NAME_PATTERN, name):
+        raise CatalogError("bad_catalog", f"{where}: '{name}' is not a valid name (letters, digits, _)")
+    return name
+
+
+def _column(name: str, raw: dict[str, Any], where: str) -> Column:
+    dtype = _require(raw, "dtype", where)
+    if dtype not in DTYPES:
+        raise CatalogError("bad_catalog", f"{where}: dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    bounds = raw.get("bounds")
+    if bounds is not None:
+        if len(bounds) != 2 or not bounds[0] < bounds[1]:
+            raise CatalogError("bad_catalog", f"{where}: bounds must be [lower, upper] with lower < upper")
+        bounds = (bounds[0], bounds[1])
+    categories = raw.get("categories")
+    return Column(
+        name=_check_name(name, where),
+        dtype=dtype,
+        description=raw.get("description"),
+        bounds=bounds,
+        categories=tuple(categories) if categories is not None else None,
+        nullable=bool(raw.get("nullable", False)),
+    )
+
+
+def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
+    where = f"dataset '{name}'"
+    level = _require(raw, "level", where)
+    if level not in LEVELS:
+        raise CatalogError("bad_catalog", f"{where}: level must be one of {LEVELS}")
+    columns = {
+        cname: _column(cname, craw, f"{where}, column '{cname}'")
+        for cname, craw in _require(raw, "columns", where).items()
+    }
+    unit = _require(raw, "privacy_unit", where)
+    if unit not in columns:
+        raise CatalogError("bad_catalog", f"{where}: privacy_unit '{unit}' is not a column")
+    max_per_unit = int(_require(raw, "max_rows_per_unit", where))
+    if max_per_unit < 1:
+        raise CatalogError("bad_catalog", f"{where}: max_rows_per_unit must be at least 1")
+    return Dataset(
+        name=_check_name(name, where),
+        title=raw.get("title", name),
+        description=raw.get("description", ""),
+        path=(base / _require(raw, "path", where)).resolve(),
+        level=level,
+        privacy_unit=unit,
+        max_rows_per_unit=max_per_unit,
+        max_rows=int(_require(raw, "max_rows", where)),
+        lifetime_epsilon=float(_require(raw, "lifetime_epsilon", where)),
+        columns=columns,
+    )
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and check a site catalog. Relative paths in it are relative to the file."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CatalogError("bad_catalog", f"no site catalog at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError("bad_catalog", f"{path} is not valid TOML: {exc}") from None
+    site = _require(raw, "site", str(path))
+    base = path.parent
+    database_url = site.get("database", "sqlite:///veil.db")
+    if database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
+        database_url = "sqlite:///" + str((base / database_url.removeprefix("sqlite:///")).resolve())
+    datasets = {name: _dataset(name, d, base) for name, d in raw.get("datasets", {}).items()}
+    return Catalog(
+        site=_check_name(_require(site, "name", "[site]"), "[site]"),
+        title=site.get("title", site["name"]),
+        database_url=database_url,
+        reporting_delta=float(site.get("reporting_delta", 1e-6)),
+        default_l1_epsilon=float(site.get("default_l1_epsilon", 1.0)),
+        datasets=datasets,
+        path=path,
+    )
+
+
+def check_data_matches(dataset: Dataset) -> None:
+    """Refuse to serve a dataset whose Parquet schema differs from the catalog (reads metadata only)."""
+    if not dataset.path.is_file():
+        raise CatalogError("bad_catalog", f"dataset '{dataset.name}': no file at {dataset.path}")
+    actual = pl.scan_parquet(dataset.path).collect_schema()
+    expected = dataset.schema()
+    if dict(actual) != dict(expected):
+        raise CatalogError(
+            "bad_catalog",
+            f"dataset '{dataset.name}': the file's schema {dict(actual)} differs from the catalog's {dict(expected)}",
+            hint="fix the catalog's columns (or the file) so that names and dtypes agree",
+        )

@@ -1,0 +1,45 @@
+"""Refusals the executor gives: each carries a code, a message, a hint and an HTTP status."""
+
+from __future__ import annotations
+
+
+class VeilError(Exception):
+    """A refusal with a reason and what to do next. Nothing is charged for it."""
+
+    status: int = 400
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        status: int | None = None,
+        remaining: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.remaining = remaining
+        if status is not None:
+            self.status = status
+
+
+class CatalogError(VeilError):
+    """The catalog or the request names something the site does not have."""
+
+
+class QueryError(VeilError):
+    """The query is malformed, or not something OpenDP can release privately."""
+
+
+class BudgetError(VeilError):
+    """The grant or the dataset's lifetime cap cannot afford this release."""
+
+    status = 409
+
+
+class AuthError(VeilError):
+    """Missing or invalid token (401), or a role that may not do this (403)."""
+
+    status = 401

@@ -1,0 +1,219 @@
+"""A query spec to a Polars plan of OpenDP expressions, built on the executor from the catalog.
+
+The plan is built over OpenDP's placeholder frame for the dataset's domain, never over the data:
+OpenDP turns it into a measurement, certifies its privacy loss, and only then runs it on the scan.
+Bounds, candidates and key sets come from the catalog (public), never from the data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import opendp.prelude as dp
+import polars as pl
+from opendp.domains import _lazyframe_from_domain, with_margin
+
+from veil.executor.catalog import Column, Dataset
+from veil.executor.errors import QueryError
+from veil.wire import Aggregate, And, Comparison, Condition, Not, Or, QuerySpec
+
+dp.enable_features("contrib")
+
+MAX_PUBLIC_KEYS = 10_000
+"""Largest public key set (product of the group columns' categories) a grouped query may use."""
+EPOCH = date(1970, 1, 1)
+QUANTILE_CANDIDATES = 201
+"""Candidates on a float column's public range for quantiles: a finer grid costs nothing in privacy."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One expression of the plan: `name` in the released frame, feeding the statistic `statistic`."""
+
+    name: str
+    statistic: Aggregate
+    role: str  # "value", or for a mean: "sum" / "count"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the measurement needs: domain, privacy unit, the plan and how its columns map back."""
+
+    domain: Any
+    metric: Any
+    d_in: int
+    lazyframe: pl.LazyFrame
+    parts: list[Part]
+    public_keys: bool
+    group_by: list[str]
+
+
+def _literal(column: Column, value: Any) -> Any:
+    """Check a filter value against the column's dtype and convert it for Polars."""
+    if column.dtype == "Date":
+        try:
+            return date.fromisoformat(str(value))
+        except ValueError:
+            raise QueryError("bad_value", f"'{value}' is not a date for column '{column.name}'",
+                             hint="write dates as 'YYYY-MM-DD'") from None
+    if column.dtype == "String":
+        if not isinstance(value, str):
+            raise QueryError("bad_value", f"column '{column.name}' holds text; compare it with 'text', not {value!r}")
+        return value
+    if column.dtype == "Boolean":
+        if not isinstance(value, bool):
+            raise QueryError("bad_value", f"column '{column.name}' is boolean; compare it with TRUE or FALSE")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise QueryError("bad_value", f"column '{column.name}' is numeric; compare it with a number, not {value!r}")
+    return value
+
+
+def _predicate(dataset: Dataset, cond: Condition) -> pl.Expr:
+    if isinstance(cond, And):
+        exprs = [_predicate(dataset, c) for c in cond.all]
+        return pl.all_horizontal(exprs) if len(exprs) > 2 else _fold(exprs, "and")
+    if isinstance(cond, Or):
+        return _fold([_predicate(dataset, c) for c in cond.any], "or")
+    if isinstance(cond, Not):
+        return ~_predicate(dataset, cond.negate)
+    assert isinstance(cond, Comparison)
+    column = dataset.column(cond.column)
+    col = pl.col(column.name)
+    if cond.op == "is_null":
+        return col.is_null()
+    if cond.op == "is_not_null":
+        return col.is_not_null()
+    if cond.op == "in":  # OpenDP 0.16 has no is_in: an OR of equalities is the same predicate
+        return _fold([_predicate(dataset, Comparison(column=column.name, op="==", value=v))
+                      for v in cond.value], "or")  # type: ignore[union-attr]
+    value = _literal(column, cond.value)
+    if column.dtype == "Date":  # OpenDP 0.16 takes no date literals: compare days since 1970-01-01
+        col, value = col.cast(pl.Int32), (value - EPOCH).days
+    value = pl.lit(value)
+    return {"==": col == value, "!=": col != value, "<": col < value,
+            "<=": col <= value, ">": col > value, ">=": col >= value}[cond.op]
+
+
+def _fold(exprs: list[pl.Expr], how: str) -> pl.Expr:
+    out = exprs[0]
+    for e in exprs[1:]:
+        out = (out & e) if how == "and" else (out | e)
+    return out
+
+
+def _bounded(dataset: Dataset, agg: Aggregate) -> tuple[Column, tuple[Any, Any]]:
+    column = dataset.column(agg.column)  # type: ignore[arg-type]
+    if not column.is_numeric:
+        raise QueryError("unsupported_query", f"{agg.fn} needs a numeric column; '{column.name}' is {column.dtype}",
+                         hint="group by it and count instead")
+    if column.bounds is None:
+        raise QueryError(
+            "unbounded_column",
+            f"column '{column.name}' has no public bounds, so its {agg.fn} has unbounded sensitivity",
+            hint="ask the site's data steward to declare bounds for it in the catalog",
+        )
+    lo, hi = column.bounds
+    return column, ((int(lo), int(hi)) if column.is_integer else (float(lo), float(hi)))
+
+
+def _candidates(column: Column, bounds: tuple[Any, Any]) -> list[Any]:
+    lo, hi = bounds
+    if column.is_integer and hi - lo <= 1000:
+        return list(range(lo, hi + 1))
+    step = (hi - lo) / (QUANTILE_CANDIDATES - 1)
+    grid = [lo + i * step for i in range(QUANTILE_CANDIDATES)]
+    return sorted({int(round(x)) for x in grid}) if column.is_integer else grid
+
+
+def _parts(dataset: Dataset, agg: Aggregate) -> list[tuple[Part, pl.Expr]]:
+    name = agg.name
+    if agg.fn == "count":
+        if agg.column is None:
+            return [(Part(name, agg, "value"), dp.len(signed=True).alias(name))]
+        dataset.column(agg.column)
+        return [(Part(name, agg, "value"), pl.col(agg.column).dp.count(signed=True).alias(name))]
+    column, bounds = _bounded(dataset, agg)
+    values = pl.col(column.name).drop_nulls()
+    if agg.fn == "sum":
+        return [(Part(name, agg, "value"), values.dp.sum(bounds).alias(name))]
+    if agg.fn == "mean":  # released as a DP sum and a DP count, divided afterwards: same cost as dp.mean
+        return [
+            (Part(f"{name}__sum", agg, "sum"), values.dp.sum(bounds).alias(f"{name}__sum")),
+            (Part(f"{name}__count", agg, "count"), values.dp.count(signed=True).alias(f"{name}__count")),
+        ]
+    q = 0.5 if agg.fn == "median" else agg.q
+    return [(Part(name, agg, "value"), values.dp.quantile(q, _candidates(column, bounds)).alias(name))]
+
+
+def _public_keys(dataset: Dataset, group_by: list[str]) -> pl.LazyFrame | None:
+    """The cartesian product of the group columns' public values, or None if one is not public."""
+    values = []
+    for name in group_by:
+        column = dataset.column(name)
+        if column.categories is not None:
+            values.append(list(column.categories))
+        elif column.dtype == "Boolean":
+            values.append([False, True])
+        elif column.is_integer and column.bounds is not None and column.bounds[1] - column.bounds[0] <= 1000:
+            values.append(list(range(int(column.bounds[0]), int(column.bounds[1]) + 1)))
+        else:
+            return None
+    size = 1
+    for v in values:
+        size *= len(v)
+    if size > MAX_PUBLIC_KEYS:
+        raise QueryError("too_many_groups", f"grouping by {group_by} makes {size} public groups",
+                         hint=f"group by fewer columns (at most {MAX_PUBLIC_KEYS} groups)")
+    rows = list(itertools.product(*values))
+    schema = {name: dataset.schema()[name] for name in group_by}
+    return pl.LazyFrame(rows, schema=schema, orient="row")
+
+
+def build_plan(dataset: Dataset, spec: QuerySpec, verified_bound: bool, thresholded: bool) -> Plan:
+    """Compile `spec` over the dataset's domain.
+
+    With `verified_bound` the executor has checked that no patient has more rows than the catalog's
+    `max_rows_per_unit`, so the unit is "k rows"; otherwise rows are truncated per patient in the plan.
+    """
+    for name in spec.group_by:
+        dataset.column(name)
+    domain = dp.domain_of(pl.LazyFrame(schema=dataset.schema()), infer=True)
+    for by in ([], spec.group_by) if spec.group_by else ([],):
+        domain = with_margin(domain, dp.polars.Margin(by=by, max_length=dataset.max_rows))
+    k = dataset.max_rows_per_unit
+    if verified_bound:
+        metric, d_in = dp.unit_of(contributions=k)
+    else:
+        metric, d_in = dp.unit_of(contributions=k, identifier=dataset.privacy_unit)
+    frame = _lazyframe_from_domain(domain)
+    if spec.where is not None:
+        frame = frame.filter(_predicate(dataset, spec.where))
+    if not verified_bound:
+        frame = frame.filter(pl.int_range(pl.len()).shuffle().over(dataset.privacy_unit) < k)
+    named = [pe for agg in spec.aggregates for pe in _parts(dataset, agg)]
+    names = [p.name for p, _ in named]
+    if len(set(names)) != len(names) or set(names) & set(spec.group_by):
+        raise QueryError("duplicate_name", f"output names collide: {names}", hint="give each aggregate its own alias")
+    exprs = [e for _, e in named]
+    keys = _public_keys(dataset, spec.group_by) if spec.group_by else None
+    if not spec.group_by:
+        plan = frame.select(*exprs)
+    elif keys is not None:
+        plan = keys.join(frame.group_by(spec.group_by).agg(*exprs), on=spec.group_by, how="left", nulls_equal=True)
+    else:
+        if not thresholded:
+            raise QueryError(
+                "private_keys",
+                f"the values of {spec.group_by} are not public, so releasing the groups needs thresholding",
+                hint="pass delta (e.g. 1e-8) so that only groups with a large enough noisy count are released, "
+                     "or ask the steward to declare the column's categories",
+            )
+        if not any(a.fn == "count" and a.column is None for a in spec.aggregates):
+            raise QueryError("private_keys", "thresholded groups need a COUNT(*) in the query to threshold on",
+                             hint="add COUNT(*) to the selected aggregates")
+        plan = frame.group_by(spec.group_by).agg(*exprs)
+    return Plan(domain, metric, d_in, plan, [p for p, _ in named], keys is not None, list(spec.group_by))

@@ -1,0 +1,147 @@
+"""A site: its catalog, its state database and the path from a request to a release or a refusal."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+from sqlalchemy import Engine
+
+from veil.executor import audit, ledger
+from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.executor.auth import Principal, require
+from veil.executor.calibrate import ScaleCache, certify
+from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
+from veil.executor.errors import CatalogError, VeilError
+from veil.executor.plan import build_plan
+from veil.executor.release import run
+from veil.executor.sql import canonical_sql, parse_sql
+from veil.executor.store import open_store, write
+from veil.wire import AuditEntry, Cost, DatasetInfo, GrantInfo, QueryRequest, QuerySpec, Release
+
+
+@dataclass
+class _BoundCheck:
+    """Whether a dataset's file was seen to respect max_rows_per_unit, and for which version of it."""
+
+    fingerprint: tuple[int, int]
+    holds: bool
+
+
+@dataclass
+class Site:
+    """One hospital's executor state. Thread-safe: the web server calls it from worker threads."""
+
+    catalog: Catalog
+    engine: Engine
+    scales: ScaleCache = field(default_factory=ScaleCache)
+    _bounds: dict[str, _BoundCheck] = field(default_factory=dict)
+    _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, catalog_path: str | Path, database_url: str | None = None) -> "Site":
+        """Load the catalog, check every dataset file against it, connect the state database."""
+        catalog = load_catalog(catalog_path)
+        for ds in catalog.datasets.values():
+            check_data_matches(ds)
+        site = cls(catalog, open_store(database_url or catalog.database_url))
+        ledger.sync_caps(site.engine, catalog)
+        for ds in catalog.datasets.values():
+            site.bound_holds(ds)
+        return site
+
+    # ------------------------------------------------------------ privacy unit
+
+    def bound_holds(self, dataset: Dataset) -> bool:
+        """True when the file (as it is now) has at most max_rows_per_unit rows per patient.
+
+        Checked once per file version (size, mtime), not per query: when it holds, queries skip the
+        per-patient truncation; when it does not, truncation in the plan enforces the bound.
+        """
+        stat = dataset.path.stat()
+        fingerprint = (stat.st_size, stat.st_mtime_ns)
+        with self._bounds_lock:
+            known = self._bounds.get(dataset.name)
+            if known is None or known.fingerprint != fingerprint:
+                most = (pl.scan_parquet(dataset.path).group_by(dataset.privacy_unit).len()
+                        .select(pl.col("len").max()).collect(engine="streaming").item())
+                known = _BoundCheck(fingerprint, most is None or most <= dataset.max_rows_per_unit)
+                self._bounds[dataset.name] = known
+            return known.holds
+
+    # ------------------------------------------------------------ views
+
+    def visible(self, principal: Principal) -> list[Dataset]:
+        """Stewards see every dataset; a researcher those their project holds a grant on, and L1 ones."""
+        if principal.role in ("steward", "admin"):
+            return list(self.catalog.datasets.values())
+        return [ds for ds in self.catalog.datasets.values()
+                if principal.project and ledger.has_access(self.engine, principal.project, ds)]
+
+    def datasets(self, principal: Principal) -> list[DatasetInfo]:
+        return [ds.info() for ds in self.visible(principal)]
+
+    def dataset_for(self, principal: Principal, name: str) -> Dataset:
+        """The dataset if the caller may see it; an unseen one is 'unknown', not 'forbidden'."""
+        if name not in {ds.name for ds in self.visible(principal)}:
+            raise CatalogError("unknown_dataset", f"site '{self.catalog.site}' has no dataset '{name}' you may use",
+                               hint="list the datasets you may use with GET /datasets", status=404)
+        return self.catalog.datasets[name]
+
+    def grants(self, principal: Principal) -> list[GrantInfo]:
+        project = None if principal.role in ("steward", "admin") else principal.project
+        return ledger.list_grants(self.engine, project, self.catalog.reporting_delta)
+
+    def receipt(self, principal: Principal, receipt: str) -> AuditEntry:
+        """An audit entry by its hash; researchers may read only their own project's entries."""
+        entry = audit.find(self.engine, receipt)
+        if entry is None or (principal.role == "researcher" and entry.project != principal.project):
+            raise CatalogError("unknown_receipt", f"no receipt {receipt[:16]}... that you may read on this site",
+                               hint="check the receipt string; receipts are the hash of an audit entry", status=404)
+        return entry
+
+    # ------------------------------------------------------------ queries
+
+    def query(self, principal: Principal, request: QueryRequest) -> Release:
+        """Plan, certify, precheck the budget, run, then charge and audit in one transaction."""
+        require(principal, "researcher")
+        project = principal.project or ""
+        if request.project is not None and request.project != project:
+            raise VeilError("wrong_project", f"your token acts for project '{project}', not '{request.project}'",
+                            hint="use a token issued for that project", status=403)
+        spec: QuerySpec = parse_sql(request.sql) if request.sql is not None else request.spec  # type: ignore[assignment]
+        dataset = self.dataset_for(principal, spec.dataset)
+        text = canonical_sql(spec)
+        rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, self.catalog.reporting_delta)
+        verified = self.bound_holds(dataset)
+        plan = build_plan(dataset, spec, verified_bound=verified, thresholded=request.delta is not None)
+        certified = certify(plan, rho, request.delta if not plan.public_keys else None, self.scales,
+                            key=(dataset.name, text, verified))
+        with self.engine.connect() as conn:  # fail early, before touching the data
+            ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
+        output = run(dataset, plan, certified, request.confidence)
+        cost = Cost(rho=certified.rho, delta=certified.delta,
+                    epsilon=epsilon_of(certified.rho, self.catalog.reporting_delta),
+                    epsilon_delta=self.catalog.reporting_delta)
+        release = Release(
+            site=self.catalog.site, dataset=dataset.name, project=project, query=text,
+            confidence=request.confidence, group_by=list(spec.group_by), statistics=output.statistics,
+            rows=output.rows, threshold=certified.threshold, cost=cost, receipt="", released_at="",
+        )
+        with write(self.engine) as conn:
+            ledger.charge(conn, self.catalog, project, dataset, certified.rho, certified.delta)
+            entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",
+                                 decision="released", project=project, dataset=dataset.name, query=text,
+                                 rho=certified.rho, delta=certified.delta, result_digest=output.digest)
+        return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts})
+
+    def refuse(self, principal: Principal, action: str, error: VeilError, dataset: str | None = None,
+               query: str | None = None) -> str:
+        """Record a refusal in the audit log; return its receipt."""
+        with write(self.engine) as conn:
+            entry = audit.append(conn, principal=principal.name, role=principal.role, action=action,
+                                 decision="refused", project=principal.project, dataset=dataset, query=query,
+                                 reason=f"{error.code}: {error.message}")
+        return entry.hash

@@ -1,0 +1,124 @@
+"""The site's durable state (tokens, grants, caps, audit log) in SQLAlchemy: SQLite or PostgreSQL.
+
+Every write runs in `write()`: one transaction that first takes the site-wide write lock
+(SQLite: BEGIN IMMEDIATE; PostgreSQL: a row lock on the audit head), so a charge, its grant and
+cap updates and its audit entry commit together or not at all, in one order for all replicas.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import (
+    Boolean, Column, Connection, Engine, Float, Integer, MetaData, String, Table, Text,
+    UniqueConstraint, create_engine, event, insert, select,
+)
+
+metadata = MetaData()
+
+tokens = Table(
+    "tokens", metadata,
+    Column("token_id", String(32), primary_key=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("principal", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("project", String(64)),
+    Column("created_at", String(40), nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+grants = Table(
+    "grants", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(64), nullable=False),
+    Column("dataset", String(64), nullable=False),
+    Column("epsilon", Float(53), nullable=False),
+    Column("delta", Float(53), nullable=False),
+    Column("rho_total", Float(53), nullable=False),
+    Column("rho_spent", Float(53), nullable=False, default=0.0),
+    Column("delta_spent", Float(53), nullable=False, default=0.0),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", String(40), nullable=False),
+    UniqueConstraint("project", "dataset"),
+)
+
+caps = Table(
+    "dataset_caps", metadata,
+    Column("dataset", String(64), primary_key=True),
+    Column("epsilon", Float(53), nullable=False),
+    Column("delta", Float(53), nullable=False),
+    Column("rho_total", Float(53), nullable=False),
+    Column("rho_spent", Float(53), nullable=False, default=0.0),
+    Column("delta_spent", Float(53), nullable=False, default=0.0),
+)
+
+audit = Table(
+    "audit", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("ts", String(40), nullable=False),
+    Column("principal", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("project", String(64)),
+    Column("action", String(32), nullable=False),
+    Column("dataset", String(64)),
+    Column("query", Text),
+    Column("rho", Float(53), nullable=False),
+    Column("delta", Float(53), nullable=False),
+    Column("result_digest", String(64)),
+    Column("decision", String(16), nullable=False),
+    Column("reason", Text),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+)
+
+audit_head = Table(
+    "audit_head", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+GENESIS = "0" * 64
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=16,
+                           max_overflow=48)
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # transactions are begun below, IMMEDIATE
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def open_store(url: str) -> Engine:
+    """Connect to the site database, creating its tables on first use."""
+    if url.startswith("sqlite"):
+        engine = _sqlite_engine(url)
+    else:
+        engine = create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True)
+    metadata.create_all(engine)
+    with write(engine) as conn:
+        if conn.execute(select(audit_head.c.id)).first() is None:
+            conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))
+    return engine
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
+    """One serialized write transaction: commit on success, roll back on any exception."""
+    with engine.begin() as conn:
+        if conn.dialect.name != "sqlite":
+            conn.execute(select(audit_head.c.seq).where(audit_head.c.id == 1).with_for_update())
+        yield conn

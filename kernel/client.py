@@ -1,0 +1,53 @@
+"""A minimal HTTP client for one site executor (researcher side: it never sees raw rows).
+
+The kernel and SDK of issue [2/6] build on this; the demo and the tests use it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from veil.wire import DatasetInfo, GrantInfo, Health, QueryRequest, QuerySpec, Refusal, Release
+
+
+class VeilRefused(Exception):
+    """The site refused the request; `refusal` says why and what to do, and nothing was charged."""
+
+    def __init__(self, site: str, status: int, refusal: Refusal) -> None:
+        hint = f" ({refusal.hint})" if refusal.hint else ""
+        super().__init__(f"{site} refused [{refusal.code}]: {refusal.message}{hint}")
+        self.site, self.status, self.refusal = site, status, refusal
+
+
+class SiteClient:
+    """Talks to one executor with one researcher or steward token."""
+
+    def __init__(self, name: str, url: str, token: str | None, timeout: float = 120.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.name = name
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise VeilRefused(self.name, response.status_code, Refusal.model_validate(response.json()))
+        return response.json()
+
+    def health(self) -> Health:
+        return Health.model_validate(self._call("GET", "/health"))
+
+    def datasets(self) -> list[DatasetInfo]:
+        return [DatasetInfo.model_validate(d) for d in self._call("GET", "/datasets")]
+
+    def grants(self) -> list[GrantInfo]:
+        return [GrantInfo.model_validate(g) for g in self._call("GET", "/grants")]
+
+    def query(self, sql: str | None = None, spec: QuerySpec | None = None, **loss: Any) -> Release:
+        """Run one DP query; `loss` is epsilon= or rho=, optionally delta= and confidence=."""
+        request = QueryRequest(sql=sql, spec=spec, **loss)
+        return Release.model_validate(self._call("POST", "/query", json=request.model_dump(exclude_none=True)))

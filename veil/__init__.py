@@ -1,0 +1,3 @@
+"""Veil: privacy-preserving medical research from JupyterLab."""
+
+__version__ = "0.1.0"

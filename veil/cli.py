@@ -1,0 +1,157 @@
+"""The `veil` command: data synthesis, the site executor, its tokens and grants, audit checks, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from veil.executor.synth import synthesize
+
+    for path in synthesize(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from veil.executor.app import create_app
+    from veil.executor.site import Site
+
+    site = Site.open(args.site_config, args.database_url)
+    print(f"veil executor for site '{site.catalog.site}' on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(site), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from veil.executor.catalog import load_catalog
+    from veil.executor.store import open_store
+
+    catalog = load_catalog(args.site_config)
+    return catalog, open_store(args.database_url or catalog.database_url)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from veil.executor.auth import create_token
+
+    _, engine = _open(args)
+    try:
+        token = create_token(engine, args.principal, args.role, args.project)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        out = Path(args.out)
+        out.write_text(token + "\n")
+        out.chmod(0o600)
+        print(f"token for {args.principal} ({args.role}) written to {out}")
+    else:
+        print(token)
+    return 0
+
+
+def _grant(args: argparse.Namespace) -> int:
+    from veil.executor import ledger
+    from veil.executor.store import write
+
+    catalog, engine = _open(args)
+    dataset = catalog.dataset(args.dataset)
+    with write(engine) as conn:
+        entry = ledger.set_grant(conn, catalog, args.project, dataset, args.epsilon, by=args.by)
+    print(f"granted project '{args.project}' epsilon={args.epsilon} on '{dataset.name}' (receipt {entry.hash})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from veil.executor.audit import verify
+
+    _, engine = _open(args)
+    result = verify(engine)
+    if result.ok:
+        print(f"audit log OK: {result.entries} entries, chain intact, ledger matches the releases")
+        return 0
+    print(f"audit log FAILED verification ({result.entries} entries):")
+    for problem in result.problems:
+        print(f"  - {problem}")
+    return 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from veil.demo import run_demo
+
+    return run_demo(Path(args.dir), patients=args.patients, reset=args.reset)
+
+
+def _site_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site-config", required=True, help="the site's catalog (site.toml)")
+    p.add_argument("--database-url", default=None,
+                   help="state database (default: the catalog's; e.g. postgresql+psycopg://host/db)")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="veil", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="synthetic data").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="write a synthetic multi-center pediatric rare-disease cohort")
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--patients", type=int, default=10_000, help="patients per site")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    executor = sub.add_parser("executor", help="the site executor").add_subparsers(dest="action", required=True)
+    serve = executor.add_parser("serve", help="serve a site's DP query API")
+    _site_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--log-level", default="warning")
+    serve.set_defaults(func=_serve)
+
+    token = executor.add_parser("token", help="bearer tokens").add_subparsers(dest="token_action", required=True)
+    create = token.add_parser("create", help="create a token; it is printed once")
+    _site_args(create)
+    create.add_argument("--role", required=True, choices=["researcher", "steward", "admin"])
+    create.add_argument("--principal", required=True)
+    create.add_argument("--project", default=None)
+    create.add_argument("--out", default=None, help="write the token to this file (mode 600) instead of printing")
+    create.set_defaults(func=_token)
+
+    grant = executor.add_parser("grant", help="grant a project a privacy budget on a dataset")
+    _site_args(grant)
+    grant.add_argument("--project", required=True)
+    grant.add_argument("--dataset", required=True)
+    grant.add_argument("--epsilon", type=float, required=True, help="at the site's reporting delta")
+    grant.add_argument("--by", default="steward", help="the steward granting it (audited)")
+    grant.set_defaults(func=_grant)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
+    verify = audit.add_parser("verify", help="check the hash chain and that the ledger matches it")
+    _site_args(verify)
+    verify.set_defaults(func=_verify)
+
+    demo = sub.add_parser("demo", help="three synthetic sites, their executors, DP queries against them")
+    demo.add_argument("--dir", default=".veil-demo", help="where the demo's data and state live")
+    demo.add_argument("--patients", type=int, default=20_000, help="patients per site")
+    demo.add_argument("--reset", action="store_true", help="start from fresh data and state")
+    demo.set_defaults(func=_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    from veil.executor.errors import VeilError
+
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VeilError as exc:
+        print(f"error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Run site executors as real local processes (uvicorn on loopback): for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalExecutor:
+    """`veil executor serve` in a child process; `start()` waits until /health answers."""
+
+    def __init__(self, site_config: Path, database_url: str | None = None, port: int | None = None,
+                 log: Path | None = None) -> None:
+        self.site_config, self.database_url = Path(site_config), database_url
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log or self.site_config.parent / "executor.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> "LocalExecutor":
+        cmd = [sys.executable, "-m", "veil.cli", "executor", "serve", "--site-config", str(self.site_config),
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.database_url:
+            cmd += ["--database-url", self.database_url]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"executor for {self.site_config} exited with {self.process.returncode}; "
+                                   f"see {self.log}:\n{self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"executor for {self.site_config} did not answer on {self.url} within {timeout:.0f} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run (for crash tests)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "LocalExecutor":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,245 @@
+"""The wire contract between researcher side (kernel) and data-owner side (executor).
+
+Everything that crosses the trust boundary is one of these pydantic models, sent as plain JSON:
+a *request* (a query), a *release* (a DP result with its accuracy and cost) or a *refusal*
+(a reason and what to do). Nothing pickled and no serialized Polars plan is ever part of it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+"""Dataset and column names: letters, digits and underscores. Rules out path traversal by construction."""
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Scalar = Union[bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- query spec
+
+
+class Comparison(_Strict):
+    """`column op value`; `is_null`/`is_not_null` take no value, `in` takes a list."""
+
+    column: Name
+    op: Literal["==", "!=", "<", "<=", ">", ">=", "in", "is_null", "is_not_null"]
+    value: Scalar | list[Scalar] | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_op(self) -> "Comparison":
+        if self.op in ("is_null", "is_not_null"):
+            if self.value is not None:
+                raise ValueError(f"operator {self.op} takes no value")
+        elif self.op == "in":
+            if not isinstance(self.value, list) or not self.value:
+                raise ValueError("operator 'in' needs a non-empty list of values")
+        elif self.value is None or isinstance(self.value, list):
+            raise ValueError(f"operator {self.op} needs a single value")
+        return self
+
+
+class And(_Strict):
+    all: list["Condition"] = Field(min_length=1)
+
+
+class Or(_Strict):
+    any: list["Condition"] = Field(min_length=1)
+
+
+class Not(_Strict):
+    negate: "Condition"
+
+
+Condition = Union[Comparison, And, Or, Not]
+
+
+class Aggregate(_Strict):
+    """One DP statistic. `count` without a column counts rows; with one, non-null values."""
+
+    fn: Literal["count", "sum", "mean", "median", "quantile"]
+    column: Name | None = None
+    q: float | None = Field(default=None, gt=0.0, lt=1.0)
+    alias: Name | None = None
+
+    @model_validator(mode="after")
+    def _arguments(self) -> "Aggregate":
+        if self.fn != "count" and self.column is None:
+            raise ValueError(f"{self.fn} needs a column")
+        if (self.fn == "quantile") != (self.q is not None):
+            raise ValueError("q is required for quantile and only for quantile")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The output column name: the alias, or a readable default such as `mean_age`."""
+        if self.alias:
+            return self.alias
+        if self.column is None:
+            return "count"
+        if self.fn == "quantile":
+            return f"q{round(self.q * 100)}_{self.column}"
+        return f"{self.fn}_{self.column}"
+
+
+class QuerySpec(_Strict):
+    """A DP aggregate query in JSON: filter, then optionally group, then aggregate."""
+
+    dataset: Name
+    where: Condition | None = None
+    group_by: list[Name] = Field(default_factory=list, max_length=4)
+    aggregates: list[Aggregate] = Field(min_length=1, max_length=16)
+
+
+class QueryRequest(_Strict):
+    """Run one DP query. Give `sql` or `spec`, and the privacy loss as `epsilon` or `rho`.
+
+    `epsilon` is this release's own epsilon at the site's reporting delta (zCDP underneath);
+    `delta` is only needed to release group keys that are not public (thresholding).
+    """
+
+    sql: str | None = Field(default=None, max_length=20_000)
+    spec: QuerySpec | None = None
+    epsilon: float | None = Field(default=None, gt=0.0, le=10.0)
+    rho: float | None = Field(default=None, gt=0.0, le=10.0)
+    delta: float | None = Field(default=None, gt=0.0, lt=1e-3)
+    confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
+    project: Name | None = None
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> "QueryRequest":
+        if (self.sql is None) == (self.spec is None):
+            raise ValueError("give exactly one of 'sql' or 'spec'")
+        if (self.epsilon is None) == (self.rho is None):
+            raise ValueError("give exactly one of 'epsilon' or 'rho' (the privacy loss of this release)")
+        return self
+
+
+# ---------------------------------------------------------------- releases
+
+
+class Cost(_Strict):
+    """The privacy cost of one release, as charged. rho is what the ledger adds up (zCDP)."""
+
+    rho: float
+    delta: float = 0.0
+    epsilon: float
+    epsilon_delta: float = Field(description="the delta at which `epsilon` is stated")
+
+
+class Statistic(_Strict):
+    """How one released column was made and how accurate it is."""
+
+    name: str
+    fn: str
+    column: str | None
+    distribution: str | None
+    scale: float | None
+    accuracy: float | None = Field(description="half-width of the interval at `confidence`; None if unknown")
+    note: str | None = None
+
+
+class Release(_Strict):
+    """A DP release: rows with estimate, lower and upper per statistic, its cost and receipt."""
+
+    kind: Literal["release"] = "release"
+    site: str
+    dataset: str
+    project: str
+    query: str = Field(description="the canonical query text, as audited")
+    confidence: float
+    group_by: list[str]
+    statistics: list[Statistic]
+    rows: list[dict[str, Any]]
+    threshold: int | None = Field(default=None, description="groups with a noisy count below this were dropped")
+    cost: Cost
+    receipt: str
+    released_at: str
+
+
+class Refusal(_Strict):
+    """Why a request was refused and what to do next. Nothing was charged."""
+
+    kind: Literal["refusal"] = "refusal"
+    code: str
+    message: str
+    hint: str | None = None
+    receipt: str | None = None
+    remaining: dict[str, float] | None = None
+
+
+# ---------------------------------------------------------------- catalog and budget views
+
+
+class ColumnInfo(_Strict):
+    name: str
+    dtype: str
+    description: str | None = None
+    bounds: tuple[float, float] | None = None
+    categories: list[Scalar] | None = None
+    nullable: bool = False
+
+
+class DatasetInfo(_Strict):
+    """What a caller may see of a dataset: schema and public metadata, never rows."""
+
+    name: str
+    title: str
+    description: str
+    level: Literal["L1", "L2", "L3"]
+    privacy_unit: str
+    max_rows_per_unit: int
+    columns: list[ColumnInfo]
+
+
+class GrantInfo(_Strict):
+    project: str
+    dataset: str
+    epsilon: float
+    delta: float
+    rho_total: float
+    rho_spent: float
+    rho_remaining: float
+    epsilon_spent: float
+    epsilon_remaining: float
+    delta_spent: float
+
+
+class AuditEntry(_Strict):
+    """One entry of a site's hash-chained audit log; its `hash` is the receipt."""
+
+    seq: int
+    ts: str
+    principal: str
+    role: str
+    project: str | None
+    action: str
+    dataset: str | None
+    query: str | None
+    rho: float
+    delta: float
+    result_digest: str | None
+    decision: str
+    reason: str | None
+    prev_hash: str
+    hash: str
+
+
+class Health(_Strict):
+    status: Literal["ok"]
+    site: str
+    version: str
+    datasets: int
+
+
+Comparison.model_rebuild()
+And.model_rebuild()
+Or.model_rebuild()
+Not.model_rebuild()
+QuerySpec.model_rebuild()
