@@ -1,0 +1,147 @@
+"""Shared fixtures: a small synthetic cohort, state databases (SQLite always, PostgreSQL when
+VEIL_TEST_POSTGRES_URL names a server), and real executors on loopback with tokens and grants."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from veil.executor import ledger
+from veil.executor.auth import create_token
+from veil.executor.catalog import Catalog, load_catalog
+from veil.executor.store import open_store, write
+from veil.executor.synth import synthesize
+from veil.kernel.client import SiteClient
+from veil.local import LocalExecutor
+
+POSTGRES_URL = os.environ.get("VEIL_TEST_POSTGRES_URL")
+BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+PROJECT = "study1"
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic sites (~3,000 patients each), shared read-only by all tests."""
+    root = tmp_path_factory.mktemp("cohort")
+    synthesize(root, sites=3, patients=3000, seed=11)
+    return root
+
+
+@pytest.fixture(scope="session")
+def site_config(cohort: Path) -> Path:
+    return cohort / "north" / "site.toml"
+
+
+def _postgres_database() -> tuple[str, Callable[[], None]]:
+    """A fresh, empty PostgreSQL database and a function that drops it."""
+    assert POSTGRES_URL
+    name = f"veil_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+def make_database(backend: str, directory: Path) -> tuple[str, Callable[[], None]]:
+    if backend == "sqlite":
+        return f"sqlite:///{directory / f'state-{uuid.uuid4().hex[:8]}.db'}", lambda: None
+    return _postgres_database()
+
+
+@dataclass
+class Deployment:
+    """A real executor process with its catalog, state database and tokens per role."""
+
+    executor: LocalExecutor
+    catalog: Catalog
+    engine: Engine
+    database_url: str
+    tokens: dict[str, str]
+    clients: list[SiteClient] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.executor.url
+
+    def client(self, who: str = "researcher") -> SiteClient:
+        c = SiteClient(self.catalog.site, self.url, self.tokens[who])
+        self.clients.append(c)
+        return c
+
+    def http(self, who: str | None = "researcher") -> httpx.Client:
+        """A raw HTTP client, for requests the SDK would never send."""
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def grant(self, project: str, dataset: str, epsilon: float) -> None:
+        with write(self.engine) as conn:
+            ledger.set_grant(conn, self.catalog, project, self.catalog.dataset(dataset), epsilon, by="test_steward")
+
+
+def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str, float] | None = None
+           ) -> Deployment:
+    """Tokens for a researcher (project study1), one of another project, a steward and an admin;
+    grants for study1 (dataset -> epsilon); then the executor, started on a free loopback port."""
+    catalog = load_catalog(site_config)
+    engine = open_store(database_url)
+    tokens = {
+        "researcher": create_token(engine, "alice", "researcher", PROJECT),
+        "outsider": create_token(engine, "bob", "researcher", "other_project"),
+        "steward": create_token(engine, "carol", "steward", None),
+        "admin": create_token(engine, "dave", "admin", None),
+    }
+    executor = LocalExecutor(site_config, database_url, log=log_dir / f"executor-{uuid.uuid4().hex[:8]}.log")
+    deployment = Deployment(executor, catalog, engine, database_url, tokens)
+    for dataset, epsilon in (grants or {"encounters": 5.0}).items():
+        deployment.grant(PROJECT, dataset, epsilon)
+    deployment.executor.start()
+    return deployment
+
+
+@pytest.fixture
+def deployer(site_config: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
+    """Start fresh deployments inside a test: deployer(backend, grants={...})."""
+    started: list[tuple[Deployment, Callable[[], None]]] = []
+
+    def start(backend: str = "sqlite", grants: dict[str, float] | None = None) -> Deployment:
+        url, drop = make_database(backend, tmp_path)
+        d = deploy(site_config, url, tmp_path, grants)
+        started.append((d, drop))
+        return d
+
+    yield start
+    for d, drop in started:
+        d.executor.stop()
+        for c in d.clients:
+            c.close()
+        d.engine.dispose()
+        drop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Deployment]:
+    """One deployment per backend for a whole test module (tests must not depend on each other's spending)."""
+    state = tmp_path_factory.mktemp("state")
+    url, drop = make_database(request.param, state)
+    d = deploy(site_config, url, state, {"encounters": 50.0, "patients": 50.0})
+    yield d
+    d.executor.stop()
+    for c in d.clients:
+        c.close()
+    d.engine.dispose()
+    drop()
