@@ -328,7 +328,7 @@ def write_catalog(site_dir: Path, site_name: str, title: str, n_patients_bound: 
                     for c in PATIENT_COLUMNS]
     text = "\n".join([
         _table("site", {"name": site_name, "title": title, "database": "sqlite:///veil.db",
-                        "reporting_delta": 1e-6, "default_l1_epsilon": 1.0}),
+                        "reporting_delta": 1e-6, "default_l1_epsilon": 2.0}),
         _dataset_toml("patients", {
             "title": "Patients",
             "description": "One row per enrolled patient: demographics and rare-disease diagnosis.",
