@@ -186,6 +186,9 @@ def _condition(node: exp.Expression) -> Condition:
     for kind, op in _COMPARISONS.items():
         if isinstance(node, kind):
             left, right = node.this, node.expression
+            if isinstance(left, exp.Column) and isinstance(right, exp.Column):
+                raise _refuse(f"the comparison of two columns {node.sql()}",
+                              "compare a column with a literal value; row-wise expressions are not supported")
             if isinstance(left, exp.Column):
                 return Comparison(column=_column_name(left, "WHERE"), op=op, value=_literal(right))
             if isinstance(right, exp.Column):
