@@ -1,0 +1,129 @@
+"""DP claims checked statistically: the noise matches the claimed accuracy, calibration is certified
+by OpenDP, and a differencing attack is charged every time and stopped by the budget."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import opendp.prelude as dp
+import polars as pl
+import pytest
+from scipy import stats
+
+from veil.executor import ledger
+from veil.executor.auth import Principal
+from veil.executor.calibrate import ScaleCache, certify
+from veil.executor.errors import BudgetError
+from veil.executor.plan import build_plan
+from veil.executor.site import Site
+from veil.executor.sql import parse_sql
+from veil.executor.store import write
+from veil.wire import QueryRequest
+
+RELEASES = 400
+
+
+@pytest.fixture
+def site(site_config: Path, tmp_path: Path) -> Site:
+    site = Site.open(site_config, f"sqlite:///{tmp_path / 'state.db'}")
+    yield site
+    site.engine.dispose()
+
+
+def _grant(site: Site, project: str, dataset: str, epsilon: float) -> None:
+    with write(site.engine) as conn:
+        ledger.set_grant(conn, site.catalog, project, site.catalog.dataset(dataset), epsilon, by="steward")
+
+
+def _data(site: Site, dataset: str) -> pl.DataFrame:
+    return pl.read_parquet(site.catalog.dataset(dataset).path)
+
+
+def test_count_noise_matches_the_claimed_accuracy(site: Site) -> None:
+    _grant(site, "p1", "patients", 10.0)
+    who = Principal("alice", "researcher", "p1")
+    truth = _data(site, "patients").filter(pl.col("age") < 6).height
+    releases = [site.query(who, QueryRequest(sql="SELECT COUNT(*) AS n FROM patients WHERE age < 6", rho=0.002))
+                for _ in range(RELEASES)]
+    stat = releases[0].statistics[0]
+    assert stat.distribution == "Integer Gaussian" and stat.scale and stat.accuracy
+    errors = [r.rows[0]["n"] - truth for r in releases]
+    # unbiased: the mean error is within 4 standard errors of zero
+    assert abs(sum(errors) / RELEASES) < 4 * stat.scale / math.sqrt(RELEASES)
+    # the spread is the claimed scale: sample variance / scale^2 inside its 99.9% chi-square interval
+    ratio = sum(e * e for e in errors) / RELEASES / stat.scale**2
+    lo, hi = stats.chi2.ppf([0.0005, 0.9995], RELEASES) / RELEASES
+    assert lo < ratio < hi
+    # the 95% interval covers the truth as often as claimed (binomial test, two-sided)
+    covered = sum(r.rows[0]["n_lower"] <= truth <= r.rows[0]["n_upper"] for r in releases)
+    assert stats.binomtest(covered, RELEASES, 0.95).pvalue > 0.001
+    assert covered / RELEASES >= 0.93
+
+
+def test_mean_intervals_cover_at_least_their_level(site: Site) -> None:
+    _grant(site, "p1", "encounters", 10.0)
+    who = Principal("alice", "researcher", "p1")
+    truth = _data(site, "encounters")["hemoglobin_g_dl"].mean()
+    sql = "SELECT AVG(hemoglobin_g_dl) AS hb FROM encounters"
+    releases = [site.query(who, QueryRequest(sql=sql, rho=0.002, confidence=0.9)) for _ in range(200)]
+    covered = sum(r.rows[0]["hb_lower"] <= truth <= r.rows[0]["hb_upper"] for r in releases)
+    assert covered / 200 >= 0.9 - 3 * math.sqrt(0.9 * 0.1 / 200)
+    assert all(4.0 <= r.rows[0]["hb"] <= 20.0 for r in releases)  # clamped to the public bounds
+
+
+@pytest.mark.parametrize("sql, delta", [
+    ("SELECT COUNT(*) FROM encounters", None),
+    ("SELECT department, COUNT(*), AVG(crp_mg_l) FROM encounters GROUP BY department", None),
+    ("SELECT MEDIAN(age), SUM(enrolled_year) FROM patients WHERE sex = 'F'", None),
+    ("SELECT encounter_date, COUNT(*) FROM encounters GROUP BY encounter_date", 1e-7),
+])
+def test_calibration_is_certified_by_opendp_and_tight(site: Site, sql: str, delta: float | None) -> None:
+    spec = parse_sql(sql)
+    dataset = site.catalog.dataset(spec.dataset)
+    for verified in (True, False):
+        plan = build_plan(dataset, spec, verified_bound=verified, thresholded=delta is not None)
+        cache = ScaleCache()
+        certified = certify(plan, 0.01, delta, cache, key=("k",))
+        loss = certified.measurement.map(plan.d_in)
+        rho = loss[0] if delta else loss
+        assert rho <= 0.01 and rho > 0.01 * 0.999  # OpenDP's own map, at most the target, and not wasteful
+        if delta:
+            assert loss[1] <= delta and certified.threshold is not None
+        again = certify(plan, 0.01, delta, cache, key=("k",))
+        assert again.scale == certified.scale  # the cached scale, re-certified by the map
+        # the same plan made with OpenDP's own noise-scale search is no less noisy than ours
+        def rho_at(scale: float) -> float:
+            m = dp.m.make_private_lazyframe(plan.domain, plan.metric, certified.measurement.output_measure,
+                                            plan.lazyframe, global_scale=scale, threshold=certified.threshold)
+            return m.map(plan.d_in)[0] if delta else m.map(plan.d_in)
+
+        reference = dp.binary_search(lambda s: rho_at(s) <= 0.01, bounds=(certified.scale / 2, certified.scale * 2))
+        assert certified.scale == pytest.approx(reference, rel=1e-3)
+
+
+def test_differencing_attack_is_charged_twice_per_round_and_stopped_by_the_budget(site: Site) -> None:
+    """Two counts differing by one patient: each is charged, and the budget ends the attack long
+    before the difference could tell whether that patient is in the data."""
+    _grant(site, "mallory_lab", "patients", 1.0)
+    who = Principal("mallory", "researcher", "mallory_lab")
+    victim = _data(site, "patients")["patient_id"][17]
+    everyone = "SELECT COUNT(*) AS n FROM patients"
+    all_but_one = f"SELECT COUNT(*) AS n FROM patients WHERE patient_id != {victim}"
+    a, b, spent = [], [], 0.0
+    with pytest.raises(BudgetError) as stop:
+        while True:
+            for sql, out in ((everyone, a), (all_but_one, b)):
+                release = site.query(who, QueryRequest(sql=sql, epsilon=0.1))
+                spent += release.cost.rho
+                assert site.grants(who)[0].rho_spent == pytest.approx(spent, rel=1e-12)
+                out.append(release.rows[0]["n"])
+    assert stop.value.code == "budget_exhausted" and stop.value.remaining is not None
+    grant = site.grants(who)[0]
+    assert grant.rho_spent <= grant.rho_total and grant.epsilon_spent <= 1.0 + 1e-9
+    rounds = min(len(a), len(b))
+    assert rounds >= 3
+    scale = release.statistics[0].scale
+    # the attacker's estimate of "is the victim in?" has a standard error of several patients
+    standard_error = scale * math.sqrt(1 / len(a) + 1 / len(b))
+    assert standard_error > 3.0
