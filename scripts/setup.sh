@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (.venv, or $VEIL_VENV) with Veil and its test tools.
+# torch comes first and pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned torch
+# would pull a CUDA build of several GB (later issues train models with it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VEIL_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install --quiet "torch==2.13.0"
+"$py" -m pip install --quiet -e ".[test]"
+echo "veil installed in $venv"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite. SQLite always; PostgreSQL too when VEIL_TEST_POSTGRES_URL
+# names a server (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -z "${VEIL_TEST_POSTGRES_URL:-}" ]; then
+  echo "VEIL_TEST_POSTGRES_URL is not set: ledger and audit tests run on SQLite only."
+fi
+exec "${VEIL_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"

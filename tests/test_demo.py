@@ -1,0 +1,57 @@
+"""The README's main command and the command-line tools, run as a user would run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+
+def veil(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "veil.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def _executors_running(directory: Path) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if "executor serve" in line and str(directory) in line]
+
+
+def test_demo_releases_from_three_sites_and_leaves_nothing_running(tmp_path: Path) -> None:
+    run = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    for site in ("north", "central", "valley"):
+        assert f"site {site}" in out
+        assert f"--- {site}: cost epsilon=" in out
+    assert "refused" not in out
+    assert "receipt" in out and "[" in out  # intervals are shown
+    assert not _executors_running(tmp_path / "demo")
+    for site in ("north", "central", "valley"):
+        check = veil("audit", "verify", "--site-config", str(tmp_path / "demo" / site / "site.toml"))
+        assert check.returncode == 0, check.stdout
+    # a second run reuses the data and tokens, and spends more of the same grants
+    again = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "synthesizing" not in again.stdout
+
+
+def test_cli_synth_grant_and_errors(tmp_path: Path) -> None:
+    out = tmp_path / "cohort"
+    run = veil("data", "synth", "--sites", "2", "--patients", "500", "--out", str(out), "--seed", "3")
+    assert run.returncode == 0, run.stderr
+    config = out / "north" / "site.toml"
+    assert config.exists() and (out / "central" / "encounters.parquet").exists()
+    assert pl.read_parquet(out / "north" / "patients.parquet").height > 300
+
+    granted = veil("executor", "grant", "--site-config", str(config), "--project", "p1", "--dataset", "encounters",
+                   "--epsilon", "2")
+    assert granted.returncode == 0 and "receipt" in granted.stdout
+    unknown = veil("executor", "grant", "--site-config", str(config), "--project", "p1", "--dataset", "nope",
+                   "--epsilon", "2")
+    assert unknown.returncode == 2 and "no dataset 'nope'" in unknown.stderr and "hint" in unknown.stderr
+    missing = veil("audit", "verify", "--site-config", str(tmp_path / "absent.toml"))
+    assert missing.returncode == 2 and "no site catalog" in missing.stderr
+    assert veil("audit", "verify", "--site-config", str(config)).returncode == 0
