@@ -97,7 +97,9 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # writers take the lock up front (no deadlock on upgrade); readers read a WAL snapshot
+        immediate = connection.get_execution_options().get("veil_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -118,7 +120,7 @@ def open_store(url: str) -> Engine:
 @contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
     """One serialized write transaction: commit on success, roll back on any exception."""
-    with engine.begin() as conn:
+    with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
         if conn.dialect.name != "sqlite":
             conn.execute(select(audit_head.c.seq).where(audit_head.c.id == 1).with_for_update())
         yield conn
