@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from veil import __version__
-from veil.executor.auth import ANONYMOUS, Principal, authenticate
+from veil.executor.auth import Principal, authenticate, identify
 from veil.executor.errors import VeilError
 from veil.executor.site import Site
 from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release
@@ -64,7 +64,9 @@ class BodyLimit:
         error = VeilError("body_too_large", f"the request body exceeds {self.limit} bytes",
                           hint="send one query per request; a query is a few hundred bytes", status=413)
         site: Site = scope["app"].state.site
-        receipt = await run_in_threadpool(site.refuse, ANONYMOUS, scope["path"].strip("/") or "request", error)
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
+        who = await run_in_threadpool(identify, site.engine, authorization)
+        receipt = await run_in_threadpool(site.refuse, who, scope["path"].strip("/") or "request", error)
         response = _refusal_response(error, receipt)
         await response(scope, _no_receive, send)
 
@@ -95,7 +97,9 @@ def create_app(site: Site) -> FastAPI:
         return who
 
     async def audited_refusal(request: Request, error: VeilError) -> JSONResponse:
-        who = getattr(request.state, "principal", ANONYMOUS)
+        who = getattr(request.state, "principal", None)
+        if who is None:  # refused before authentication (e.g. a body that is not JSON)
+            who = await run_in_threadpool(identify, site.engine, request.headers.get("authorization"))
         context: dict[str, Any] = getattr(request.state, "context", {})
         receipt = await run_in_threadpool(site.refuse, who, request.url.path.strip("/").split("/")[0] or "request",
                                           error, context.get("dataset"), context.get("query"))

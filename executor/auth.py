@@ -74,6 +74,14 @@ def authenticate(engine: Engine, authorization: str | None) -> Principal:
     return Principal(row["principal"], row["role"], row["project"])
 
 
+def identify(engine: Engine, authorization: str | None) -> Principal:
+    """Who sent a request that was refused before authentication (for the audit log); never raises."""
+    try:
+        return authenticate(engine, authorization)
+    except AuthError:
+        return ANONYMOUS
+
+
 def require(principal: Principal, *roles: str) -> None:
     """AuthError (403) unless the principal holds one of `roles`."""
     if principal.role not in roles:

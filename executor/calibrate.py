@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import opendp.prelude as dp
 from opendp.mod import Measurement, OpenDPException

@@ -6,6 +6,7 @@ number of rows per patient are public facts declared by the steward, never read 
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,7 @@ from typing import Any
 import polars as pl
 
 from veil.executor.errors import CatalogError
-from veil.wire import ColumnInfo, DatasetInfo, NAME_PATTERN
-
-import re
+from veil.wire import NAME_PATTERN, ColumnInfo, DatasetInfo
 
 DTYPES: dict[str, pl.DataType] = {
     "Int64": pl.Int64(),

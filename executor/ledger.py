@@ -18,7 +18,6 @@ from veil.executor.store import caps, grants, write
 from veil.wire import AuditEntry, GrantInfo
 
 
-
 def sync_caps(engine: Engine, catalog: Catalog) -> None:
     """Make each dataset's lifetime cap match the catalog; what was spent is kept."""
     with write(engine) as conn:

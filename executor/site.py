@@ -41,7 +41,7 @@ class Site:
     _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def open(cls, catalog_path: str | Path, database_url: str | None = None) -> "Site":
+    def open(cls, catalog_path: str | Path, database_url: str | None = None) -> Site:
         """Load the catalog, check every dataset file against it, connect the state database."""
         catalog = load_catalog(catalog_path)
         for ds in catalog.datasets.values():

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import sqlglot
+from pydantic import ValidationError
 from sqlglot import exp
 
 from veil.executor.errors import QueryError
@@ -46,10 +47,13 @@ def parse_sql(sql: str) -> QuerySpec:
     """Turn `SELECT ... FROM dataset [WHERE ...] [GROUP BY ...]` into a QuerySpec, or refuse."""
     try:
         statements = [s for s in sqlglot.parse(sql) if s is not None]
+    except sqlglot.errors.ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        where = f" (line {first.get('line')}, column {first.get('col')})" if first else ""
+        raise QueryError("malformed_sql", f"the SQL could not be parsed: {first.get('description', exc)}{where}",
+                         hint="check the syntax at the position shown") from None
     except sqlglot.errors.SqlglotError as exc:
-        raise QueryError(
-            "malformed_sql", f"the SQL could not be parsed: {exc}", hint="check the syntax near the position shown"
-        ) from None
+        raise QueryError("malformed_sql", f"the SQL could not be parsed: {exc}", hint="check the syntax") from None
     if len(statements) != 1:
         raise QueryError("malformed_sql", f"expected one SQL statement, got {len(statements)}",
                          hint="send one SELECT per query, without ';'-separated statements")
@@ -57,8 +61,18 @@ def parse_sql(sql: str) -> QuerySpec:
     if not isinstance(select, exp.Select):
         raise _refuse(f"a {select.key.upper()} statement", "send a SELECT of aggregates such as COUNT(*), AVG(col)")
     for clause, (construct, hint) in _REFUSED_CLAUSES.items():
-        if select.args.get(clause):
+        if select.args.get(clause) or select.args.get(f"{clause}_"):  # sqlglot 30 names some keys "with_"
             raise _refuse(construct, hint)
+    try:
+        return _spec(select)
+    except ValidationError as exc:  # a quoted name outside the allowed pattern, and the like
+        problem = exc.errors()[0]
+        raise QueryError("malformed_sql", f"the query names something Veil does not accept: {problem['msg']}",
+                         hint="dataset, column and alias names are letters, digits and _ (no quotes needed)"
+                         ) from None
+
+
+def _spec(select: exp.Select) -> QuerySpec:
     dataset = _dataset_name(select)
     group_by = [_column_name(g, "GROUP BY") for g in (select.args.get("group").expressions if select.args.get("group") else [])]
     aggregates = []

@@ -7,12 +7,25 @@ cap updates and its audit entry commit together or not at all, in one order for 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from sqlalchemy import (
-    Boolean, Column, Connection, Engine, Float, Integer, MetaData, String, Table, Text,
-    UniqueConstraint, create_engine, event, insert, select,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
 )
 
 metadata = MetaData()

@@ -163,7 +163,7 @@ def _blend(a: SiteProfile, b: SiteProfile, t: float) -> dict[str, Any]:
         if isinstance(x, float):
             out[f.name] = (1 - t) * x + t * y
         elif isinstance(x, tuple) and isinstance(x[0], (int, float)):
-            out[f.name] = tuple((1 - t) * u + t * v for u, v in zip(x, y))
+            out[f.name] = tuple((1 - t) * u + t * v for u, v in zip(x, y, strict=True))
     return out
 
 
@@ -256,7 +256,7 @@ def generate_site(
     coded_rare = r_rare & (rng.random(m) < np.asarray(RARE_CODED)[dept])
     icd = np.where(coded_rare, rare[pid], icd)  # rare codes are the first entries of ICD10
 
-    crp_med, wbc_fac, hb_off = (np.array(v, dtype=np.float64) for v in zip(*DX_EFFECTS.values()))
+    crp_med, wbc_fac, hb_off = (np.array(v, dtype=np.float64) for v in zip(*DX_EFFECTS.values(), strict=True))
     crp = np.clip(crp_med[icd] * p.crp_scale * np.exp(rng.normal(0.0, 0.9, m)), 0.0, 300.0).round(1)
     crp[rng.random(m) < p.crp_missing] = np.nan
     r_age, r_male = age[pid], male[pid]

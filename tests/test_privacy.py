@@ -13,9 +13,9 @@ from scipy import stats
 
 from veil.executor import ledger
 from veil.executor.auth import Principal
-from veil.executor.calibrate import ScaleCache, certify
+from veil.executor.calibrate import Certified, ScaleCache, certify
 from veil.executor.errors import BudgetError
-from veil.executor.plan import build_plan
+from veil.executor.plan import Plan, build_plan
 from veil.executor.site import Site
 from veil.executor.sql import parse_sql
 from veil.executor.store import write
@@ -72,6 +72,13 @@ def test_mean_intervals_cover_at_least_their_level(site: Site) -> None:
     assert all(4.0 <= r.rows[0]["hb"] <= 20.0 for r in releases)  # clamped to the public bounds
 
 
+def _rho_at(plan: Plan, certified: Certified, scale: float, delta: float | None) -> float:
+    """The rho OpenDP's map gives the same plan at another scale (and the same threshold)."""
+    m = dp.m.make_private_lazyframe(plan.domain, plan.metric, certified.measurement.output_measure,
+                                    plan.lazyframe, global_scale=scale, threshold=certified.threshold)
+    return m.map(plan.d_in)[0] if delta else m.map(plan.d_in)
+
+
 @pytest.mark.parametrize("sql, delta", [
     ("SELECT COUNT(*) FROM encounters", None),
     ("SELECT department, COUNT(*), AVG(crp_mg_l) FROM encounters GROUP BY department", None),
@@ -93,12 +100,8 @@ def test_calibration_is_certified_by_opendp_and_tight(site: Site, sql: str, delt
         again = certify(plan, 0.01, delta, cache, key=("k",))
         assert again.scale == certified.scale  # the cached scale, re-certified by the map
         # the same plan made with OpenDP's own noise-scale search is no less noisy than ours
-        def rho_at(scale: float) -> float:
-            m = dp.m.make_private_lazyframe(plan.domain, plan.metric, certified.measurement.output_measure,
-                                            plan.lazyframe, global_scale=scale, threshold=certified.threshold)
-            return m.map(plan.d_in)[0] if delta else m.map(plan.d_in)
-
-        reference = dp.binary_search(lambda s: rho_at(s) <= 0.01, bounds=(certified.scale / 2, certified.scale * 2))
+        reference = dp.binary_search(lambda s, p=plan, c=certified: _rho_at(p, c, s, delta) <= 0.01,
+                                     bounds=(certified.scale / 2, certified.scale * 2))
         assert certified.scale == pytest.approx(reference, rel=1e-3)
 
 

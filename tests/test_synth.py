@@ -92,7 +92,7 @@ def test_values_within_declared_metadata(cohort) -> None:
 
 def test_ids_and_encounter_counts(cohort) -> None:
     all_ids: set[int] = set()
-    for catalog, patients, encounters in cohort.values():
+    for _catalog, patients, encounters in cohort.values():
         ids = patients["patient_id"]
         assert ids.n_unique() == patients.height
         assert all_ids.isdisjoint(ids.to_list())

@@ -42,16 +42,18 @@ def _prepare_site(config: Path) -> str:
     return token_file.read_text().strip()
 
 
+def _cell(row: dict, name: str) -> str:
+    estimate, lower, upper = row[name], row[f"{name}_lower"], row[f"{name}_upper"]
+    if estimate is None:
+        return "n/a"
+    return f"{estimate:,.1f}" + (f" [{lower:,.1f}, {upper:,.1f}]" if lower is not None else "")
+
+
 def format_release(release: Release) -> pl.DataFrame:
     """A release as a table: each statistic as 'estimate [lower, upper]'."""
     columns: dict[str, list[str]] = {key: [str(r[key]) for r in release.rows] for key in release.group_by}
     for stat in release.statistics:
-        def cell(row: dict) -> str:
-            est, lo, hi = row[stat.name], row[f"{stat.name}_lower"], row[f"{stat.name}_upper"]
-            if est is None:
-                return "n/a"
-            return f"{est:,.1f}" + (f" [{lo:,.1f}, {hi:,.1f}]" if lo is not None else "")
-        columns[stat.name] = [cell(r) for r in release.rows]
+        columns[stat.name] = [_cell(r, stat.name) for r in release.rows]
     return pl.DataFrame(columns)
 
 

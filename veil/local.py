@@ -31,7 +31,7 @@ class LocalExecutor:
         self.log = log or self.site_config.parent / "executor.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> "LocalExecutor":
+    def start(self, timeout: float = 120.0) -> LocalExecutor:
         cmd = [sys.executable, "-m", "veil.cli", "executor", "serve", "--site-config", str(self.site_config),
                "--host", "127.0.0.1", "--port", str(self.port)]
         if self.database_url:
@@ -66,7 +66,7 @@ class LocalExecutor:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def __enter__(self) -> "LocalExecutor":
+    def __enter__(self) -> LocalExecutor:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

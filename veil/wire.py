@@ -33,7 +33,7 @@ class Comparison(_Strict):
     value: Scalar | list[Scalar] | None = None
 
     @model_validator(mode="after")
-    def _value_matches_op(self) -> "Comparison":
+    def _value_matches_op(self) -> Comparison:
         if self.op in ("is_null", "is_not_null"):
             if self.value is not None:
                 raise ValueError(f"operator {self.op} takes no value")
@@ -46,15 +46,15 @@ class Comparison(_Strict):
 
 
 class And(_Strict):
-    all: list["Condition"] = Field(min_length=1)
+    all: list[Condition] = Field(min_length=1)
 
 
 class Or(_Strict):
-    any: list["Condition"] = Field(min_length=1)
+    any: list[Condition] = Field(min_length=1)
 
 
 class Not(_Strict):
-    negate: "Condition"
+    negate: Condition
 
 
 Condition = Union[Comparison, And, Or, Not]
@@ -69,7 +69,7 @@ class Aggregate(_Strict):
     alias: Name | None = None
 
     @model_validator(mode="after")
-    def _arguments(self) -> "Aggregate":
+    def _arguments(self) -> Aggregate:
         if self.fn != "count" and self.column is None:
             raise ValueError(f"{self.fn} needs a column")
         if (self.fn == "quantile") != (self.q is not None):
@@ -113,7 +113,7 @@ class QueryRequest(_Strict):
     project: Name | None = None
 
     @model_validator(mode="after")
-    def _one_of_each(self) -> "QueryRequest":
+    def _one_of_each(self) -> QueryRequest:
         if (self.sql is None) == (self.spec is None):
             raise ValueError("give exactly one of 'sql' or 'spec'")
         if (self.epsilon is None) == (self.rho is None):
