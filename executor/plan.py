@@ -49,6 +49,8 @@ class Plan:
     parts: list[Part]
     public_keys: bool
     group_by: list[str]
+    columns: list[str]
+    """The dataset columns the query reads: the scan projects them before OpenDP sees the data."""
 
 
 def _literal(column: Column, value: Any) -> Any:
@@ -173,15 +175,35 @@ def _public_keys(dataset: Dataset, group_by: list[str]) -> pl.LazyFrame | None:
     return pl.LazyFrame(rows, schema=schema, orient="row")
 
 
+def _condition_columns(cond: Condition) -> set[str]:
+    if isinstance(cond, And):
+        return set().union(*(_condition_columns(c) for c in cond.all))
+    if isinstance(cond, Or):
+        return set().union(*(_condition_columns(c) for c in cond.any))
+    if isinstance(cond, Not):
+        return _condition_columns(cond.negate)
+    return {cond.column}
+
+
+def _columns(dataset: Dataset, spec: QuerySpec) -> list[str]:
+    """The columns a query touches (and the privacy unit), in catalog order; unknown names are refused."""
+    used = {dataset.privacy_unit, *spec.group_by, *(a.column for a in spec.aggregates if a.column)}
+    if spec.where is not None:
+        used |= _condition_columns(spec.where)
+    for name in used:
+        dataset.column(name)
+    return [name for name in dataset.columns if name in used]
+
+
 def build_plan(dataset: Dataset, spec: QuerySpec, verified_bound: bool, thresholded: bool) -> Plan:
     """Compile `spec` over the dataset's domain.
 
     With `verified_bound` the executor has checked that no patient has more rows than the catalog's
     `max_rows_per_unit`, so the unit is "k rows"; otherwise rows are truncated per patient in the plan.
     """
-    for name in spec.group_by:
-        dataset.column(name)
-    domain = dp.domain_of(pl.LazyFrame(schema=dataset.schema()), infer=True)
+    columns = _columns(dataset, spec)
+    schema = dataset.schema()
+    domain = dp.domain_of(pl.LazyFrame(schema={c: schema[c] for c in columns}), infer=True)
     for by in ([], spec.group_by) if spec.group_by else ([],):
         domain = with_margin(domain, dp.polars.Margin(by=by, max_length=dataset.max_rows))
     k = dataset.max_rows_per_unit
@@ -216,4 +238,4 @@ def build_plan(dataset: Dataset, spec: QuerySpec, verified_bound: bool, threshol
             raise QueryError("private_keys", "thresholded groups need a COUNT(*) in the query to threshold on",
                              hint="add COUNT(*) to the selected aggregates")
         plan = frame.group_by(spec.group_by).agg(*exprs)
-    return Plan(domain, metric, d_in, plan, [p for p, _ in named], keys is not None, list(spec.group_by))
+    return Plan(domain, metric, d_in, plan, [p for p, _ in named], keys is not None, list(spec.group_by), columns)

@@ -59,7 +59,8 @@ def _mean_interval(s: float, n: float, a_s: float, a_n: float, bounds: tuple[flo
 
 def run(dataset: Dataset, plan: Plan, certified: Certified, confidence: float) -> Output:
     """Invoke the measurement on the lazily scanned Parquet file; add intervals; digest the result."""
-    frame: pl.DataFrame = certified.measurement(pl.scan_parquet(dataset.path)).collect()
+    data = pl.scan_parquet(dataset.path).select(plan.columns)
+    frame: pl.DataFrame = certified.measurement(data).collect()
     alpha = 1.0 - confidence
     acc = _accuracies(certified, alpha)
     has_mean = any(p.role == "sum" for p in plan.parts)
