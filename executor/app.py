@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -22,6 +23,7 @@ from veil.executor.site import Site
 from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release
 
 MAX_BODY_BYTES = 64 * 1024
+SITE_CONFIG_ENV, DATABASE_URL_ENV = "VEIL_SITE_CONFIG", "VEIL_DATABASE_URL"
 log = logging.getLogger("veil.executor")
 
 
@@ -158,3 +160,8 @@ def create_app(site: Site) -> FastAPI:
         return site.receipt(who, receipt)
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app for a worker process of `veil executor serve --workers N` (site named by the environment)."""
+    return create_app(Site.open(os.environ[SITE_CONFIG_ENV], os.environ.get(DATABASE_URL_ENV)))

@@ -15,13 +15,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
 from veil.executor.store import GENESIS, audit, audit_head, caps, grants
 from veil.wire import AuditEntry
 
 FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "delta",
           "result_digest", "decision", "reason", "prev_hash")
+
+
+_HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+_INSERT = insert(audit)
+_MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"),
+                                                                   hash=bindparam("new_hash"))
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
@@ -50,15 +56,15 @@ def append(
     reason: str | None = None,
 ) -> AuditEntry:
     """Append one entry inside the caller's write transaction and return it (hash = receipt)."""
-    head = conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).one()
+    head = conn.execute(_HEAD).one()
     entry: dict[str, Any] = dict(
         seq=head.seq + 1, ts=now(), principal=principal, role=role, project=project, action=action,
         dataset=dataset, query=query, rho=float(rho), delta=float(delta), result_digest=result_digest,
         decision=decision, reason=reason, prev_hash=head.hash,
     )
     entry["hash"] = entry_hash(entry)
-    conn.execute(insert(audit).values(**entry))
-    conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=entry["seq"], hash=entry["hash"]))
+    conn.execute(_INSERT, entry)
+    conn.execute(_MOVE_HEAD, {"new_seq": entry["seq"], "new_hash": entry["hash"]})
     return AuditEntry(**entry)
 
 

@@ -3,15 +3,13 @@
 OpenDP's `Context` searches the scale with ~1,000 measurement constructions (0.4-2 s a query).
 Here one construction at scale 1 gives the plan's loss there; since every zCDP mechanism OpenDP
 uses for these aggregates has a loss proportional to 1/scale^2, that gives a first guess, which
-is then *checked by the measurement's own map* and nudged up until OpenDP certifies it. Found
-scales are remembered per (plan, loss), and re-certified by the map on every use.
+is then *checked by the measurement's own map* and nudged up until OpenDP certifies it.
+Certified measurements are kept per (query, loss) by `prepared.py` and re-checked on every use.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,29 +34,6 @@ class Certified:
     threshold: int | None
 
 
-class ScaleCache:
-    """A small thread-safe LRU of (plan key, loss) -> (scale, threshold)."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self._items: OrderedDict[tuple, tuple[float, int | None]] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> tuple[float, int | None] | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple, value: tuple[float, int | None]) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
 def _not_private(exc: OpenDPException) -> QueryError:
     message = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else repr(exc)
     return QueryError(
@@ -68,7 +43,7 @@ def _not_private(exc: OpenDPException) -> QueryError:
     )
 
 
-def certify(plan: Plan, rho: float, delta: float | None, cache: ScaleCache, key: tuple) -> Certified:
+def certify(plan: Plan, rho: float, delta: float | None) -> Certified:
     """A measurement for `plan` whose certified loss is at most rho (and delta when thresholding)."""
     measure, _ = dp.loss_of(rho=rho, delta=delta) if delta else dp.loss_of(rho=rho)
     approximate = bool(delta)
@@ -83,30 +58,27 @@ def certify(plan: Plan, rho: float, delta: float | None, cache: ScaleCache, key:
         out = m.map(plan.d_in)
         return (float(out[0]), float(out[1])) if approximate else (float(out), 0.0)
 
-    def fits(m: Measurement) -> bool:
-        r, d = loss(m)
-        return r <= rho and (not approximate or d <= delta)  # type: ignore[operator]
-
-    full_key = (key, rho, delta)
     try:
-        cached = cache.get(full_key)
-        if cached is not None:
-            m = make(*cached)
-            if fits(m):
-                return _certified(m, loss(m), *cached)
         scale = _find_scale(lambda s: make(s, NO_THRESHOLD if approximate else None), loss, rho)
         threshold = None
         if approximate:
             threshold = int(dp.binary_search(lambda t: _threshold_fits(make, loss, scale, t, delta),
                                              bounds=(0, 2**31 - 1)))
         m = make(scale, threshold)
-        if not fits(m):  # the map is the judge; a guess it does not certify is never used
-            raise QueryError("calibration_failed", "no noise scale could be certified for this loss",
-                             hint="try a larger epsilon or a simpler query")
+        certified = _certified(m, loss(m), scale, threshold)
     except OpenDPException as exc:
         raise _not_private(exc) from None
-    cache.put(full_key, (scale, threshold))
-    return _certified(m, loss(m), scale, threshold)
+    if not fits(certified, plan, rho, delta):  # the map is the judge; a guess it does not certify is never used
+        raise QueryError("calibration_failed", "no noise scale could be certified for this loss",
+                         hint="try a larger epsilon or a simpler query")
+    return certified
+
+
+def fits(certified: Certified, plan: Plan, rho: float, delta: float | None) -> bool:
+    """Whether OpenDP's map, asked again now, puts the measurement within (rho, delta)."""
+    out = certified.measurement.map(plan.d_in)
+    got_rho, got_delta = (out[0], out[1]) if delta else (out, 0.0)
+    return got_rho <= rho and got_delta <= (delta or 0.0)
 
 
 def _certified(m: Measurement, loss: tuple[float, float], scale: float, threshold: int | None) -> Certified:

@@ -8,7 +8,7 @@ audit entry, so concurrent requests cannot overspend and a crash cannot split th
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from veil.executor import audit
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
@@ -47,13 +47,17 @@ def set_grant(conn: Connection, catalog: Catalog, project: str, dataset: Dataset
                         dataset=dataset.name, reason=f"epsilon={epsilon} at delta={delta}")
 
 
-def _grant_row(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, create: bool) -> dict | None:
-    row = conn.execute(select(grants).where(grants.c.project == project, grants.c.dataset == dataset.name)
-                       ).mappings().first()
-    if row is None and create and dataset.level == "L1":
-        set_grant(conn, catalog, project, dataset, catalog.default_l1_epsilon, by="site-default", role="system")
-        row = conn.execute(select(grants).where(grants.c.project == project, grants.c.dataset == dataset.name)
-                           ).mappings().first()
+_GRANT = select(grants).where(grants.c.project == bindparam("project"), grants.c.dataset == bindparam("dataset"))
+_CAP = select(caps).where(caps.c.dataset == bindparam("dataset"))
+_SPEND_GRANT = update(grants).where(grants.c.id == bindparam("grant_id")).values(
+    rho_spent=grants.c.rho_spent + bindparam("cost_rho"), delta_spent=grants.c.delta_spent + bindparam("cost_delta"))
+_SPEND_CAP = update(caps).where(caps.c.dataset == bindparam("cap_dataset")).values(
+    rho_spent=caps.c.rho_spent + bindparam("cost_rho"), delta_spent=caps.c.delta_spent + bindparam("cost_delta"))
+# statements built once: the charge path runs them on every release
+
+
+def _grant_row(conn: Connection, project: str, dataset: str) -> dict | None:
+    row = conn.execute(_GRANT, {"project": project, "dataset": dataset}).mappings().first()
     return dict(row) if row else None
 
 
@@ -87,12 +91,10 @@ def list_grants(engine: Engine, project: str | None, reporting_delta: float) -> 
         return [grant_info(dict(r), reporting_delta) for r in conn.execute(query).mappings()]
 
 
-def has_access(engine: Engine, project: str, dataset: Dataset) -> bool:
-    if dataset.level == "L1":
-        return True
+def granted_datasets(engine: Engine, project: str) -> set[str]:
+    """The datasets on which `project` holds a grant."""
     with engine.connect() as conn:
-        return conn.execute(select(grants.c.id).where(grants.c.project == project, grants.c.dataset == dataset.name)
-                            ).first() is not None
+        return set(conn.execute(select(grants.c.dataset).where(grants.c.project == project)).scalars())
 
 
 def _remaining(grant: dict, cap: dict) -> dict[str, float]:
@@ -104,15 +106,19 @@ def _remaining(grant: dict, cap: dict) -> dict[str, float]:
     }
 
 
-def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float) -> None:
-    """Refuse (BudgetError, with what remains) unless the grant and the cap can both afford the cost."""
-    grant = _grant_row(conn, catalog, project, dataset, create=False)
+def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float
+          ) -> dict | None:
+    """Refuse (BudgetError, with what remains) unless the grant and the cap can both afford the cost.
+
+    Returns the grant row, or None for an L1 dataset whose default grant is not created yet."""
+    found = _grant_row(conn, project, dataset.name)
+    grant = found
     if grant is None:
         if dataset.level != "L1":
             raise _no_grant(project, dataset)
         grant = dict(rho_total=rho_for_epsilon(catalog.default_l1_epsilon, catalog.reporting_delta), rho_spent=0.0,
                      delta=catalog.reporting_delta, delta_spent=0.0, epsilon=catalog.default_l1_epsilon)
-    cap = dict(conn.execute(select(caps).where(caps.c.dataset == dataset.name)).mappings().one())
+    cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
     grant_ok = grant["rho_spent"] + rho <= grant["rho_total"] and grant["delta_spent"] + delta <= grant["delta"]
     cap_ok = cap["rho_spent"] + rho <= cap["rho_total"] and cap["delta_spent"] + delta <= cap["delta"]
     if not (grant_ok and cap_ok):
@@ -127,14 +133,16 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
                  "or ask the data steward for more budget",
             remaining=left,
         )
+    return found
 
 
 def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float) -> None:
     """Check and add the cost to the grant and the cap, inside the caller's write transaction."""
-    check(conn, catalog, project, dataset, rho, delta)
-    grant = _grant_row(conn, catalog, project, dataset, create=True)
-    assert grant is not None
-    conn.execute(update(grants).where(grants.c.id == grant["id"]).values(
-        rho_spent=grants.c.rho_spent + rho, delta_spent=grants.c.delta_spent + delta))
-    conn.execute(update(caps).where(caps.c.dataset == dataset.name).values(
-        rho_spent=caps.c.rho_spent + rho, delta_spent=caps.c.delta_spent + delta))
+    grant = check(conn, catalog, project, dataset, rho, delta)
+    if grant is None:  # first use of an L1 dataset: its default grant, audited like any grant
+        set_grant(conn, catalog, project, dataset, catalog.default_l1_epsilon, by="site-default", role="system")
+        grant = _grant_row(conn, project, dataset.name)
+        assert grant is not None
+    params = {"grant_id": grant["id"], "cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta}
+    conn.execute(_SPEND_GRANT, params)
+    conn.execute(_SPEND_CAP, params)

@@ -185,13 +185,16 @@ def _condition_columns(cond: Condition) -> set[str]:
     return {cond.column}
 
 
-def _columns(dataset: Dataset, spec: QuerySpec) -> list[str]:
-    """The columns a query touches (and the privacy unit), in catalog order; unknown names are refused."""
-    used = {dataset.privacy_unit, *spec.group_by, *(a.column for a in spec.aggregates if a.column)}
+def _columns(dataset: Dataset, spec: QuerySpec, truncate: bool) -> list[str]:
+    """The columns a query touches, in catalog order; unknown names are refused. The privacy unit is
+    read when rows are truncated per patient, or when nothing else is (a bare COUNT(*) needs a column)."""
+    used = {*spec.group_by, *(a.column for a in spec.aggregates if a.column)}
     if spec.where is not None:
         used |= _condition_columns(spec.where)
     for name in used:
         dataset.column(name)
+    if truncate or not used:
+        used.add(dataset.privacy_unit)
     return [name for name in dataset.columns if name in used]
 
 
@@ -201,7 +204,7 @@ def build_plan(dataset: Dataset, spec: QuerySpec, verified_bound: bool, threshol
     With `verified_bound` the executor has checked that no patient has more rows than the catalog's
     `max_rows_per_unit`, so the unit is "k rows"; otherwise rows are truncated per patient in the plan.
     """
-    columns = _columns(dataset, spec)
+    columns = _columns(dataset, spec, truncate=not verified_bound)
     schema = dataset.schema()
     domain = dp.domain_of(pl.LazyFrame(schema={c: schema[c] for c in columns}), infer=True)
     for by in ([], spec.group_by) if spec.group_by else ([],):

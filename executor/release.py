@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+import opendp.prelude as dp
 import polars as pl
 from opendp.accuracy import summarize_polars_measurement
+from opendp.mod import OpenDPException
 
 from veil.executor.calibrate import Certified
 from veil.executor.catalog import Dataset
 from veil.executor.plan import Part, Plan
 from veil.wire import Aggregate, Statistic
+
+dp.enable_features("honest-but-curious")  # see run(): the executor collects each result exactly once
 
 QUANTILE_NOTE = "OpenDP gives no interval for quantiles (exponential mechanism over public candidates)"
 MEAN_NOTE = "interval from the DP sum and DP count, each at level 1 - alpha/2; clamped to the public bounds"
@@ -57,18 +61,26 @@ def _mean_interval(s: float, n: float, a_s: float, a_n: float, bounds: tuple[flo
     return estimate, max(lo_b, min(corners)), min(hi_b, max(corners))
 
 
-def run(dataset: Dataset, plan: Plan, certified: Certified, confidence: float) -> Output:
-    """Invoke the measurement on the lazily scanned Parquet file; add intervals; digest the result."""
-    data = pl.scan_parquet(dataset.path).select(plan.columns)
-    frame: pl.DataFrame = certified.measurement(data).collect()
+@dataclass(frozen=True)
+class Description:
+    """How each statistic of a certified measurement is made and how accurate it is (data-free)."""
+
+    statistics: list[Statistic]
+    parts: dict[str, list[Part]]
+    accuracy: dict[str, dict[str, Any]]
+    accuracy_half: dict[str, dict[str, Any]]
+
+
+def describe(plan: Plan, certified: Certified, confidence: float) -> Description:
+    """OpenDP's summary of the measurement at the requested confidence, per released statistic."""
     alpha = 1.0 - confidence
     acc = _accuracies(certified, alpha)
     has_mean = any(p.role == "sum" for p in plan.parts)
     acc_half = _accuracies(certified, alpha / 2) if has_mean else {}
-    statistics: list[Statistic] = []
     by_stat: dict[str, list[Part]] = {}
     for part in plan.parts:
         by_stat.setdefault(part.statistic.name, []).append(part)
+    statistics = []
     for name, parts in by_stat.items():
         agg: Aggregate = parts[0].statistic
         row = acc[parts[0].name]
@@ -78,18 +90,43 @@ def run(dataset: Dataset, plan: Plan, certified: Certified, confidence: float) -
             name=name, fn=agg.fn, column=agg.column, distribution=row.get("distribution"),
             scale=row.get("scale"), accuracy=accuracy, note=note,
         ))
+    return Description(statistics, by_stat, acc, acc_half)
+
+
+def can_stream(dataset: Dataset, plan: Plan, certified: Certified) -> bool:
+    """Whether OpenDP can hand this measurement's plan back as a LazyFrame (quantiles cannot).
+
+    Tried on an empty frame of the plan's columns: no data is involved."""
+    schema = dataset.schema()
+    try:
+        certified.measurement(pl.LazyFrame(schema={c: schema[c] for c in plan.columns})).lazy()
+    except OpenDPException:
+        return False
+    return True
+
+
+def run(dataset: Dataset, plan: Plan, certified: Certified, description: Description, streaming: bool) -> Output:
+    """Invoke the measurement on the lazily scanned Parquet file; add intervals; digest the result."""
+    data = pl.scan_parquet(dataset.path).select(plan.columns)
+    # OpenDP's OnceFrame collects with the in-memory engine (the whole projected file in RAM). The
+    # executor is the trusted party OpenDP's "honest-but-curious" flag speaks of: it collects the lazy
+    # result exactly once, on the streaming engine, and sorts the rows so that their order carries nothing.
+    release = certified.measurement(data)
+    frame: pl.DataFrame = release.lazy().collect(engine="streaming") if streaming else release.collect()
+    if plan.group_by:
+        frame = frame.sort(plan.group_by, nulls_last=True)
     rows = []
     for record in frame.iter_rows(named=True):
         out = {key: _plain(record[key]) for key in plan.group_by}
-        for stat in statistics:
-            parts = by_stat[stat.name]
+        for stat in description.statistics:
             if stat.fn == "mean":
                 bounds = dataset.column(stat.column).bounds  # type: ignore[arg-type]
                 s, n = record[f"{stat.name}__sum"], record[f"{stat.name}__count"]
-                a_s, a_n = acc_half[f"{stat.name}__sum"]["accuracy"], acc_half[f"{stat.name}__count"]["accuracy"]
+                half = description.accuracy_half
+                a_s, a_n = half[f"{stat.name}__sum"]["accuracy"], half[f"{stat.name}__count"]["accuracy"]
                 estimate, lower, upper = _mean_interval(float(s), float(n), a_s, a_n, bounds)  # type: ignore[arg-type]
             else:
-                estimate = _plain(record[parts[0].name])
+                estimate = _plain(record[description.parts[stat.name][0].name])
                 lower = upper = None
                 if stat.accuracy is not None and estimate is not None:
                     lower, upper = estimate - stat.accuracy, estimate + stat.accuracy
@@ -100,4 +137,4 @@ def run(dataset: Dataset, plan: Plan, certified: Certified, confidence: float) -
             out[f"{stat.name}_upper"] = upper
         rows.append(out)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-    return Output(rows, statistics, digest)
+    return Output(rows, description.statistics, digest)

@@ -12,11 +12,12 @@ from sqlalchemy import Engine
 from veil.executor import audit, ledger
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
-from veil.executor.calibrate import ScaleCache, certify
+from veil.executor.calibrate import certify, fits
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
-from veil.executor.errors import CatalogError, VeilError
+from veil.executor.errors import CatalogError, QueryError, VeilError
 from veil.executor.plan import build_plan
-from veil.executor.release import run
+from veil.executor.prepared import Prepared, PreparedQueries
+from veil.executor.release import can_stream, describe, run
 from veil.executor.sql import canonical_sql, parse_sql
 from veil.executor.store import open_store, write
 from veil.wire import AuditEntry, Cost, DatasetInfo, GrantInfo, QueryRequest, QuerySpec, Release
@@ -36,7 +37,7 @@ class Site:
 
     catalog: Catalog
     engine: Engine
-    scales: ScaleCache = field(default_factory=ScaleCache)
+    prepared: PreparedQueries = field(default_factory=PreparedQueries)
     _bounds: dict[str, _BoundCheck] = field(default_factory=dict)
     _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -77,8 +78,9 @@ class Site:
         """Stewards see every dataset; a researcher those their project holds a grant on, and L1 ones."""
         if principal.role in ("steward", "admin"):
             return list(self.catalog.datasets.values())
+        granted = ledger.granted_datasets(self.engine, principal.project) if principal.project else set()
         return [ds for ds in self.catalog.datasets.values()
-                if principal.project and ledger.has_access(self.engine, principal.project, ds)]
+                if principal.project and (ds.level == "L1" or ds.name in granted)]
 
     def datasets(self, principal: Principal) -> list[DatasetInfo]:
         return [ds.info() for ds in self.visible(principal)]
@@ -116,12 +118,23 @@ class Site:
         text = canonical_sql(spec)
         rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, self.catalog.reporting_delta)
         verified = self.bound_holds(dataset)
-        plan = build_plan(dataset, spec, verified_bound=verified, thresholded=request.delta is not None)
-        certified = certify(plan, rho, request.delta if not plan.public_keys else None, self.scales,
-                            key=(dataset.name, text, verified))
+        delta = request.delta if spec.group_by else None
+
+        def prepare() -> Prepared:
+            plan = build_plan(dataset, spec, verified_bound=verified, thresholded=delta is not None)
+            certified = certify(plan, rho, delta if not plan.public_keys else None)
+            return Prepared(plan, certified, describe(plan, certified, request.confidence),
+                            can_stream(dataset, plan, certified))
+
+        key = (dataset.name, text, verified, rho, delta, request.confidence)
+        prepared = self.prepared.get_or_prepare(key, prepare)
+        plan, certified = prepared.plan, prepared.certified
+        if not fits(certified, plan, rho, delta):
+            raise QueryError("calibration_failed", "the prepared measurement no longer fits its loss",
+                             hint="retry; if it persists, tell the site's administrators")
         with self.engine.connect() as conn:  # fail early, before touching the data
             ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
-        output = run(dataset, plan, certified, request.confidence)
+        output = run(dataset, plan, certified, prepared.description, prepared.streaming)
         cost = Cost(rho=certified.rho, delta=certified.delta,
                     epsilon=epsilon_of(certified.rho, self.catalog.reporting_delta),
                     epsilon_delta=self.catalog.reporting_delta)

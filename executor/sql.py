@@ -9,6 +9,7 @@ The executor never runs the SQL text itself: the spec is what it turns into a Po
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 import sqlglot
@@ -43,6 +44,7 @@ def _refuse(construct: str, hint: str) -> QueryError:
     return QueryError("unsupported_query", f"{construct} is not supported in a DP query", hint=hint)
 
 
+@lru_cache(maxsize=4096)
 def parse_sql(sql: str) -> QuerySpec:
     """Turn `SELECT ... FROM dataset [WHERE ...] [GROUP BY ...]` into a QuerySpec, or refuse."""
     try:

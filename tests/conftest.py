@@ -92,8 +92,8 @@ class Deployment:
             ledger.set_grant(conn, self.catalog, project, self.catalog.dataset(dataset), epsilon, by="test_steward")
 
 
-def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str, float] | None = None
-           ) -> Deployment:
+def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str, float] | None = None,
+           workers: int = 1) -> Deployment:
     """Tokens for a researcher (project study1), one of another project, a steward and an admin;
     grants for study1 (dataset -> epsilon); then the executor, started on a free loopback port."""
     catalog = load_catalog(site_config)
@@ -104,7 +104,8 @@ def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str
         "steward": create_token(engine, "carol", "steward", None),
         "admin": create_token(engine, "dave", "admin", None),
     }
-    executor = LocalExecutor(site_config, database_url, log=log_dir / f"executor-{uuid.uuid4().hex[:8]}.log")
+    executor = LocalExecutor(site_config, database_url, log=log_dir / f"executor-{uuid.uuid4().hex[:8]}.log",
+                             workers=workers)
     deployment = Deployment(executor, catalog, engine, database_url, tokens)
     for dataset, epsilon in (grants or {"encounters": 5.0}).items():
         deployment.grant(PROJECT, dataset, epsilon)
@@ -117,9 +118,9 @@ def deployer(site_config: Path, tmp_path: Path, request: pytest.FixtureRequest) 
     """Start fresh deployments inside a test: deployer(backend, grants={...})."""
     started: list[tuple[Deployment, Callable[[], None]]] = []
 
-    def start(backend: str = "sqlite", grants: dict[str, float] | None = None) -> Deployment:
+    def start(backend: str = "sqlite", grants: dict[str, float] | None = None, workers: int = 1) -> Deployment:
         url, drop = make_database(backend, tmp_path)
-        d = deploy(site_config, url, tmp_path, grants)
+        d = deploy(site_config, url, tmp_path, grants, workers)
         started.append((d, drop))
         return d
 

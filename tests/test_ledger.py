@@ -46,10 +46,12 @@ def _burst(url: str, token: str, requests: int, workers: int) -> list[httpx.Resp
         return list(pool.map(one, range(requests)))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_concurrent_clients_get_exactly_the_affordable_releases(deployer: Callable[..., Deployment],
-                                                                backend: str) -> None:
-    d = deployer(backend, grants={"patients": 2.0})
+                                                                backend: str, workers: int) -> None:
+    """64 clients, one grant; with two worker processes the database alone keeps the count exact."""
+    d = deployer(backend, grants={"patients": 2.0}, workers=workers)
     first = d.client().query(sql=COUNT["sql"], rho=COUNT["rho"])
     cost = first.cost.rho
     assert 0 < cost <= COUNT["rho"]
@@ -73,7 +75,7 @@ def test_concurrent_clients_get_exactly_the_affordable_releases(deployer: Callab
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigkill_mid_burst_leaves_ledger_and_audit_consistent(deployer: Callable[..., Deployment],
                                                               backend: str) -> None:
-    d = deployer(backend, grants={"patients": 5.0})
+    d = deployer(backend, grants={"patients": 5.0}, workers=2)
     outcomes: list[httpx.Response | Exception] = []
     lock = threading.Lock()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,12 +19,21 @@ def _synth(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from veil.executor.app import create_app
+    from veil.executor.app import DATABASE_URL_ENV, SITE_CONFIG_ENV, create_app
     from veil.executor.site import Site
 
-    site = Site.open(args.site_config, args.database_url)
-    print(f"veil executor for site '{site.catalog.site}' on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(site), host=args.host, port=args.port, log_level=args.log_level)
+    site = Site.open(args.site_config, args.database_url)  # fails early, with a clear message
+    print(f"veil executor for site '{site.catalog.site}' on http://{args.host}:{args.port}"
+          f" ({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
+    if args.workers == 1:
+        uvicorn.run(create_app(site), host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    site.engine.dispose()
+    os.environ[SITE_CONFIG_ENV] = str(Path(args.site_config).resolve())
+    if args.database_url:
+        os.environ[DATABASE_URL_ENV] = args.database_url
+    uvicorn.run("veil.executor.app:app_from_environment", factory=True, workers=args.workers,
+                host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -110,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8700)
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes; they share the state database, so budgets stay exact")
     serve.set_defaults(func=_serve)
 
     token = executor.add_parser("token", help="bearer tokens").add_subparsers(dest="token_action", required=True)

@@ -24,8 +24,8 @@ class LocalExecutor:
     """`veil executor serve` in a child process; `start()` waits until /health answers."""
 
     def __init__(self, site_config: Path, database_url: str | None = None, port: int | None = None,
-                 log: Path | None = None) -> None:
-        self.site_config, self.database_url = Path(site_config), database_url
+                 log: Path | None = None, workers: int = 1) -> None:
+        self.site_config, self.database_url, self.workers = Path(site_config), database_url, workers
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or self.site_config.parent / "executor.log"
@@ -33,11 +33,13 @@ class LocalExecutor:
 
     def start(self, timeout: float = 120.0) -> LocalExecutor:
         cmd = [sys.executable, "-m", "veil.cli", "executor", "serve", "--site-config", str(self.site_config),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
         if self.database_url:
             cmd += ["--database-url", self.database_url]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+            # its own process group, so that stop() and kill() reach every worker process too
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                            start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -53,14 +55,14 @@ class LocalExecutor:
         raise RuntimeError(f"executor for {self.site_config} did not answer on {self.url} within {timeout:.0f} s")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown handlers run (for crash tests)."""
+        """SIGKILL to the whole process group: no shutdown handlers run (for crash tests)."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
