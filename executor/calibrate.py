@@ -77,7 +77,7 @@ def certify(plan: Plan, rho: float, delta: float | None) -> Certified:
 def fits(certified: Certified, plan: Plan, rho: float, delta: float | None) -> bool:
     """Whether OpenDP's map, asked again now, puts the measurement within (rho, delta)."""
     out = certified.measurement.map(plan.d_in)
-    got_rho, got_delta = (out[0], out[1]) if delta else (out, 0.0)
+    got_rho, got_delta = (out[0], out[1]) if isinstance(out, tuple) else (out, 0.0)
     return got_rho <= rho and got_delta <= (delta or 0.0)
 
 

@@ -128,3 +128,19 @@ def test_differencing_attack_is_charged_twice_per_round_and_stopped_by_the_budge
     # the attacker's estimate of "is the victim in?" has a standard error of several patients
     standard_error = scale * math.sqrt(1 / len(a) + 1 / len(b))
     assert standard_error > 3.0
+
+
+def test_delta_is_spent_only_when_group_keys_are_thresholded(site: Site) -> None:
+    _grant(site, "p1", "encounters", 5.0)
+    who = Principal("alice", "researcher", "p1")
+    public = site.query(who, QueryRequest(sql="SELECT department, COUNT(*) FROM encounters GROUP BY department",
+                                          epsilon=0.5, delta=1e-8))
+    assert public.cost.delta == 0.0 and public.threshold is None
+    assert len(public.rows) == len(site.catalog.dataset("encounters").column("department").categories)
+    private = site.query(who, QueryRequest(
+        sql="SELECT encounter_date, COUNT(*) AS n FROM encounters WHERE encounter_date >= DATE '2024-01-01' "
+            "GROUP BY encounter_date", epsilon=0.5, delta=1e-8))
+    assert 0 < private.cost.delta <= 1e-8 and private.threshold is not None
+    assert all(row["n"] >= private.threshold for row in private.rows)  # small groups were not released
+    assert [r["encounter_date"] for r in private.rows] == sorted(r["encounter_date"] for r in private.rows)
+    assert site.grants(who)[0].delta_spent == private.cost.delta
