@@ -15,29 +15,50 @@ import opendp.prelude as dp
 dp.enable_features("contrib")
 
 
+_GAUSSIAN = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
+_TO_APPROX_DP = dp.c.make_zCDP_to_approxDP(_GAUSSIAN)
+
+
 @lru_cache(maxsize=4096)
 def epsilon_of(rho: float, delta: float) -> float:
     """The epsilon that rho-zCDP implies at `delta` (OpenDP's conversion)."""
     if rho <= 0.0:
         return 0.0
     # A unit-scale Gaussian at input distance d has rho = d^2/2, so d = sqrt(2 rho) gives (at least) rho.
-    gaussian = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
     d_in = math.sqrt(2.0 * rho)
-    while gaussian.map(d_in) < rho:  # float rounding: never understate rho
+    while _GAUSSIAN.map(d_in) < rho:  # float rounding: never understate rho
         d_in = math.nextafter(d_in, math.inf)
-    return float(dp.c.make_zCDP_to_approxDP(gaussian).map(d_in).epsilon(delta))
+    return float(_TO_APPROX_DP.map(d_in).epsilon(delta))
 
 
 @lru_cache(maxsize=4096)
 def rho_for_epsilon(epsilon: float, delta: float) -> float:
-    """The largest rho whose OpenDP conversion at `delta` gives at most `epsilon`."""
-    lo, hi = 0.0, max(1.0, epsilon)
+    """The largest rho (to 1e-10 relative) whose OpenDP conversion at `delta` gives at most `epsilon`.
+
+    A root search on OpenDP's conversion (regula falsi, Illinois variant): about ten conversions
+    instead of sixty for plain bisection. The textbook bound eps <= rho + 2 sqrt(rho ln(1/delta)) only
+    brackets the search; the answer is always a rho whose conversion OpenDP puts at or under epsilon."""
+    log_term = math.log(1.0 / delta)
+    lo = (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2  # OpenDP's conversion is at least this tight
+    while epsilon_of(lo, delta) > epsilon:
+        lo /= 2.0
+    hi = lo * 2.0
     while epsilon_of(hi, delta) <= epsilon:
-        hi *= 2.0
-    for _ in range(60):
-        mid = (lo + hi) / 2.0
-        if epsilon_of(mid, delta) <= epsilon:
-            lo = mid
+        lo, hi = hi, hi * 2.0
+    f_lo, f_hi, side = epsilon_of(lo, delta) - epsilon, epsilon_of(hi, delta) - epsilon, 0
+    while hi - lo > 1e-10 * hi:
+        mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        if not lo < mid < hi:
+            mid = (lo + hi) / 2.0
+        f_mid = epsilon_of(mid, delta) - epsilon
+        if f_mid <= 0.0:
+            lo, f_lo = mid, f_mid
+            if side == -1:
+                f_hi /= 2.0
+            side = -1
         else:
-            hi = mid
+            hi, f_hi = mid, f_mid
+            if side == 1:
+                f_lo /= 2.0
+            side = 1
     return lo

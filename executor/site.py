@@ -6,7 +6,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 from sqlalchemy import Engine
 
 from veil.executor import audit, ledger
@@ -20,6 +19,7 @@ from veil.executor.prepared import Prepared, PreparedQueries
 from veil.executor.release import can_stream, describe, run
 from veil.executor.sql import canonical_sql, parse_sql
 from veil.executor.store import open_store, write
+from veil.executor.unit_bound import most_rows_per_unit
 from veil.wire import AuditEntry, Cost, DatasetInfo, GrantInfo, QueryRequest, QuerySpec, Release
 
 
@@ -66,9 +66,8 @@ class Site:
         with self._bounds_lock:
             known = self._bounds.get(dataset.name)
             if known is None or known.fingerprint != fingerprint:
-                most = (pl.scan_parquet(dataset.path).group_by(dataset.privacy_unit).len()
-                        .select(pl.col("len").max()).collect(engine="streaming").item())
-                known = _BoundCheck(fingerprint, most is None or most <= dataset.max_rows_per_unit)
+                most = most_rows_per_unit(dataset.path, dataset.privacy_unit)
+                known = _BoundCheck(fingerprint, most <= dataset.max_rows_per_unit)
                 self._bounds[dataset.name] = known
             return known.holds
 

@@ -7,8 +7,10 @@ cap updates and its audit entry commit together or not at all, in one order for 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import (
     Boolean,
@@ -130,10 +132,21 @@ def open_store(url: str) -> Engine:
     return engine
 
 
+_SQLITE_WRITERS: WeakKeyDictionary[Engine, threading.Lock] = WeakKeyDictionary()
+_HEAD_FOR_UPDATE = select(audit_head.c.seq).where(audit_head.c.id == 1).with_for_update()
+
+
 @contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
-    """One serialized write transaction: commit on success, roll back on any exception."""
-    with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
-        if conn.dialect.name != "sqlite":
-            conn.execute(select(audit_head.c.seq).where(audit_head.c.id == 1).with_for_update())
-        yield conn
+    """One serialized write transaction: commit on success, roll back on any exception.
+
+    On SQLite, threads of one process queue on a lock first: SQLite's own busy handler makes
+    waiting writers sleep and retry, which is slow and unfair under many concurrent requests."""
+    if engine.dialect.name != "sqlite":
+        with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
+            conn.execute(_HEAD_FOR_UPDATE)
+            yield conn
+        return
+    with _SQLITE_WRITERS.setdefault(engine, threading.Lock()):
+        with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
+            yield conn

@@ -144,3 +144,24 @@ def test_delta_is_spent_only_when_group_keys_are_thresholded(site: Site) -> None
     assert all(row["n"] >= private.threshold for row in private.rows)  # small groups were not released
     assert [r["encounter_date"] for r in private.rows] == sorted(r["encounter_date"] for r in private.rows)
     assert site.grants(who)[0].delta_spent == private.cost.delta
+
+
+def test_bound_not_held_by_the_file_is_enforced_by_truncation(site_config: Path, tmp_path: Path) -> None:
+    """A catalog that promises 2 encounters per patient over a file with up to 20: the executor
+    notices, truncates every patient to 2 rows in the plan, and the count reflects the truncation."""
+    for name in ("patients.parquet", "encounters.parquet"):
+        (tmp_path / name).symlink_to(site_config.parent / name)
+    text = site_config.read_text().replace("max_rows_per_unit = 20", "max_rows_per_unit = 2")
+    (tmp_path / "site.toml").write_text(text)
+    site = Site.open(tmp_path / "site.toml", f"sqlite:///{tmp_path / 'state.db'}")
+    encounters = site.catalog.dataset("encounters")
+    assert not site.bound_holds(encounters) and site.bound_holds(site.catalog.dataset("patients"))
+    _grant(site, "p1", "encounters", 10.0)
+    frame = pl.read_parquet(encounters.path)
+    truncated = frame.group_by("patient_id").len().select(pl.col("len").clip(upper_bound=2).sum()).item()
+    release = site.query(Principal("alice", "researcher", "p1"),
+                         QueryRequest(sql="SELECT COUNT(*) AS n FROM encounters", rho=0.5))
+    row = release.rows[0]
+    assert row["n_lower"] <= truncated <= row["n_upper"]
+    assert not row["n_lower"] <= frame.height <= row["n_upper"]
+    site.engine.dispose()
