@@ -261,6 +261,11 @@ def inprocess_queries(site_config: Path, url: str, rho: float, count: int, secon
 # ---------------------------------------------------------------- main
 
 
+def baseline_row(label: str, n: int, per_s: float, latency_ms: dict, http_rate: float) -> list:
+    """One row of the baseline table: the path, its rate and latency, and HTTP's rate as a share of it."""
+    return [label, n, per_s, latency_ms["p50"], latency_ms["p95"], f"{100 * http_rate / per_s:.0f}%"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -436,46 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         table(
             ["path", "n", "per second", "p50 ms", "p95 ms", "HTTP releases/s as a share"],
             [
-                [
-                    f"HTTP, 1 client, sequential (executor CPU {seq['server_cpu_ms_per_release']:.1f} ms/release)",
-                    seq["releases"],
-                    seq["per_s"],
-                    seq["latency_ms"]["p50"],
-                    seq["latency_ms"]["p95"],
-                    f"{100 * http_rate / seq['per_s']:.0f}%",
-                ],
-                [
-                    "bare durable commit (1-row UPDATE), 1 thread",
-                    bare["tx"],
-                    bare["tx_per_s"],
-                    bare["latency_ms"]["p50"],
-                    bare["latency_ms"]["p95"],
-                    f"{100 * http_rate / bare['tx_per_s']:.0f}%",
-                ],
-                [
-                    "raw ledger tx (charge + audit), 1 thread",
-                    raw1["tx"],
-                    raw1["tx_per_s"],
-                    raw1["latency_ms"]["p50"],
-                    raw1["latency_ms"]["p95"],
-                    f"{100 * http_rate / raw1['tx_per_s']:.0f}%",
-                ],
-                [
-                    f"raw ledger tx, {args.clients} threads",
-                    raw64["tx"],
-                    raw64["tx_per_s"],
-                    raw64["latency_ms"]["p50"],
-                    raw64["latency_ms"]["p95"],
-                    f"{100 * http_rate / raw64['tx_per_s']:.0f}%",
-                ],
-                [
-                    "Site.query in-process, 1 thread",
-                    inproc["releases"],
-                    inproc["per_s"],
-                    inproc["latency_ms"]["p50"],
-                    inproc["latency_ms"]["p95"],
-                    f"{100 * http_rate / inproc['per_s']:.0f}%",
-                ],
+                baseline_row(f"HTTP, 1 client, sequential (executor CPU {seq['server_cpu_ms_per_release']:.1f} "
+                             "ms/release)", seq["releases"], seq["per_s"], seq["latency_ms"], http_rate),
+                baseline_row("bare durable commit (1-row UPDATE), 1 thread", bare["tx"], bare["tx_per_s"],
+                             bare["latency_ms"], http_rate),
+                baseline_row("raw ledger tx (charge + audit), 1 thread", raw1["tx"], raw1["tx_per_s"],
+                             raw1["latency_ms"], http_rate),
+                baseline_row(f"raw ledger tx, {args.clients} threads", raw64["tx"], raw64["tx_per_s"],
+                             raw64["latency_ms"], http_rate),
+                baseline_row("Site.query in-process, 1 thread", inproc["releases"], inproc["per_s"],
+                             inproc["latency_ms"], http_rate),
             ],
         )
     )

@@ -12,7 +12,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
 
 from veil.executor import audit
 from veil.executor.errors import AuthError
@@ -55,6 +55,17 @@ def create_token(engine: Engine, principal: str, role: str, project: str | None)
         audit.append(conn, principal="site-admin", role="admin", action="token", decision="created",
                      project=project, reason=f"token for {principal} as {role}")
     return f"veil_{token_id}_{secret}"
+
+
+def revoke_token(engine: Engine, token_id: str, by: str) -> bool:
+    """Revoke a token by its id (the 16 hex digits after `veil_`); audited. False if there is none."""
+    with write(engine) as conn:
+        done = conn.execute(update(tokens).where(tokens.c.token_id == token_id, tokens.c.revoked.is_(False))
+                            .values(revoked=True)).rowcount == 1
+        if done:
+            audit.append(conn, principal=by, role="admin", action="token", decision="revoked",
+                         reason=f"token {token_id}")
+    return done
 
 
 def authenticate(engine: Engine, authorization: str | None) -> Principal:

@@ -144,3 +144,16 @@ def test_cli_refuses_incomplete_tokens(shared: Deployment, args: tuple[str, ...]
     assert says in result.stderr
     assert result.stdout == "" and "veil_" not in result.stderr
     assert token_count(shared.engine) == before
+
+
+def test_revoked_token_is_refused(shared: Deployment) -> None:
+    token = printed_token(create_token(shared, "--role", "researcher", "--principal", "erin", "--project", "study1"))
+    with client(shared, token) as erin:
+        assert erin.get("/grants").status_code == 200
+        revoke = ("executor", "token", "revoke", "--site-config", str(shared.catalog.path),
+                  "--database-url", shared.database_url, token)
+        assert veil(*revoke).returncode == 0
+        refused = erin.get("/grants")
+        assert refused.status_code == 401 and refused.json()["code"] == "invalid_token"
+        again = veil(*revoke)
+        assert again.returncode == 2 and "no active token" in again.stderr

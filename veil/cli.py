@@ -64,6 +64,18 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    from veil.executor.auth import revoke_token
+
+    _, engine = _open(args)
+    token_id = args.token.split("_")[1] if args.token.startswith("veil_") else args.token
+    if not revoke_token(engine, token_id, by=args.by):
+        print(f"error: no active token with id '{token_id}'", file=sys.stderr)
+        return 2
+    print(f"token {token_id} revoked")
+    return 0
+
+
 def _grant(args: argparse.Namespace) -> int:
     from veil.executor import ledger
     from veil.executor.store import write
@@ -132,6 +144,12 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--project", default=None)
     create.add_argument("--out", default=None, help="write the token to this file (mode 600) instead of printing")
     create.set_defaults(func=_token)
+
+    revoke = token.add_parser("revoke", help="revoke a token (give the token or its id)")
+    _site_args(revoke)
+    revoke.add_argument("token", help="the token, or its id: the 16 hex digits after 'veil_'")
+    revoke.add_argument("--by", default="site-admin", help="who revokes it (audited)")
+    revoke.set_defaults(func=_revoke)
 
     grant = executor.add_parser("grant", help="grant a project a privacy budget on a dataset")
     _site_args(grant)
