@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from veil import __version__
+from veil.errors import VeilError
 from veil.executor.auth import Principal, authenticate, identify
-from veil.executor.errors import VeilError
 from veil.executor.site import Site
 from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release
 

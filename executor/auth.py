@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
 
+from veil.errors import AuthError
 from veil.executor import audit
-from veil.executor.errors import AuthError
 from veil.executor.store import tokens, write
 from veil.wire import NAME_PATTERN
 

@@ -17,7 +17,7 @@ from typing import Any
 import opendp.prelude as dp
 from opendp.mod import Measurement, OpenDPException
 
-from veil.executor.errors import QueryError
+from veil.errors import QueryError
 from veil.executor.plan import Plan
 
 NO_THRESHOLD = 2**32 - 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from veil.executor.errors import CatalogError
+from veil.errors import CatalogError
 from veil.wire import NAME_PATTERN, ColumnInfo, DatasetInfo
 
 DTYPES: dict[str, pl.DataType] = {

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
+from veil.errors import BudgetError, CatalogError
 from veil.executor import audit
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.catalog import Catalog, Dataset
-from veil.executor.errors import BudgetError, CatalogError
 from veil.executor.store import caps, grants, write
 from veil.wire import AuditEntry, GrantInfo
 

@@ -16,8 +16,8 @@ import opendp.prelude as dp
 import polars as pl
 from opendp.domains import _lazyframe_from_domain, with_margin
 
+from veil.errors import QueryError
 from veil.executor.catalog import Column, Dataset
-from veil.executor.errors import QueryError
 from veil.wire import Aggregate, And, Comparison, Condition, Not, Or, QuerySpec
 
 dp.enable_features("contrib")

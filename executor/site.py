@@ -8,18 +8,18 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from veil.errors import CatalogError, QueryError, VeilError
 from veil.executor import audit, ledger
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
 from veil.executor.calibrate import certify, fits
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
-from veil.executor.errors import CatalogError, QueryError, VeilError
 from veil.executor.plan import build_plan
 from veil.executor.prepared import Prepared, PreparedQueries
 from veil.executor.release import can_stream, describe, run
-from veil.executor.sql import canonical_sql, parse_sql
 from veil.executor.store import open_store, write
 from veil.executor.unit_bound import most_rows_per_unit
+from veil.sql import canonical_sql, parse_sql
 from veil.wire import AuditEntry, Cost, DatasetInfo, GrantInfo, QueryRequest, QuerySpec, Release
 
 

@@ -11,14 +11,14 @@ import polars as pl
 import pytest
 from scipy import stats
 
+from veil.errors import BudgetError
 from veil.executor import ledger
 from veil.executor.auth import Principal
 from veil.executor.calibrate import Certified, certify
-from veil.executor.errors import BudgetError
 from veil.executor.plan import Plan, build_plan
 from veil.executor.site import Site
-from veil.executor.sql import parse_sql
 from veil.executor.store import write
+from veil.sql import parse_sql
 from veil.wire import QueryRequest
 
 RELEASES = 400

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from veil.executor.errors import QueryError
-from veil.executor.sql import canonical_sql, parse_sql
+from veil.errors import QueryError
+from veil.sql import canonical_sql, parse_sql
 from veil.wire import Aggregate, And, Comparison, QuerySpec
 
 

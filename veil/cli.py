@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from veil.executor.errors import VeilError
+    from veil.errors import VeilError
 
     args = parser().parse_args(argv)
     try:

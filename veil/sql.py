@@ -16,7 +16,7 @@ import sqlglot
 from pydantic import ValidationError
 from sqlglot import exp
 
-from veil.executor.errors import QueryError
+from veil.errors import QueryError
 from veil.wire import Aggregate, And, Comparison, Condition, Not, Or, QuerySpec
 
 _COMPARISONS: dict[type[exp.Expression], str] = {

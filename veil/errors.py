@@ -1,4 +1,5 @@
-"""Refusals the executor gives: each carries a code, a message, a hint and an HTTP status."""
+"""Refusals: each carries a code, a message, a hint and an HTTP status (the executor sends them as
+`wire.Refusal`; SQL parsing on either side raises `QueryError`)."""
 
 from __future__ import annotations
 
