@@ -9,16 +9,8 @@ from typing import Any
 
 import httpx
 
-from veil.wire import DatasetInfo, GrantInfo, Health, QueryRequest, QuerySpec, Refusal, Release
-
-
-class VeilRefused(Exception):
-    """The site refused the request; `refusal` says why and what to do, and nothing was charged."""
-
-    def __init__(self, site: str, status: int, refusal: Refusal) -> None:
-        hint = f" ({refusal.hint})" if refusal.hint else ""
-        super().__init__(f"{site} refused [{refusal.code}]: {refusal.message}{hint}")
-        self.site, self.status, self.refusal = site, status, refusal
+from veil.kernel.errors import VeilSiteUnavailable, refusal_error
+from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, QuerySpec, Refusal, Release
 
 
 class SiteClient:
@@ -33,10 +25,16 @@ class SiteClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise VeilSiteUnavailable(self.name, str(self._http.base_url), exc) from exc
         if response.status_code >= 400:
-            raise VeilRefused(self.name, response.status_code, Refusal.model_validate(response.json()))
+            raise refusal_error(self.name, response.status_code, Refusal.model_validate(response.json()))
         return response.json()
+
+    def receipt(self, receipt: str) -> AuditEntry:
+        return AuditEntry.model_validate(self._call("GET", f"/receipts/{receipt}"))
 
     def health(self) -> Health:
         return Health.model_validate(self._call("GET", "/health"))

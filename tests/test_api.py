@@ -23,7 +23,7 @@ from conftest import BACKENDS, PROJECT, Deployment
 from veil.executor import audit
 from veil.executor.app import MAX_BODY_BYTES
 from veil.executor.store import caps
-from veil.kernel.client import VeilRefused
+from veil.kernel.errors import VeilRefusal
 from veil.wire import AuditEntry, ColumnInfo, DatasetInfo, GrantInfo, Health, Refusal, Release
 
 ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/grants", "/receipts/{receipt}"}
@@ -315,7 +315,7 @@ def test_sdk_client_releases_and_raises_refusals(shared: Deployment) -> None:
     assert release.query == "SELECT COUNT(*) AS count FROM encounters WHERE crp_mg_l IS NULL"
     assert release.rows[0]["count"] > 0
     with charges_nothing(shared):
-        with pytest.raises(VeilRefused) as refused:
+        with pytest.raises(VeilRefusal) as refused:
             client.query(sql="SELECT MIN(age) FROM patients", epsilon=EPSILON)
     assert refused.value.status == 400 and refused.value.refusal.code == "unsupported_query"
     assert audited(shared, refused.value.refusal.receipt).decision == "refused"
@@ -704,7 +704,7 @@ def test_exhausted_grant_is_refused_with_what_remains(deployer: Callable[..., De
         small = released(query(researcher, sql, epsilon=grant.epsilon_remaining * 0.9))
         assert grants_of(researcher)[(PROJECT, "encounters")].rho_spent == pytest.approx(
             first.cost.rho + small.cost.rho, rel=1e-12)
-    with pytest.raises(VeilRefused) as refused:
+    with pytest.raises(VeilRefusal) as refused:
         d.client("researcher").query(sql=sql, epsilon=0.45)
     assert refused.value.status == 409 and refused.value.refusal.code == "budget_exhausted"
     assert audit.verify(d.engine).ok

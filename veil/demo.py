@@ -8,7 +8,8 @@ from pathlib import Path
 
 import polars as pl
 
-from veil.kernel.client import SiteClient, VeilRefused
+from veil.kernel.client import SiteClient
+from veil.kernel.errors import VeilRefusal
 from veil.local import LocalExecutor
 from veil.wire import Release
 
@@ -83,7 +84,7 @@ def run_demo(root: Path, patients: int = 20_000, reset: bool = False) -> int:
             for name, client in clients.items():
                 try:
                     release = client.query(sql=sql, epsilon=epsilon)
-                except VeilRefused as exc:
+                except VeilRefusal as exc:
                     print(f"--- {name}: refused: {exc}")
                     continue
                 print(f"--- {name}: cost epsilon={release.cost.epsilon:.3f} (rho={release.cost.rho:.4g}), "

@@ -1,0 +1,65 @@
+"""The exceptions a researcher meets. Each says which site refused, why, what remains and what to do.
+
+A refusal from a site (`wire.Refusal`) becomes one of these by its code; nothing was charged for it.
+"""
+
+from __future__ import annotations
+
+from veil.wire import Refusal
+
+
+class VeilError(Exception):
+    """Base of every researcher-side Veil error."""
+
+
+class VeilConfigError(VeilError):
+    """The study configuration is missing or invalid."""
+
+
+class VeilSiteUnavailable(VeilError):
+    """A site could not be reached; nothing was sent to it or nothing came back (and nothing is lost)."""
+
+    def __init__(self, site: str, url: str, cause: Exception) -> None:
+        super().__init__(f"site '{site}' at {url} could not be reached ({type(cause).__name__}: {cause}); "
+                         "no release was made there. Check that its executor runs, then retry.")
+        self.site, self.url = site, url
+
+
+class VeilRefusal(VeilError):
+    """A site refused the request. `refusal` holds its code, message, hint, receipt and what remains."""
+
+    def __init__(self, site: str, status: int, refusal: Refusal) -> None:
+        text = f"site '{site}' refused [{refusal.code}]: {refusal.message}"
+        if refusal.remaining:
+            text += f"; remaining: rho={refusal.remaining.get('rho', 0.0):.4g}"
+        if refusal.hint:
+            text += f". What to do: {refusal.hint}"
+        super().__init__(text)
+        self.site, self.status, self.refusal = site, status, refusal
+
+
+class VeilPolicyError(VeilRefusal):
+    """The query is not allowed or not provably private (unknown dataset/column, row-level output, ...)."""
+
+
+class VeilBudgetError(VeilRefusal):
+    """The grant or the dataset's lifetime cap cannot afford this release."""
+
+
+class VeilAuthError(VeilRefusal):
+    """The token is missing, invalid or revoked, or its role may not do this."""
+
+
+class VeilRequestError(VeilRefusal):
+    """The request itself was malformed or too large."""
+
+
+def refusal_error(site: str, status: int, refusal: Refusal) -> VeilRefusal:
+    """The exception for a site's refusal, by HTTP status and code."""
+    if refusal.code == "budget_exhausted":
+        return VeilBudgetError(site, status, refusal)
+    if status == 401 or refusal.code in ("forbidden", "wrong_project"):
+        return VeilAuthError(site, status, refusal)
+    if status in (413, 422) or status >= 500:
+        return VeilRequestError(site, status, refusal)
+    return VeilPolicyError(site, status, refusal)

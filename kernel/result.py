@@ -1,0 +1,95 @@
+"""Releases as researchers see them: Polars frames with estimate, interval and level, plus cost and
+receipt, rendered as HTML in notebooks; and multi-center results combined by post-processing only."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from veil.wire import Release
+
+
+def _cell(row: dict[str, Any], name: str) -> str:
+    estimate, lower, upper = row.get(name), row.get(f"{name}_lower"), row.get(f"{name}_upper")
+    if estimate is None:
+        return "n/a"
+    text = f"{estimate:,.2f}" if isinstance(estimate, float) else f"{estimate:,}"
+    return text + (f" [{lower:,.2f}, {upper:,.2f}]" if lower is not None and upper is not None else "")
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str], stats: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [*keys, *stats])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r.get(k)))}</td>" for k in keys)
+        + "".join(f"<td>{html.escape(_cell(r, s))}</td>" for s in stats) + "</tr>"
+        for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass
+class Result:
+    """One site's DP release. `df` holds, per statistic, the estimate and its `_lower`/`_upper` bounds."""
+
+    release: Release
+    mock: bool = False
+
+    @property
+    def df(self) -> pl.DataFrame:
+        frame = pl.DataFrame(self.release.rows) if self.release.rows else pl.DataFrame()
+        return frame.with_columns(pl.lit(self.release.confidence).alias("level"))
+
+    @property
+    def statistics(self) -> list[str]:
+        return [s.name for s in self.release.statistics]
+
+    @property
+    def cost(self) -> dict[str, float]:
+        c = self.release.cost
+        return {"epsilon": c.epsilon, "delta": c.delta + c.epsilon_delta, "rho": c.rho}
+
+    @property
+    def receipt(self) -> str:
+        return self.release.receipt
+
+    def _repr_html_(self) -> str:
+        r = self.release
+        label = "MOCK (not a release; nothing spent)" if self.mock else f"site {html.escape(r.site)}"
+        caption = (f"<p><b>{label}</b> · {html.escape(r.dataset)} · {r.confidence:.0%} intervals · "
+                   f"cost ε={r.cost.epsilon:.3g} (δ={r.cost.epsilon_delta + r.cost.delta:.2g}) · "
+                   f"receipt <code>{html.escape(r.receipt[:16])}</code></p>")
+        return caption + _table(r.rows, r.group_by, self.statistics)
+
+    def __repr__(self) -> str:
+        return f"<Veil release from {self.release.site}: {self.release.query}>\n{self.df}"
+
+
+@dataclass
+class Combined:
+    """A multi-center result: per-site releases and their combination (post-processing only)."""
+
+    results: dict[str, Result]
+    rows: list[dict[str, Any]]
+    group_by: list[str]
+    statistics: list[str]
+    confidence: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def df(self) -> pl.DataFrame:
+        return pl.DataFrame(self.rows).with_columns(pl.lit(self.confidence).alias("level"))
+
+    @property
+    def cost(self) -> dict[str, dict[str, float]]:
+        return {site: r.cost for site, r in self.results.items()}
+
+    def _repr_html_(self) -> str:
+        costs = ", ".join(f"{html.escape(s)}: ε={c['epsilon']:.3g}" for s, c in self.cost.items())
+        notes = "".join(f"<br><i>{html.escape(n)}</i>" for n in self.notes)
+        return (f"<p><b>{len(self.results)} sites combined</b> · {self.confidence:.0%} intervals · cost {costs}"
+                f"{notes}</p>" + _table(self.rows, self.group_by, self.statistics))
+
+    def __repr__(self) -> str:
+        return f"<Veil multi-center result over {', '.join(self.results)}>\n{self.df}"

@@ -1,0 +1,156 @@
+"""Sites, datasets and queries as a researcher uses them, from the kernel or from plain Python."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from veil.kernel.builder import Agg, Col, Cond, Shape
+from veil.kernel.client import SiteClient
+from veil.kernel.combine import combine, site_aggregates, site_confidence
+from veil.kernel.errors import VeilError, VeilRefusal, VeilSiteUnavailable
+from veil.kernel.result import Combined, Result
+from veil.sql import parse_sql
+from veil.wire import DatasetInfo, GrantInfo, QuerySpec
+
+DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
+          "Boolean": pl.Boolean}
+
+
+class VeilPartialFailure(VeilError):
+    """Some sites released and some did not: the releases made (and charged) are kept in `results`."""
+
+    def __init__(self, results: dict[str, Result], errors: dict[str, VeilError]) -> None:
+        failed = "; ".join(str(e) for e in errors.values())
+        super().__init__(f"{len(errors)} of {len(results) + len(errors)} sites failed ({failed}). "
+                         f"The releases of {', '.join(results) or 'no site'} were made and are kept in "
+                         ".results; retry the failed sites alone.")
+        self.results, self.errors = results, errors
+
+
+class Site:
+    """One hospital's executor, reached with the researcher's token."""
+
+    def __init__(self, name: str, url: str, token: str) -> None:
+        self.name, self.url = name, url
+        self.client = SiteClient(name, url, token)
+        self._datasets: dict[str, Dataset] | None = None
+
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        """The datasets this site lets the project use: schema and public metadata, never rows."""
+        if self._datasets is None:
+            self._datasets = {d.name: Dataset([self], d) for d in self.client.datasets()}
+        return self._datasets
+
+    def budget(self) -> list[GrantInfo]:
+        return self.client.grants()
+
+    def __repr__(self) -> str:
+        return f"<Veil site {self.name} at {self.url}>"
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query bound to a dataset at one or more sites; `.release(...)` runs it."""
+
+    dataset: Dataset
+    shape: Shape
+
+    def filter(self, cond: Cond) -> Query:
+        return Query(self.dataset, self.shape.filter(cond))
+
+    def group_by(self, *columns: str | Col) -> Query:
+        return Query(self.dataset, self.shape.grouped(*columns))
+
+    def agg(self, *aggs: Agg) -> Query:
+        return Query(self.dataset, self.shape.with_aggregates(*aggs))
+
+    def spec(self) -> QuerySpec:
+        """The executor's JSON query spec for this query."""
+        return QuerySpec(dataset=self.dataset.name, where=self.shape.where, group_by=list(self.shape.group_by),
+                         aggregates=list(self.shape.aggregates))
+
+    def release(self, epsilon: float | None = None, rho: float | None = None, delta: float | None = None,
+                confidence: float = 0.95) -> Result | Combined:
+        """Spend budget for a DP release: one site gives a Result, several a Combined result."""
+        return self.dataset.run(self.spec(), dict(epsilon=epsilon, rho=rho, delta=delta), confidence)
+
+
+class Dataset:
+    """A dataset by name at one site, or the same-named dataset across the sites of a study."""
+
+    def __init__(self, sites: Sequence[Site], info: DatasetInfo) -> None:
+        self.sites, self.info = list(sites), info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def level(self) -> str:
+        return self.info.level
+
+    @property
+    def schema(self) -> pl.Schema:
+        return pl.Schema({c.name: DTYPES[c.dtype] for c in self.info.columns})
+
+    @property
+    def metadata(self) -> pl.DataFrame:
+        """Public metadata per column: dtype, bounds, categories, nullability."""
+        return pl.DataFrame([{"column": c.name, "dtype": c.dtype, "bounds": str(c.bounds or ""),
+                              "categories": ", ".join(map(str, c.categories or [])), "nullable": c.nullable}
+                             for c in self.info.columns])
+
+    def sql(self, sql: str) -> Query:
+        """A query from SQL text (parsed here to the same spec the executor would build)."""
+        spec = parse_sql(sql)
+        if spec.dataset != self.name:
+            raise VeilError(f"this SQL reads '{spec.dataset}', but it was asked of dataset '{self.name}'")
+        return Query(self, Shape(spec.where, tuple(spec.group_by), tuple(spec.aggregates)))
+
+    def filter(self, cond: Cond) -> Query:
+        return Query(self, Shape()).filter(cond)
+
+    def group_by(self, *columns: str | Col) -> Query:
+        return Query(self, Shape()).group_by(*columns)
+
+    def agg(self, *aggs: Agg) -> Query:
+        return Query(self, Shape()).agg(*aggs)
+
+    def run(self, spec: QuerySpec, loss: dict[str, Any], confidence: float) -> Result | Combined:
+        """Send the spec to every site of this dataset (in parallel) and combine when there are several."""
+        loss = {k: v for k, v in loss.items() if v is not None}
+        if len(self.sites) == 1:
+            return Result(self.sites[0].client.query(spec=spec, confidence=confidence, **loss))
+        requested = list(spec.aggregates)
+        per_site = spec.model_copy(update={"aggregates": site_aggregates(requested)})
+        level = site_confidence(confidence, len(self.sites), requested)
+        results, errors = _fan_out(self.sites, lambda s: Result(s.client.query(spec=per_site, confidence=level,
+                                                                              **loss)))
+        if errors:
+            raise VeilPartialFailure(results, errors)
+        bounds = {c.name: c.bounds for c in self.info.columns}
+        rows, notes = combine({s: r.release for s, r in results.items()}, requested, list(spec.group_by), bounds)
+        return Combined(results, rows, list(spec.group_by), [a.name for a in requested], confidence, notes)
+
+    def __repr__(self) -> str:
+        where = ", ".join(s.name for s in self.sites)
+        return f"<Veil dataset {self.name} ({self.level}) at {where}>\n{self.metadata}"
+
+
+def _fan_out(sites: list[Site], call: Callable[[Site], Result]) -> tuple[dict[str, Result], dict[str, VeilError]]:
+    results: dict[str, Result] = {}
+    errors: dict[str, VeilError] = {}
+    with ThreadPoolExecutor(max_workers=len(sites)) as pool:
+        futures = {s.name: pool.submit(call, s) for s in sites}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except (VeilRefusal, VeilSiteUnavailable) as exc:
+                errors[name] = exc
+    return results, errors

@@ -1,0 +1,172 @@
+"""The researcher SDK against three real executors: single-site and multi-center releases, the
+builder, typed refusals, and a site that is down."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import Deployment, deploy, make_database
+from veil.kernel import (
+    VeilAuthError,
+    VeilBudgetError,
+    VeilConfigError,
+    VeilPolicyError,
+    VeilSiteUnavailable,
+    col,
+    count,
+    load_study,
+)
+from veil.kernel.result import Combined, Result
+from veil.kernel.sdk import VeilPartialFailure
+from veil.kernel.study import Study
+
+SITES = ("north", "central", "valley")
+SURE = 0.9999  # checks of the truth against an interval: a false alarm once in 10,000 runs at most
+
+
+@pytest.fixture(scope="module")
+def sites(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Deployment]]:
+    state = tmp_path_factory.mktemp("sdk")
+    started = {}
+    for name in SITES:
+        url, _ = make_database("sqlite", state)
+        started[name] = deploy(cohort / name / "site.toml", url, state, {"encounters": 20.0, "patients": 20.0})
+    yield started
+    for d in started.values():
+        d.executor.stop()
+        d.engine.dispose()
+
+
+def write_study(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:
+    lines = ['[study]', 'name = "test_study"', 'project = "study1"']
+    for name, d in sites.items():
+        (directory / f"{name}.token").write_text(d.tokens["researcher"] + "\n")
+        lines += [f"[sites.{name}]", f'url = "{(urls or {}).get(name, d.url)}"', f'token_file = "{name}.token"',
+                  f'guard_paths = ["{d.catalog.path.parent}"]']
+    path = directory / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(sites: dict[str, Deployment], tmp_path_factory: pytest.TempPathFactory) -> Study:
+    return load_study(write_study(tmp_path_factory.mktemp("study"), sites))
+
+
+def truth(sites: dict[str, Deployment], dataset: str) -> pl.DataFrame:
+    """The pooled raw data (tests play the data owner here, to know the true answer)."""
+    return pl.concat([pl.read_parquet(d.catalog.dataset(dataset).path) for d in sites.values()])
+
+
+def test_study_sites_and_public_metadata(study: Study, sites: dict[str, Deployment]) -> None:
+    assert list(study.sites) == list(SITES)
+    assert study.datasets() == {"patients": list(SITES), "encounters": list(SITES)}
+    assert {p.name for p in study.guarded_paths()} == set(SITES)
+    patients = study.sites["north"].datasets["patients"]
+    assert patients.level == "L1" and patients.schema["age"] == pl.Int64
+    assert "F, M" in patients.metadata.filter(pl.col("column") == "sex")["categories"][0]
+
+
+def test_single_site_sql_release_is_a_frame_with_intervals_and_renders(study: Study) -> None:
+    ds = study.sites["north"].datasets["patients"]
+    result = ds.sql("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex").release(epsilon=0.5)
+    assert isinstance(result, Result)
+    assert result.df.columns == ["sex", "n", "n_lower", "n_upper", "level"]
+    assert result.df["level"].to_list() == [0.95, 0.95]
+    assert result.cost["epsilon"] == pytest.approx(0.5, rel=1e-6) and len(result.receipt) == 64
+    page = result._repr_html_()
+    assert "site north" in page and result.receipt[:16] in page and "<table>" in page and "[" in page
+
+
+def test_builder_compiles_to_the_same_spec_as_sql(study: Study) -> None:
+    ds = study.sites["central"].datasets["encounters"]
+    built = ds.filter((col("length_of_stay_days") >= 2) & col("department").is_in(["icu", "oncology"])) \
+        .group_by("department").agg(count().alias("n"), col("crp_mg_l").mean().alias("crp"))
+    written = ds.sql("SELECT department, COUNT(*) AS n, AVG(crp_mg_l) AS crp FROM encounters "
+                     "WHERE length_of_stay_days >= 2 AND department IN ('icu', 'oncology') GROUP BY department")
+    assert built.spec() == written.spec()
+    result = built.release(epsilon=1.0)
+    assert sorted(result.df["department"].to_list()) == sorted(ds.info.columns[2].categories or [])
+
+
+def test_multi_center_count_is_the_sum_of_site_releases_and_covers_the_truth(
+        study: Study, sites: dict[str, Deployment]) -> None:
+    combined = study.dataset("encounters").filter(col("department") == "genetics").agg(count().alias("n")) \
+        .release(epsilon=1.0, confidence=SURE)
+    assert isinstance(combined, Combined) and set(combined.results) == set(SITES)
+    per_site = [r.df.row(0, named=True) for r in combined.results.values()]
+    row = combined.rows[0]
+    assert row["n"] == sum(r["n"] for r in per_site)
+    assert row["n_lower"] == pytest.approx(sum(r["n_lower"] for r in per_site))
+    assert all(r.release.confidence == pytest.approx(1 - (1 - SURE) / 3) for r in combined.results.values())
+    true_n = truth(sites, "encounters").filter(pl.col("department") == "genetics").height
+    assert row["n_lower"] <= true_n <= row["n_upper"]
+    assert set(combined.cost) == set(SITES) and all(c["epsilon"] > 0 for c in combined.cost.values())
+
+
+def test_multi_center_mean_pools_dp_sums_and_counts(study: Study, sites: dict[str, Deployment]) -> None:
+    combined = study.dataset("encounters").sql("SELECT AVG(hemoglobin_g_dl) AS hb FROM encounters") \
+        .release(epsilon=1.0, confidence=SURE)
+    parts = [r.df.row(0, named=True) for r in combined.results.values()]
+    pooled = sum(p["hb__sum"] for p in parts) / sum(p["hb__count"] for p in parts)
+    row = combined.rows[0]
+    assert row["hb"] == pytest.approx(min(max(pooled, 4.0), 20.0))
+    assert row["hb_lower"] <= truth(sites, "encounters")["hemoglobin_g_dl"].mean() <= row["hb_upper"]
+
+
+def test_multi_center_histogram_merges_site_keys(study: Study, sites: dict[str, Deployment]) -> None:
+    combined = study.dataset("patients").group_by("region").agg(count().alias("n")).release(epsilon=1.0)
+    regions = {r for d in sites.values() for r in d.catalog.dataset("patients").column("region").categories}
+    assert {r["region"] for r in combined.rows} == regions
+    assert "3 sites combined" in combined._repr_html_()
+
+
+def test_quantiles_are_not_combined_and_nothing_is_spent(study: Study) -> None:
+    before = [g.rho_spent for s in study.sites.values() for g in s.budget()]
+    with pytest.raises(Exception, match="cannot be combined across sites"):
+        study.dataset("patients").sql("SELECT MEDIAN(age) FROM patients").release(epsilon=0.5)
+    assert [g.rho_spent for s in study.sites.values() for g in s.budget()] == before
+
+
+def test_refusals_raise_typed_errors_that_say_what_to_do(study: Study, sites: dict[str, Deployment]) -> None:
+    ds = study.sites["valley"].datasets["patients"]
+    with pytest.raises(VeilPolicyError, match="no column 'weight'.*What to do: columns are"):
+        ds.agg(col("weight").mean()).release(epsilon=0.1)
+    with pytest.raises(VeilBudgetError, match="remaining: rho=") as budget:
+        ds.agg(count()).release(rho=5.0)
+    assert budget.value.refusal.remaining is not None and budget.value.site == "valley"
+
+
+def test_bad_token_is_an_auth_error(sites: dict[str, Deployment], tmp_path: Path) -> None:
+    write_study(tmp_path, {"north": sites["north"]})
+    (tmp_path / "north.token").write_text("veil_0123456789abcdef_" + "x" * 43)
+    study = load_study(tmp_path / "study.toml")
+    with pytest.raises(VeilAuthError, match="invalid_token"):
+        _ = study.sites["north"].datasets
+
+
+def test_a_site_that_is_down_is_named_and_other_releases_are_kept(
+        sites: dict[str, Deployment], tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, sites))
+    encounters = study.dataset("encounters")  # metadata read while all sites answer
+    sites["valley"].executor.stop()
+    try:
+        with pytest.raises(VeilPartialFailure) as partial:
+            encounters.agg(count()).release(epsilon=0.2)
+    finally:
+        sites["valley"].executor.start()
+    assert set(partial.value.results) == {"north", "central"}
+    assert isinstance(partial.value.errors["valley"], VeilSiteUnavailable)
+    assert "valley" in str(partial.value) and "kept" in str(partial.value)
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(VeilConfigError, match=str(tmp_path / "absent.toml")):
+        load_study(tmp_path / "absent.toml")
+    (tmp_path / "study.toml").write_text('[study]\nproject = "p"\n[sites.a]\nurl = "http://x"\ntoken_file = "a.tok"\n')
+    with pytest.raises(VeilConfigError, match="token file of site 'a'"):
+        load_study(tmp_path / "study.toml")
