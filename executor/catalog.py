@@ -96,6 +96,7 @@ class Dataset:
             level=self.level,  # type: ignore[arg-type]
             privacy_unit=self.privacy_unit,
             max_rows_per_unit=self.max_rows_per_unit,
+            max_rows=self.max_rows,
             columns=[c.info() for c in self.columns.values()],
         )
 

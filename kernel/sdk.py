@@ -13,6 +13,7 @@ from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates, site_confidence
 from veil.kernel.errors import VeilError, VeilRefusal, VeilSiteUnavailable
+from veil.kernel.mock import MockSite, mock_rows
 from veil.kernel.result import Combined, Result
 from veil.sql import parse_sql
 from veil.wire import DatasetInfo, GrantInfo, QuerySpec
@@ -38,7 +39,22 @@ class Site:
     def __init__(self, name: str, url: str, token: str) -> None:
         self.name, self.url = name, url
         self.client = SiteClient(name, url, token)
+        self.mode = "live"
         self._datasets: dict[str, Dataset] | None = None
+        self._mock: MockSite | None = None
+
+    @property
+    def mock(self) -> MockSite:
+        """This site's mock twin: its datasets' public metadata over made-up rows, run locally."""
+        if self._mock is None:
+            self._mock = MockSite(self.name, [d.info for d in self.datasets.values()])
+        return self._mock
+
+    def release(self, spec: QuerySpec, confidence: float, **loss: Any) -> Result:
+        """One release at this site, live or mock as the site's mode says."""
+        if self.mode == "mock":
+            return Result(self.mock.query(spec, confidence=confidence, **loss), mock=True)
+        return Result(self.client.query(spec=spec, confidence=confidence, **loss))
 
     @property
     def datasets(self) -> dict[str, Dataset]:
@@ -106,6 +122,10 @@ class Dataset:
                               "categories": ", ".join(map(str, c.categories or [])), "nullable": c.nullable}
                              for c in self.info.columns])
 
+    def mock(self, rows: int = 20) -> pl.DataFrame:
+        """Made-up rows with this dataset's schema and public metadata (no hospital data in them)."""
+        return mock_rows(self.info, rows)
+
     def sql(self, sql: str) -> Query:
         """A query from SQL text (parsed here to the same spec the executor would build)."""
         spec = parse_sql(sql)
@@ -126,12 +146,11 @@ class Dataset:
         """Send the spec to every site of this dataset (in parallel) and combine when there are several."""
         loss = {k: v for k, v in loss.items() if v is not None}
         if len(self.sites) == 1:
-            return Result(self.sites[0].client.query(spec=spec, confidence=confidence, **loss))
+            return self.sites[0].release(spec, confidence, **loss)
         requested = list(spec.aggregates)
         per_site = spec.model_copy(update={"aggregates": site_aggregates(requested)})
         level = site_confidence(confidence, len(self.sites), requested)
-        results, errors = _fan_out(self.sites, lambda s: Result(s.client.query(spec=per_site, confidence=level,
-                                                                              **loss)))
+        results, errors = _fan_out(self.sites, lambda s: s.release(per_site, level, **loss))
         if errors:
             raise VeilPartialFailure(results, errors)
         bounds = {c.name: c.bounds for c in self.info.columns}

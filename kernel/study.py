@@ -34,6 +34,18 @@ class Study:
     def __init__(self, name: str, project: str, sites: dict[str, Site], guards: list[Path]) -> None:
         self.name, self.project, self.sites, self._guards = name, project, sites, guards
 
+    @property
+    def mode(self) -> str:
+        """'live' (releases spend budget) or 'mock' (run locally on mock rows, spend nothing)."""
+        return next(iter(self.sites.values())).mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in ("live", "mock"):
+            raise VeilError(f"mode must be 'live' or 'mock', not '{mode}'")
+        for site in self.sites.values():
+            site.mode = mode
+
     def guarded_paths(self) -> list[Path]:
         """Directories that executors on this machine serve: the kernel refuses to open files there."""
         return list(self._guards)

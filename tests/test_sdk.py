@@ -170,3 +170,22 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text('[study]\nproject = "p"\n[sites.a]\nurl = "http://x"\ntoken_file = "a.tok"\n')
     with pytest.raises(VeilConfigError, match="token file of site 'a'"):
         load_study(tmp_path / "study.toml")
+
+
+def test_mock_mode_spends_nothing_and_predicts_the_live_cost(study: Study, sites: dict[str, Deployment]) -> None:
+    ds = study.dataset("encounters")
+    mock = ds.mock(50)
+    assert mock.schema == ds.schema and mock["hemoglobin_g_dl"].is_between(4.0, 20.0).all()
+    query = ds.sql("SELECT department, COUNT(*) AS n, AVG(crp_mg_l) AS crp FROM encounters GROUP BY department")
+    before = {name: d.client("researcher").grants() for name, d in sites.items()}
+    study.mode = "mock"
+    try:
+        rehearsal = query.release(epsilon=0.3)
+    finally:
+        study.mode = "live"
+    assert all(r.mock for r in rehearsal.results.values()) and "MOCK" in next(iter(
+        rehearsal.results.values()))._repr_html_()
+    assert {name: d.client("researcher").grants() for name, d in sites.items()} == before
+    live = query.release(epsilon=0.3)
+    assert {s: c["rho"] for s, c in rehearsal.cost.items()} == pytest.approx(
+        {s: c["rho"] for s, c in live.cost.items()}, rel=1e-12)

@@ -195,6 +195,7 @@ class DatasetInfo(_Strict):
     level: Literal["L1", "L2", "L3"]
     privacy_unit: str
     max_rows_per_unit: int
+    max_rows: int = Field(description="public upper bound on the number of rows")
     columns: list[ColumnInfo]
 
 
