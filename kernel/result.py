@@ -54,6 +54,17 @@ class Result:
     def receipt(self) -> str:
         return self.release.receipt
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the notebook records of a release: site, dataset, canonical query, cost, receipt."""
+        r = self.release
+        return {"site": r.site, "dataset": r.dataset, "query": r.query, "cost": r.cost.model_dump(),
+                "receipt": r.receipt, "mock": self.mock}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        data = {"text/html": self._repr_html_(), "text/plain": repr(self)}
+        return data, ({} if self.mock else {"veil": {"releases": [self.provenance]}})
+
     def _repr_html_(self) -> str:
         r = self.release
         label = "MOCK (not a release; nothing spent)" if self.mock else f"site {html.escape(r.site)}"
@@ -84,6 +95,11 @@ class Combined:
     @property
     def cost(self) -> dict[str, dict[str, float]]:
         return {site: r.cost for site, r in self.results.items()}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        data = {"text/html": self._repr_html_(), "text/plain": repr(self)}
+        live = [r.provenance for r in self.results.values() if not r.mock]
+        return data, ({"veil": {"releases": live}} if live else {})
 
     def _repr_html_(self) -> str:
         costs = ", ".join(f"{html.escape(s)}: ε={c['epsilon']:.3g}" for s, c in self.cost.items())

@@ -22,6 +22,10 @@ DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String":
           "Boolean": pl.Boolean}
 
 
+RELEASE_LISTENERS: list[Callable[[Site, Result], None]] = []
+"""Called after every release a Site makes, live or mock (the kernel records and announces them)."""
+
+
 class VeilPartialFailure(VeilError):
     """Some sites released and some did not: the releases made (and charged) are kept in `results`."""
 
@@ -53,8 +57,12 @@ class Site:
     def release(self, spec: QuerySpec, confidence: float, **loss: Any) -> Result:
         """One release at this site, live or mock as the site's mode says."""
         if self.mode == "mock":
-            return Result(self.mock.query(spec, confidence=confidence, **loss), mock=True)
-        return Result(self.client.query(spec=spec, confidence=confidence, **loss))
+            result = Result(self.mock.query(spec, confidence=confidence, **loss), mock=True)
+        else:
+            result = Result(self.client.query(spec=spec, confidence=confidence, **loss))
+        for listener in RELEASE_LISTENERS:
+            listener(self, result)
+        return result
 
     @property
     def datasets(self) -> dict[str, Dataset]:
