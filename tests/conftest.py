@@ -146,3 +146,31 @@ def shared(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: 
         c.close()
     d.engine.dispose()
     drop()
+
+
+SITES = ("north", "central", "valley")
+
+
+@pytest.fixture(scope="module")
+def sites(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Deployment]]:
+    state = tmp_path_factory.mktemp("sites")
+    started = {}
+    for name in SITES:
+        url, _ = make_database("sqlite", state)
+        started[name] = deploy(cohort / name / "site.toml", url, state, {"encounters": 20.0, "patients": 20.0})
+    yield started
+    for d in started.values():
+        d.executor.stop()
+        d.engine.dispose()
+
+
+def write_study(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:
+    """A researcher's study config for these sites (project study1), with token files beside it."""
+    lines = ['[study]', 'name = "test_study"', 'project = "study1"']
+    for name, d in sites.items():
+        (directory / f"{name}.token").write_text(d.tokens["researcher"] + "\n")
+        lines += [f"[sites.{name}]", f'url = "{(urls or {}).get(name, d.url)}"', f'token_file = "{name}.token"',
+                  f'guard_paths = ["{d.catalog.path.parent}"]']
+    path = directory / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

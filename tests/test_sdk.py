@@ -3,13 +3,12 @@ builder, typed refusals, and a site that is down."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from conftest import Deployment, deploy, make_database
+from conftest import SITES, Deployment, write_study
 from veil.kernel import (
     VeilAuthError,
     VeilBudgetError,
@@ -24,32 +23,7 @@ from veil.kernel.result import Combined, Result
 from veil.kernel.sdk import VeilPartialFailure
 from veil.kernel.study import Study
 
-SITES = ("north", "central", "valley")
 SURE = 0.9999  # checks of the truth against an interval: a false alarm once in 10,000 runs at most
-
-
-@pytest.fixture(scope="module")
-def sites(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Deployment]]:
-    state = tmp_path_factory.mktemp("sdk")
-    started = {}
-    for name in SITES:
-        url, _ = make_database("sqlite", state)
-        started[name] = deploy(cohort / name / "site.toml", url, state, {"encounters": 20.0, "patients": 20.0})
-    yield started
-    for d in started.values():
-        d.executor.stop()
-        d.engine.dispose()
-
-
-def write_study(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:
-    lines = ['[study]', 'name = "test_study"', 'project = "study1"']
-    for name, d in sites.items():
-        (directory / f"{name}.token").write_text(d.tokens["researcher"] + "\n")
-        lines += [f"[sites.{name}]", f'url = "{(urls or {}).get(name, d.url)}"', f'token_file = "{name}.token"',
-                  f'guard_paths = ["{d.catalog.path.parent}"]']
-    path = directory / "study.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
