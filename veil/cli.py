@@ -108,6 +108,15 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir), patients=args.patients, reset=args.reset)
 
 
+def _kernel_install(args: argparse.Namespace) -> int:
+    from veil.kernel.install import install_kernelspec
+
+    user = args.user or not (args.sys_prefix or args.prefix)
+    where = install_kernelspec(user=user, sys_prefix=args.sys_prefix, prefix=args.prefix)
+    print(f"installed kernelspec 'veil' (\"Veil (private data)\") in {where}")
+    return 0
+
+
 def _site_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-config", required=True, help="the site's catalog (site.toml)")
     p.add_argument("--database-url", default=None,
@@ -163,6 +172,14 @@ def parser() -> argparse.ArgumentParser:
     verify = audit.add_parser("verify", help="check the hash chain and that the ledger matches it")
     _site_args(verify)
     verify.set_defaults(func=_verify)
+
+    kernel = sub.add_parser("kernel", help="the Veil Jupyter kernel").add_subparsers(dest="action", required=True)
+    install = kernel.add_parser("install", help="install the 'veil' kernelspec (default: --user)")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="in your Jupyter data dir (the default)")
+    where.add_argument("--sys-prefix", action="store_true", help="in this Python environment (sys.prefix)")
+    where.add_argument("--prefix", default=None, help="in PREFIX/share/jupyter/kernels")
+    install.set_defaults(func=_kernel_install)
 
     demo = sub.add_parser("demo", help="three synthetic sites, their executors, DP queries against them")
     demo.add_argument("--dir", default=".veil-demo", help="where the demo's data and state live")

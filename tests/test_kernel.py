@@ -1,0 +1,235 @@
+"""The Veil kernel over the Jupyter protocol: jupyter_kernel_test's suite, `study`, the guard, the comm.
+
+The kernelspec is installed with `veil kernel install --prefix TMP` and found through JUPYTER_PATH; the
+study config names sites at unreachable dummy URLs (nothing here needs an executor).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jupyter_kernel_test
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+import veil
+
+TIMEOUT = 30
+STUDY = """\
+[study]
+name = "rare_peds_test"
+project = "rare_peds"
+[sites.north]
+url = "http://127.0.0.1:9"
+token_file = "north.token"
+guard_paths = ["{served}"]
+[sites.south]
+url = "http://127.0.0.1:9"
+token_file = "tokens/south.token"
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def veil_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The kernelspec in a temp prefix and a study config, in the environment kernels start with."""
+    root = tmp_path_factory.mktemp("veil-kernel")
+    done = subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
+                          capture_output=True, text=True, check=True)
+    spec_dir = root / "prefix" / "share" / "jupyter" / "kernels" / "veil"
+    assert str(spec_dir) in done.stdout and (spec_dir / "kernel.json").is_file()
+    served = root / "served"
+    served.mkdir()
+    (served / "secret.parquet").write_bytes(b"PAR1 rows only an executor may read")
+    (root / "tokens").mkdir()
+    (root / "north.token").write_text("veil_00000000000000aa_fake\n")
+    (root / "tokens" / "south.token").write_text("veil_00000000000000bb_fake\n")
+    (root / "study.toml").write_text(STUDY.format(served=served))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(root / "prefix" / "share" / "jupyter"))
+        mp.setenv("VEIL_STUDY", str(root / "study.toml"))
+        mp.setenv("IPYTHONDIR", str(root / "ipython"))  # the kernels' history stays out of ~/.ipython
+        yield root
+
+
+class VeilKernelTests(jupyter_kernel_test.KernelTests):
+    """The standard protocol suite, run against kernel `veil`."""
+
+    kernel_name = "veil"
+    language_name = "python"
+    file_extension = ".py"
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('oops', file=sys.stderr)"
+    completion_samples = [{"text": "zi", "matches": {"zip"}}, {"text": "stud", "matches": {"study"}}]
+    complete_code_samples = ["1", "print('hello, world')", "def f(x):\n  return x*2\n\n\n"]
+    incomplete_code_samples = ["print('''hello", "def f(x):\n  x*2"]
+    invalid_code_samples = ["import = 7q"]
+    code_page_something = "print?"
+    code_generate_error = "raise"
+    code_execute_result = [{"code": "1+2+3", "result": "6"}, {"code": "[n * n for n in range(1, 4)]",
+                                                             "result": "[1, 4, 9]"}]
+    code_display_data = [
+        {"code": "from IPython.display import HTML, display; display(HTML('<b>veil</b>'))", "mime": "text/html"},
+        {"code": "from IPython.display import Math, display; display(Math(r'\\frac{1}{2}'))", "mime": "text/latex"},
+    ]
+    code_history_pattern = "1?2*"
+    supported_history_operations = ("tail", "range", "search")
+    code_inspect_sample = "print"
+    code_clear_output = "from IPython.display import clear_output; clear_output()"
+
+
+class VeilIopubWelcomeTests(jupyter_kernel_test.IopubWelcomeTests):
+    """ipykernel 7 greets each iopub subscriber (JEP 65); the Veil kernel keeps that."""
+
+    kernel_name = "veil"
+    support_iopub_welcome = True
+
+
+def execute(kc: BlockingKernelClient, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run `code`; return the execute_reply content and every iopub message it caused (comms included)."""
+    msg_id = kc.execute(code)
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+    return reply["content"], iopub_until_idle(kc, msg_id)
+
+
+def iopub_until_idle(kc: BlockingKernelClient, msg_id: str) -> list[dict[str, Any]]:
+    """The iopub messages whose parent is `msg_id`, up to its idle status."""
+    seen = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return seen
+        seen.append(msg)
+
+
+def stdout(outputs: list[dict[str, Any]]) -> str:
+    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+
+
+def comm_msgs(outputs: list[dict[str, Any]], comm_id: str) -> list[dict[str, Any]]:
+    return [m["content"]["data"] for m in outputs if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id]
+
+
+@pytest.fixture(scope="class")
+def kernel(veil_env: Path) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+    km, kc = start_new_kernel(kernel_name="veil", startup_timeout=TIMEOUT)
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+class TestVeilKernel:
+    """One kernel for these (they share its state): the study, the guard, the comm."""
+
+    def test_spec_and_info(self, veil_env: Path, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        km, kc = kernel
+        assert Path(km.kernel_spec.resource_dir) == veil_env / "prefix" / "share" / "jupyter" / "kernels" / "veil"
+        assert km.kernel_spec.display_name == "Veil (private data)"
+        assert "env" not in km.kernel_spec.to_dict() or not km.kernel_spec.env
+        kc.kernel_info()
+        info = kc.get_shell_msg(timeout=TIMEOUT)["content"]
+        assert info["implementation"] == "veil" and info["implementation_version"] == veil.__version__
+        assert info["language_info"]["name"] == "python"
+        assert "Veil" in info["banner"] and "rare_peds_test" in info["banner"]
+
+    def test_study_in_namespace(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        reply, out = execute(kernel[1], "print(study.name, study.project, sorted(study.sites))")
+        assert reply["status"] == "ok"
+        assert stdout(out).strip() == "rare_peds_test rare_peds ['north', 'south']"
+
+    def test_magics_registered(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        reply, out = execute(kernel[1], "ip = get_ipython(); print(ip.find_line_magic('veil') is not None, "
+                                        "ip.find_cell_magic('veil') is not None)")
+        assert reply["status"] == "ok" and stdout(out).strip() == "True True"
+
+    def test_guard_refuses_served_files(self, veil_env: Path, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        secret = veil_env / "served" / "secret.parquet"
+        alias = veil_env / "alias"
+        for code in (f"open({str(secret)!r}, 'rb').read()",
+                     f"import pathlib; pathlib.Path({str(secret)!r}).read_bytes()",
+                     f"import os; os.listdir({str(secret.parent)!r})",
+                     f"import os; os.symlink({str(secret.parent)!r}, {str(alias)!r}); open({str(alias / 'secret.parquet')!r})",
+                     f"import os; os.link({str(secret)!r}, {str(veil_env / 'copy.parquet')!r})"):
+            reply, _ = execute(kernel[1], code)
+            assert reply["status"] == "error", code
+            assert reply["ename"] == "PermissionError", (code, reply["ename"], reply["evalue"])
+            assert reply["evalue"].startswith("Veil: ") and "executor serves" in reply["evalue"]
+            assert "the kernel guard" in reply["evalue"]
+        assert not (veil_env / "copy.parquet").exists()
+
+    def test_guard_allows_other_files(self, veil_env: Path, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        notes = veil_env / "notes.txt"
+        reply, out = execute(kernel[1], f"p = {str(notes)!r}\nopen(p, 'w').write('mine')\nprint(open(p).read())")
+        assert reply["status"] == "ok" and stdout(out).strip() == "mine"
+
+    def test_comm_budget_event(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        kc = kernel[1]
+        comm_id = uuid.uuid4().hex
+        opened = kc.session.msg("comm_open", {"comm_id": comm_id, "target_name": "veil", "data": {}})
+        kc.shell_channel.send(opened)
+        ack = comm_msgs(iopub_until_idle(kc, opened["header"]["msg_id"]), comm_id)
+        assert ack == [{"type": "ready", "version": veil.__version__, "study": "rare_peds_test"}]
+
+        code = "get_ipython().kernel.send_budget_event({'site': 'north', 'remaining': 1.0})"
+        reply, out = execute(kc, code)
+        assert reply["status"] == "ok"
+        assert comm_msgs(out, comm_id) == [{"type": "budget", "site": "north", "remaining": 1.0}]
+
+        closed = kc.session.msg("comm_close", {"comm_id": comm_id, "data": {}})
+        kc.shell_channel.send(closed)
+        iopub_until_idle(kc, closed["header"]["msg_id"])
+        reply, out = execute(kc, code)
+        assert reply["status"] == "ok" and not [m for m in out if m["msg_type"] == "comm_msg"]
+
+    def test_comm_on_a_subshell(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        """JupyterLab 4.6 sends comm messages on a kernel subshell: another thread than the cells."""
+        kc = kernel[1]
+        kc.control_channel.send(kc.session.msg("create_subshell_request", {}))
+        subshell_id = kc.get_control_msg(timeout=TIMEOUT)["content"]["subshell_id"]
+        comm_id = uuid.uuid4().hex
+        opened = kc.session.msg("comm_open", {"comm_id": comm_id, "target_name": "veil", "data": {}})
+        opened["header"]["subshell_id"] = subshell_id
+        kc.shell_channel.send(opened)
+        assert comm_msgs(iopub_until_idle(kc, opened["header"]["msg_id"]), comm_id)[0]["type"] == "ready"
+        _, out = execute(kc, "get_ipython().kernel.send_budget_event({'site': 'south', 'spent': 0.5})")
+        assert comm_msgs(out, comm_id) == [{"type": "budget", "site": "south", "spent": 0.5}]
+
+
+def test_missing_config_still_starts(veil_env: Path) -> None:
+    """Without a study config the kernel starts, and `study.sites` says what is missing and how to fix it."""
+    missing = veil_env / "nowhere" / "study.toml"
+    km, kc = start_new_kernel(kernel_name="veil", startup_timeout=TIMEOUT, env={**os.environ, "VEIL_STUDY": str(missing)})
+    try:
+        reply, _ = execute(kc, "study.sites")
+        assert reply["status"] == "error" and reply["ename"] == "VeilConfigError"
+        assert str(missing) in reply["evalue"] and "VEIL_STUDY" in reply["evalue"]
+        reply, out = execute(kc, "print(repr(study)); print(hasattr(study, '_repr_html_'))")
+        assert reply["status"] == "ok" and "study not loaded" in stdout(out)
+        reply, _ = execute(kc, f"open({str(veil_env / 'served' / 'secret.parquet')!r}).close()")
+        assert reply["status"] == "ok"  # no study, so no guard paths known
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_install_cli_choices(tmp_path: Path) -> None:
+    from veil.cli import parser
+    from veil.kernel.install import install_kernelspec
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["kernel", "install", "--user", "--prefix", str(tmp_path)])
+    with pytest.raises(ValueError):
+        install_kernelspec(user=True, prefix=str(tmp_path))
+    where = Path(install_kernelspec(prefix=str(tmp_path)))
+    assert sorted(p.name for p in where.iterdir()) == ["kernel.json", "logo-svg.svg"]
+
