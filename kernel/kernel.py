@@ -72,12 +72,14 @@ class VeilKernel(IPythonKernel):
         return reply
 
     def _load_study(self) -> Study | MissingStudy:
-        """The configured study, with the guard on its executors' folders; a stand-in if the config fails."""
+        """The configured study in mock mode, with the guard on its executors' folders; a stand-in if the
+        config fails."""
         try:
             study = load_study()
         except VeilConfigError as exc:
             return MissingStudy(exc)
         install_guard(study.guarded_paths())
+        study.mode = "mock"  # a notebook spends budget only after `%veil mode live`
         return study
 
     def _register_magics(self) -> None:

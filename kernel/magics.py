@@ -106,7 +106,7 @@ class VeilMagics(Magics):
         display(result)
         return None
 
-    def _cost(self, cell: str) -> pl.DataFrame:
+    def _cost(self, cell: str) -> None:
         """Run the cell in mock mode and total, per site, the rho a live run would charge (rho adds up;
         the ledger turns it into epsilon with `%veil budget`). Nothing is spent."""
         previous, self.study.mode, self._cost_run = self.study.mode, "mock", {}
@@ -117,8 +117,10 @@ class VeilMagics(Magics):
             self.study.mode, self._cost_run = previous, None
         outcome.raise_error()
         print("Veil cost: the cell ran in MOCK mode; this is what it would charge live. Nothing was spent.")
-        return pl.DataFrame([{"site": site, "releases": len(rhos), "rho": sum(rhos)} for site, rhos in spent.items()],
-                            schema={"site": pl.String, "releases": pl.Int64, "rho": pl.Float64})
+        totals = {site: sum(rhos) for site, rhos in spent.items()}
+        frame = pl.DataFrame([{"site": site, "releases": len(spent[site]), "rho": rho} for site, rho in totals.items()],
+                             schema={"site": pl.String, "releases": pl.Int64, "rho": pl.Float64})
+        display(frame, metadata={"veil": {"cost_rho": totals}})
 
 
 def register(shell: Any, kernel: Any) -> None:

@@ -11,6 +11,8 @@ import polars as pl
 
 from veil.wire import Release
 
+MOCK_LABEL = "MOCK (made-up rows; not a release; nothing spent)"
+
 
 def _cell(row: dict[str, Any], name: str) -> str:
     estimate, lower, upper = row.get(name), row.get(f"{name}_lower"), row.get(f"{name}_upper")
@@ -67,14 +69,15 @@ class Result:
 
     def _repr_html_(self) -> str:
         r = self.release
-        label = "MOCK (not a release; nothing spent)" if self.mock else f"site {html.escape(r.site)}"
+        label = MOCK_LABEL if self.mock else f"site {html.escape(r.site)}"
         caption = (f"<p><b>{label}</b> · {html.escape(r.dataset)} · {r.confidence:.0%} intervals · "
                    f"cost ε={r.cost.epsilon:.3g} (δ={r.cost.epsilon_delta + r.cost.delta:.2g}) · "
                    f"receipt <code>{html.escape(r.receipt[:16])}</code></p>")
         return caption + _table(r.rows, r.group_by, self.statistics)
 
     def __repr__(self) -> str:
-        return f"<Veil release from {self.release.site}: {self.release.query}>\n{self.df}"
+        kind = "MOCK result (nothing spent)" if self.mock else "release"
+        return f"<Veil {kind} from {self.release.site}: {self.release.query}>\n{self.df}"
 
 
 @dataclass
@@ -101,11 +104,17 @@ class Combined:
         live = [r.provenance for r in self.results.values() if not r.mock]
         return data, ({"veil": {"releases": live}} if live else {})
 
+    @property
+    def mock(self) -> bool:
+        return all(r.mock for r in self.results.values())
+
     def _repr_html_(self) -> str:
         costs = ", ".join(f"{html.escape(s)}: ε={c['epsilon']:.3g}" for s, c in self.cost.items())
         notes = "".join(f"<br><i>{html.escape(n)}</i>" for n in self.notes)
-        return (f"<p><b>{len(self.results)} sites combined</b> · {self.confidence:.0%} intervals · cost {costs}"
+        label = f"{MOCK_LABEL} · " if self.mock else ""
+        return (f"<p><b>{label}{len(self.results)} sites combined</b> · {self.confidence:.0%} intervals · cost {costs}"
                 f"{notes}</p>" + _table(self.rows, self.group_by, self.statistics))
 
     def __repr__(self) -> str:
-        return f"<Veil multi-center result over {', '.join(self.results)}>\n{self.df}"
+        kind = "MOCK multi-center result (nothing spent)" if self.mock else "multi-center result"
+        return f"<Veil {kind} over {', '.join(self.results)}>\n{self.df}"

@@ -117,6 +117,20 @@ def _kernel_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _receipts_verify(args: argparse.Namespace) -> int:
+    from veil.kernel.receipts import verify_notebook
+    from veil.kernel.study import load_study
+
+    checked, problems = verify_notebook(load_study(args.study), Path(args.notebook))
+    if problems:
+        print(f"{len(problems)} of {checked} recorded releases are not confirmed by the sites:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"all {checked} recorded releases are confirmed by the sites' audit logs")
+    return 0
+
+
 def _site_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-config", required=True, help="the site's catalog (site.toml)")
     p.add_argument("--database-url", default=None,
@@ -181,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--prefix", default=None, help="in PREFIX/share/jupyter/kernels")
     install.set_defaults(func=_kernel_install)
 
+    receipts = sub.add_parser("receipts", help="a notebook's releases").add_subparsers(dest="action",
+                                                                                         required=True)
+    check = receipts.add_parser("verify", help="check every release a notebook records against the sites")
+    check.add_argument("notebook")
+    check.add_argument("--study", default=None, help="the study config (default: $VEIL_STUDY or ~/.veil/study.toml)")
+    check.set_defaults(func=_receipts_verify)
+
     demo = sub.add_parser("demo", help="three synthetic sites, their executors, DP queries against them")
     demo.add_argument("--dir", default=".veil-demo", help="where the demo's data and state live")
     demo.add_argument("--patients", type=int, default=20_000, help="patients per site")
@@ -191,12 +212,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from veil.errors import VeilError
+    from veil.kernel.errors import VeilError as ResearcherError
 
     args = parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except VeilError as exc:
         print(f"error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 2
+    except ResearcherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

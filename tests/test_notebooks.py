@@ -1,0 +1,86 @@
+"""Notebooks run top to bottom on the `veil` kernel (nbclient) against three real executors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from conftest import Deployment, write_study
+
+COUNT_SQL = "SELECT department, COUNT(*) AS n FROM encounters GROUP BY department"
+
+
+@pytest.fixture(scope="module")
+def kernel_env(sites: dict[str, Deployment], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The kernelspec installed in a temp prefix, and a study config for the three sites."""
+    root = tmp_path_factory.mktemp("notebooks")
+    subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
+                   check=True, capture_output=True)
+    study = write_study(root, sites)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(root / "prefix" / "share" / "jupyter"))
+        mp.setenv("VEIL_STUDY", str(study))
+        mp.setenv("IPYTHONDIR", str(root / "ipython"))
+        yield root
+
+
+def run(cells: list[str], path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    try:
+        NotebookClient(nb, kernel_name="veil", timeout=180).execute()
+    finally:
+        nbformat.write(nb, path)
+    return nb
+
+
+def spent(sites: dict[str, Deployment]) -> dict[str, float]:
+    return {name: sum(g.rho_spent for g in d.client().grants()) for name, d in sites.items()}
+
+
+def test_mock_then_cost_then_live_with_provenance(kernel_env: Path, sites: dict[str, Deployment]) -> None:
+    before = spent(sites)
+    nb = run([
+        "study.mode",
+        f"%%veil sql --all --epsilon 0.4\n{COUNT_SQL}",  # the kernel starts in mock mode
+        f"%%veil cost\n%%veil sql --all --epsilon 0.4\n{COUNT_SQL}",
+    ], kernel_env / "mock.ipynb")
+    assert "'mock'" in nb.cells[0].outputs[0]["data"]["text/plain"]
+    assert "MOCK" in json.dumps(nb.cells[1].outputs)
+    assert spent(sites) == before  # mock and cost runs spent nothing
+    predicted = next(o for o in nb.cells[2].outputs if "veil" in o.get("metadata", {}))["metadata"]["veil"]["cost_rho"]
+
+    nb = run(["%veil mode live", f"%%veil sql --all --epsilon 0.4\n{COUNT_SQL}", "%veil budget"],
+             kernel_env / "live.ipynb")
+    after = spent(sites)
+    assert {s: after[s] - before[s] for s in after} == pytest.approx(predicted, rel=1e-9)
+    recorded = nb.cells[1].outputs[0]["metadata"]["veil"]["releases"]
+    assert {r["site"] for r in recorded} == set(sites) and all(len(r["receipt"]) == 64 for r in recorded)
+    check = subprocess.run([sys.executable, "-m", "veil.cli", "receipts", "verify", str(kernel_env / "live.ipynb")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "all 3 recorded releases are confirmed" in check.stdout, check.stdout
+
+    forged = json.loads((kernel_env / "live.ipynb").read_text())
+    forged["cells"][1]["outputs"][0]["metadata"]["veil"]["releases"][0]["receipt"] = "ab" * 32
+    (kernel_env / "forged.ipynb").write_text(json.dumps(forged))
+    bad = subprocess.run([sys.executable, "-m", "veil.cli", "receipts", "verify", str(kernel_env / "forged.ipynb")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "does not know receipt abababab" in bad.stdout
+
+
+def test_a_refused_cell_fails_the_run(kernel_env: Path, sites: dict[str, Deployment]) -> None:
+    before = spent(sites)
+    with pytest.raises(CellExecutionError, match="row_level_output"):
+        run(["%veil mode live", "%%veil sql --site north --epsilon 0.1\nSELECT * FROM patients"],
+            kernel_env / "refused.ipynb")
+    with pytest.raises(CellExecutionError, match="VeilBudgetError"):
+        run(["%veil mode live", "study.sites['north'].datasets['patients'].sql("
+             "'SELECT COUNT(*) FROM patients').release(rho=5.0)"], kernel_env / "budget.ipynb")
+    assert spent(sites) == before
