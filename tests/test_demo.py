@@ -29,6 +29,8 @@ def test_demo_releases_from_three_sites_and_leaves_nothing_running(tmp_path: Pat
     assert "refused" not in out
     assert "receipt" in out and "[" in out  # intervals are shown
     assert not _executors_running(tmp_path / "demo")
+    study = (tmp_path / "demo" / "study.toml").read_text()  # for notebooks: tokens stay in their files
+    assert 'token_file = "north/researcher.token"' in study and "veil_" not in study
     for site in ("north", "central", "valley"):
         check = veil("audit", "verify", "--site-config", str(tmp_path / "demo" / site / "site.toml"))
         assert check.returncode == 0, check.stdout

@@ -105,7 +105,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from veil.demo import run_demo
 
-    return run_demo(Path(args.dir), patients=args.patients, reset=args.reset)
+    return run_demo(Path(args.dir), patients=args.patients, reset=args.reset, serve=args.serve)
 
 
 def _kernel_install(args: argparse.Namespace) -> int:
@@ -206,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=".veil-demo", help="where the demo's data and state live")
     demo.add_argument("--patients", type=int, default=20_000, help="patients per site")
     demo.add_argument("--reset", action="store_true", help="start from fresh data and state")
+    demo.add_argument("--serve", action="store_true",
+                      help="keep the executors running for JupyterLab (writes DIR/study.toml) until Ctrl-C")
     demo.set_defaults(func=_demo)
     return root
 

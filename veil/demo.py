@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -58,8 +59,32 @@ def format_release(release: Release) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
-def run_demo(root: Path, patients: int = 20_000, reset: bool = False) -> int:
-    """Synthesize (or reuse) three sites, serve them, run the demo queries, print the releases."""
+def write_study(root: Path, urls: dict[str, str]) -> Path:
+    """The researcher's study config for the demo sites (tokens stay in their files)."""
+    lines = ["[study]", 'name = "rare_peds_demo"', f'project = "{PROJECT}"']
+    for name, url in urls.items():
+        lines += [f"[sites.{name}]", f'url = "{url}"', f'token_file = "{name}/researcher.token"',
+                  f'guard_paths = ["{(root / name).resolve()}"]']
+    path = root / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def serve_until_interrupted(study: Path) -> None:
+    """Keep the executors up for JupyterLab until Ctrl-C."""
+    print(f"\nexecutors keep running. In another terminal:\n  veil kernel install --sys-prefix\n"
+          f"  VEIL_STUDY={study.resolve()} jupyter lab   # pick the kernel 'Veil (private data)'\n"
+          "Ctrl-C stops the executors.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping the executors")
+
+
+def run_demo(root: Path, patients: int = 20_000, reset: bool = False, serve: bool = False) -> int:
+    """Synthesize (or reuse) three sites, serve them, run the demo queries, print the releases;
+    with `serve`, keep the executors up for notebooks until Ctrl-C."""
     from veil.executor.synth import synthesize
 
     if reset and root.exists():
@@ -72,12 +97,13 @@ def run_demo(root: Path, patients: int = 20_000, reset: bool = False) -> int:
     pl.Config.set_tbl_hide_dataframe_shape(True)
     pl.Config.set_fmt_str_lengths(40)
     with ExitStack() as stack:
-        clients = {}
+        clients, urls = {}, {}
         for config in configs:
             executor = stack.enter_context(LocalExecutor(config))
             client = SiteClient(config.parent.name, executor.url, tokens[config.parent.name])
             stack.callback(client.close)
             clients[client.name] = client
+            urls[client.name] = executor.url
             print(f"site {client.name:8s} serving on {executor.url} (OpenAPI at {executor.url}/openapi.json)")
         for sql, epsilon in QUERIES:
             print(f"\n=== {sql}\n    epsilon={epsilon} per site, 95% intervals")
@@ -90,10 +116,13 @@ def run_demo(root: Path, patients: int = 20_000, reset: bool = False) -> int:
                 print(f"--- {name}: cost epsilon={release.cost.epsilon:.3f} (rho={release.cost.rho:.4g}), "
                       f"receipt {release.receipt[:16]}")
                 print(format_release(release))
+        study = write_study(root, urls)
         print("\n=== budgets after the demo (project rare_peds)")
         for name, client in clients.items():
             for g in client.grants():
                 print(f"{name:8s} {g.dataset:11s} granted eps={g.epsilon:<4} spent eps={g.epsilon_spent:.3f} "
                       f"remaining rho={g.rho_remaining:.4g}")
+        if serve:
+            serve_until_interrupted(study)
     print(f"\nexecutors stopped; audit logs: veil audit verify --site-config {configs[0]}")
     return 0
