@@ -10,5 +10,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 "$py" -m pip install --quiet "torch==2.13.0"
-"$py" -m pip install --quiet -e ".[test]"
+"$py" -m pip install --quiet -e ".[test,lab]"
 echo "veil installed in $venv"

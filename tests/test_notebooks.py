@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from conftest import Deployment, write_study
+from veil.local import free_port
 
 COUNT_SQL = "SELECT department, COUNT(*) AS n FROM encounters GROUP BY department"
 
@@ -84,3 +87,26 @@ def test_a_refused_cell_fails_the_run(kernel_env: Path, sites: dict[str, Deploym
         run(["%veil mode live", "study.sites['north'].datasets['patients'].sql("
              "'SELECT COUNT(*) FROM patients').release(rho=5.0)"], kernel_env / "budget.ipynb")
     assert spent(sites) == before
+
+
+def test_jupyterlab_offers_the_veil_kernel(kernel_env: Path) -> None:
+    """A JupyterLab server lists "Veil (private data)" and starts it with `study` loaded."""
+    port = free_port()
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                            "--allow-root", "--IdentityProvider.token=t0ken", f"--notebook-dir={kernel_env}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base, headers = f"http://127.0.0.1:{port}", {"Authorization": "token t0ken"}
+        for _ in range(300):
+            try:
+                specs = httpx.get(f"{base}/api/kernelspecs", headers=headers, timeout=2).json()
+                break
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.2)
+        assert specs["kernelspecs"]["veil"]["spec"]["display_name"] == "Veil (private data)"
+        kernel = httpx.post(f"{base}/api/kernels", headers=headers, json={"name": "veil"}, timeout=60).json()
+        assert kernel["name"] == "veil"
+        httpx.delete(f"{base}/api/kernels/{kernel['id']}", headers=headers, timeout=60)
+    finally:
+        lab.terminate()
+        lab.wait(timeout=30)
