@@ -18,6 +18,7 @@ import jupyter_kernel_test
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
+from kernel_protocol import comm_msgs, execute, iopub_until_idle
 
 import veil
 
@@ -91,33 +92,8 @@ class VeilIopubWelcomeTests(jupyter_kernel_test.IopubWelcomeTests):
     support_iopub_welcome = True
 
 
-def execute(kc: BlockingKernelClient, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run `code`; return the execute_reply content and every iopub message it caused (comms included)."""
-    msg_id = kc.execute(code)
-    reply = kc.get_shell_msg(timeout=TIMEOUT)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = kc.get_shell_msg(timeout=TIMEOUT)
-    return reply["content"], iopub_until_idle(kc, msg_id)
-
-
-def iopub_until_idle(kc: BlockingKernelClient, msg_id: str) -> list[dict[str, Any]]:
-    """The iopub messages whose parent is `msg_id`, up to its idle status."""
-    seen = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=TIMEOUT)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return seen
-        seen.append(msg)
-
-
 def stdout(outputs: list[dict[str, Any]]) -> str:
     return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
-
-
-def comm_msgs(outputs: list[dict[str, Any]], comm_id: str) -> list[dict[str, Any]]:
-    return [m["content"]["data"] for m in outputs if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id]
 
 
 @pytest.fixture(scope="class")

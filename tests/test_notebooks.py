@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import nbformat
 import pytest
+from jupyter_client.manager import start_new_kernel
+from kernel_protocol import comm_msgs, execute, iopub_until_idle
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -110,3 +113,23 @@ def test_jupyterlab_offers_the_veil_kernel(kernel_env: Path) -> None:
     finally:
         lab.terminate()
         lab.wait(timeout=30)
+
+
+def test_a_live_release_sends_a_budget_event_on_the_comm(kernel_env: Path) -> None:
+    manager, client = start_new_kernel(kernel_name="veil", startup_timeout=60)
+    try:
+        comm_id = uuid.uuid4().hex
+        opened = client.session.msg("comm_open", {"comm_id": comm_id, "target_name": "veil", "data": {}})
+        client.shell_channel.send(opened)
+        iopub_until_idle(client, opened["header"]["msg_id"])
+        _, mock_out = execute(client, f"%%veil sql --site north --epsilon 0.1\n{COUNT_SQL}")
+        assert comm_msgs(mock_out, comm_id) == []  # mock releases spend nothing and announce nothing
+        execute(client, "%veil mode live")
+        reply, out = execute(client, f"%%veil sql --site north --epsilon 0.1\n{COUNT_SQL}")
+        assert reply["status"] == "ok"
+        [event] = comm_msgs(out, comm_id)
+        assert event["type"] == "budget" and event["site"] == "north" and len(event["receipt"]) == 64
+        assert event["cost"]["epsilon"] == pytest.approx(0.1, rel=1e-6)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
