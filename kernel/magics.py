@@ -33,8 +33,6 @@ def _sql_args(line: str) -> argparse.Namespace:
         raise VeilError(f"%%veil sql: {exc}; usage: {USAGE}") from None
     if extra:
         raise VeilError(f"%%veil sql: unknown arguments {extra}; usage: {USAGE}")
-    if args.epsilon is None and args.rho is None:
-        raise VeilError("%%veil sql needs the privacy loss of the release: --epsilon E (or --rho R)")
     return args
 
 

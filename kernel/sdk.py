@@ -40,8 +40,8 @@ class VeilPartialFailure(VeilError):
 class Site:
     """One hospital's executor, reached with the researcher's token."""
 
-    def __init__(self, name: str, url: str, token: str) -> None:
-        self.name, self.url = name, url
+    def __init__(self, name: str, url: str, token: str, default_epsilon: float = 0.1) -> None:
+        self.name, self.url, self.default_epsilon = name, url, default_epsilon
         self.client = SiteClient(name, url, token)
         self.mode = "live"
         self._datasets: dict[str, Dataset] | None = None
@@ -101,7 +101,8 @@ class Query:
 
     def release(self, epsilon: float | None = None, rho: float | None = None, delta: float | None = None,
                 confidence: float = 0.95) -> Result | Combined:
-        """Spend budget for a DP release: one site gives a Result, several a Combined result."""
+        """Spend budget for a DP release: one site gives a Result, several a Combined result. Without
+        epsilon or rho, each release costs the study's `default_epsilon` (0.1 unless configured)."""
         return self.dataset.run(self.spec(), dict(epsilon=epsilon, rho=rho, delta=delta), confidence)
 
 
@@ -153,6 +154,8 @@ class Dataset:
     def run(self, spec: QuerySpec, loss: dict[str, Any], confidence: float) -> Result | Combined:
         """Send the spec to every site of this dataset (in parallel) and combine when there are several."""
         loss = {k: v for k, v in loss.items() if v is not None}
+        if "epsilon" not in loss and "rho" not in loss:
+            loss["epsilon"] = self.sites[0].default_epsilon
         if len(self.sites) == 1:
             return self.sites[0].release(spec, confidence, **loss)
         requested = list(spec.aggregates)

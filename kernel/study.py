@@ -3,6 +3,7 @@
     [study]
     name = "rare_peds"
     project = "rare_peds"
+    default_epsilon = 0.1              # a release's epsilon when a query names none
     [sites.north]
     url = "http://127.0.0.1:8701"
     token_file = "north.token"        # relative to this file; the token never enters the notebook
@@ -93,6 +94,6 @@ def load_study(path: str | Path | None = None) -> Study:
             token = token_file.read_text().strip()
         except OSError as exc:
             raise VeilConfigError(f"{path}: cannot read the token file of site '{name}' ({exc})") from None
-        sites[name] = Site(name, cfg["url"], token)
+        sites[name] = Site(name, cfg["url"], token, float(study.get("default_epsilon", 0.1)))
         guards += [Path(p).resolve() for p in cfg.get("guard_paths", [])]
     return Study(study.get("name", study["project"]), study["project"], sites, guards)

@@ -163,3 +163,9 @@ def test_mock_mode_spends_nothing_and_predicts_the_live_cost(study: Study, sites
     live = query.release(epsilon=0.3)
     assert {s: c["rho"] for s, c in rehearsal.cost.items()} == pytest.approx(
         {s: c["rho"] for s, c in live.cost.items()}, rel=1e-12)
+
+
+def test_a_release_without_a_loss_costs_the_default_epsilon(study: Study) -> None:
+    result = study.sites["north"].datasets["patients"].sql("SELECT COUNT(*) FROM patients").release()
+    assert result.cost["epsilon"] == pytest.approx(study.sites["north"].default_epsilon, rel=1e-6) == \
+        pytest.approx(0.1, rel=1e-6)
