@@ -20,7 +20,7 @@ from veil import __version__
 from veil.errors import VeilError
 from veil.executor.auth import Principal, authenticate, identify
 from veil.executor.site import Site
-from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release
+from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release, WhoAmI
 
 MAX_BODY_BYTES = 64 * 1024
 SITE_CONFIG_ENV, DATABASE_URL_ENV = "VEIL_SITE_CONFIG", "VEIL_DATABASE_URL"
@@ -148,6 +148,11 @@ def create_app(site: Site) -> FastAPI:
             "query": (body.sql if body.sql is not None else json.dumps(body.spec.model_dump(), sort_keys=True))[:4000],
         }
         return site.query(who, body)
+
+    @app.get("/whoami", response_model=WhoAmI)
+    def whoami(who: Principal = Depends(principal)) -> WhoAmI:
+        """Who this token acts for: the researcher kernel checks it holds researcher tokens only."""
+        return WhoAmI(principal=who.name, role=who.role, project=who.project)
 
     @app.get("/grants", response_model=list[GrantInfo])
     def grants(who: Principal = Depends(principal)) -> list[GrantInfo]:

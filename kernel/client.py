@@ -10,7 +10,17 @@ from typing import Any
 import httpx
 
 from veil.kernel.errors import VeilSiteUnavailable, refusal_error
-from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, QuerySpec, Refusal, Release
+from veil.wire import (
+    AuditEntry,
+    DatasetInfo,
+    GrantInfo,
+    Health,
+    QueryRequest,
+    QuerySpec,
+    Refusal,
+    Release,
+    WhoAmI,
+)
 
 
 class SiteClient:
@@ -38,6 +48,9 @@ class SiteClient:
 
     def health(self) -> Health:
         return Health.model_validate(self._call("GET", "/health"))
+
+    def whoami(self) -> WhoAmI:
+        return WhoAmI.model_validate(self._call("GET", "/whoami"))
 
     def datasets(self) -> list[DatasetInfo]:
         return [DatasetInfo.model_validate(d) for d in self._call("GET", "/datasets")]

@@ -12,7 +12,7 @@ import polars as pl
 from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates, site_confidence
-from veil.kernel.errors import VeilError, VeilRefusal, VeilSiteUnavailable
+from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable
 from veil.kernel.mock import MockSite, mock_rows
 from veil.kernel.result import Combined, Result
 from veil.sql import parse_sql
@@ -68,8 +68,17 @@ class Site:
     def datasets(self) -> dict[str, Dataset]:
         """The datasets this site lets the project use: schema and public metadata, never rows."""
         if self._datasets is None:
+            self._check_researcher()
             self._datasets = {d.name: Dataset([self], d) for d in self.client.datasets()}
         return self._datasets
+
+    def _check_researcher(self) -> None:
+        """The researcher side holds researcher tokens only: a steward's or admin's is refused here."""
+        who = self.client.whoami()
+        if who.role != "researcher":
+            raise VeilConfigError(f"the token for site '{self.name}' belongs to {who.principal}, a {who.role}; "
+                                  "a study config holds researcher tokens only. Ask the site for a researcher "
+                                  "token for your project.")
 
     def budget(self) -> list[GrantInfo]:
         return self.client.grants()

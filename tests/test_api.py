@@ -26,7 +26,7 @@ from veil.executor.store import caps
 from veil.kernel.errors import VeilRefusal
 from veil.wire import AuditEntry, ColumnInfo, DatasetInfo, GrantInfo, Health, Refusal, Release
 
-ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/grants", "/receipts/{receipt}"}
+ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/grants", "/receipts/{receipt}", "/whoami"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 EPSILON = 0.5
 """The privacy loss of requests in this module: small, so the shared grants last."""
@@ -609,7 +609,7 @@ def test_chunked_body_under_the_limit_is_served(http: Http) -> None:
 # ---------------------------------------------------------------- authentication and roles
 
 
-PROTECTED = [("GET", "/datasets"), ("GET", "/datasets/patients"), ("GET", "/grants"),
+PROTECTED = [("GET", "/datasets"), ("GET", "/datasets/patients"), ("GET", "/grants"), ("GET", "/whoami"),
              ("GET", f"/receipts/{'0' * 64}"), ("POST", "/query")]
 QUERY_BODY = {"sql": "SELECT COUNT(*) FROM encounters", "epsilon": EPSILON}
 

@@ -169,3 +169,10 @@ def test_a_release_without_a_loss_costs_the_default_epsilon(study: Study) -> Non
     result = study.sites["north"].datasets["patients"].sql("SELECT COUNT(*) FROM patients").release()
     assert result.cost["epsilon"] == pytest.approx(study.sites["north"].default_epsilon, rel=1e-6) == \
         pytest.approx(0.1, rel=1e-6)
+
+
+def test_a_steward_token_is_refused_on_the_researcher_side(sites: dict[str, Deployment], tmp_path: Path) -> None:
+    path = write_study(tmp_path, {"north": sites["north"]})
+    (tmp_path / "north.token").write_text(sites["north"].tokens["steward"])
+    with pytest.raises(VeilConfigError, match="carol, a steward.*researcher tokens only"):
+        _ = load_study(path).sites["north"].datasets

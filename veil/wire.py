@@ -232,6 +232,14 @@ class AuditEntry(_Strict):
     hash: str
 
 
+class WhoAmI(_Strict):
+    """The caller as the site knows it (from its token)."""
+
+    principal: str
+    role: str
+    project: str | None
+
+
 class Health(_Strict):
     status: Literal["ok"]
     site: str
