@@ -65,7 +65,8 @@ def certify(plan: Plan, rho: float, delta: float | None) -> Certified:
             threshold = int(dp.binary_search(lambda t: _threshold_fits(make, loss, scale, t, delta),
                                              bounds=(0, 2**31 - 1)))
         m = make(scale, threshold)
-        certified = _certified(m, loss(m), scale, threshold)
+        rho_got, delta_got = loss(m)
+        certified = Certified(m, rho_got, delta_got, scale, threshold)
     except OpenDPException as exc:
         raise _not_private(exc) from None
     if not fits(certified, plan, rho, delta):  # the map is the judge; a guess it does not certify is never used
@@ -79,10 +80,6 @@ def fits(certified: Certified, plan: Plan, rho: float, delta: float | None) -> b
     out = certified.measurement.map(plan.d_in)
     got_rho, got_delta = (out[0], out[1]) if isinstance(out, tuple) else (out, 0.0)
     return got_rho <= rho and got_delta <= (delta or 0.0)
-
-
-def _certified(m: Measurement, loss: tuple[float, float], scale: float, threshold: int | None) -> Certified:
-    return Certified(m, loss[0], loss[1], scale, threshold)
 
 
 def _threshold_fits(make: Callable[[float, int | None], Measurement], loss: Callable[[Any], tuple[float, float]],
