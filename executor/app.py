@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +20,24 @@ from veil import __version__
 from veil.errors import VeilError
 from veil.executor.auth import Principal, authenticate, identify
 from veil.executor.site import Site
-from veil.wire import AuditEntry, DatasetInfo, GrantInfo, Health, QueryRequest, Refusal, Release, WhoAmI
+from veil.wire import (
+    ApplicationInfo,
+    ApplicationRequest,
+    AuditEntry,
+    AuditVerification,
+    CapRequest,
+    DatasetBudget,
+    DatasetInfo,
+    GrantInfo,
+    Health,
+    LevelRule,
+    QueryRequest,
+    Refusal,
+    Release,
+    ReviewRequest,
+    RevokeRequest,
+    WhoAmI,
+)
 
 MAX_BODY_BYTES = 64 * 1024
 SITE_CONFIG_ENV, DATABASE_URL_ENV = "VEIL_SITE_CONFIG", "VEIL_DATABASE_URL"
@@ -152,12 +169,70 @@ def create_app(site: Site) -> FastAPI:
     @app.get("/whoami", response_model=WhoAmI)
     def whoami(who: Principal = Depends(principal)) -> WhoAmI:
         """Who this token acts for: the researcher kernel checks it holds researcher tokens only."""
-        return WhoAmI(principal=who.name, role=who.role, project=who.project)
+        return WhoAmI(principal=who.name, role=who.role, project=who.project, office=who.office)
 
     @app.get("/grants", response_model=list[GrantInfo])
     def grants(who: Principal = Depends(principal)) -> list[GrantInfo]:
         """Your project's grants (a steward sees all) with what is spent and what remains."""
         return site.grants(who)
+
+    @app.get("/levels", response_model=dict[str, LevelRule])
+    def levels() -> dict[str, LevelRule]:
+        """The site's privacy levels: who must approve an application, and what a release may be."""
+        return site.catalog.levels
+
+    @app.post("/applications", response_model=ApplicationInfo, status_code=201)
+    def apply(body: ApplicationRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
+        """Apply for access for your project; L1 datasets are approved at once, others await review."""
+        return site.apply(who, body)
+
+    @app.get("/applications", response_model=list[ApplicationInfo])
+    def applications(status: Literal["pending", "approved", "rejected", "withdrawn"] | None = None,
+                     who: Principal = Depends(principal)) -> list[ApplicationInfo]:
+        """Applications, newest first: your project's, or all of them for stewards."""
+        return site.applications(who, status)
+
+    @app.get("/applications/{application_id}", response_model=ApplicationInfo)
+    def application(application_id: int, who: Principal = Depends(principal)) -> ApplicationInfo:
+        return site.application(who, application_id)
+
+    @app.put("/applications/{application_id}", response_model=ApplicationInfo)
+    def amend(application_id: int, body: ApplicationRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
+        """Change your application: it becomes a new version that needs a new review."""
+        return site.amend(who, application_id, body)
+
+    @app.post("/applications/{application_id}/withdraw", response_model=ApplicationInfo)
+    def withdraw(application_id: int, who: Principal = Depends(principal)) -> ApplicationInfo:
+        return site.withdraw(who, application_id)
+
+    @app.post("/applications/{application_id}/reviews", response_model=ApplicationInfo)
+    def review(application_id: int, body: ReviewRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
+        """A steward approves or rejects the version they read, with a comment."""
+        return site.review(who, application_id, body)
+
+    @app.post("/grants/{grant_id}/revoke", response_model=GrantInfo)
+    def revoke(grant_id: int, body: RevokeRequest, who: Principal = Depends(principal)) -> GrantInfo:
+        return site.revoke_grant(who, grant_id, body.reason)
+
+    @app.get("/budgets", response_model=list[DatasetBudget])
+    def budgets(who: Principal = Depends(principal)) -> list[DatasetBudget]:
+        """Per dataset: lifetime cap, spent, remaining, and each project's grant (stewards)."""
+        return site.budgets(who)
+
+    @app.put("/budgets/{dataset}/cap", response_model=DatasetBudget)
+    def cap(dataset: str, body: CapRequest, who: Principal = Depends(principal)) -> DatasetBudget:
+        return site.set_cap(who, dataset, body.epsilon, body.reason)
+
+    @app.get("/audit", response_model=list[AuditEntry])
+    def audit_log(since: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000),
+                  who: Principal = Depends(principal)) -> list[AuditEntry]:
+        """Audit entries after sequence number `since` (stewards)."""
+        return site.audit_log(who, since, limit)
+
+    @app.get("/audit/verify", response_model=AuditVerification)
+    def audit_verify(who: Principal = Depends(principal)) -> AuditVerification:
+        """Walk the hash chain and compare the ledger with it (stewards)."""
+        return site.verify(who)
 
     @app.get("/receipts/{receipt}", response_model=AuditEntry)
     def receipt(receipt: str, who: Principal = Depends(principal)) -> AuditEntry:

@@ -132,6 +132,15 @@ def verify(engine: Engine) -> Verification:
     return result
 
 
+def entries(engine: Engine, since: int = 0, limit: int | None = None) -> list[AuditEntry]:
+    """Entries after sequence number `since`, oldest first."""
+    query = select(audit).where(audit.c.seq > since).order_by(audit.c.seq)
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return [AuditEntry(**row) for row in conn.execute(query).mappings()]
+
+
 def count_entries(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(audit)).scalar_one())

@@ -20,17 +20,20 @@ from veil.executor.store import tokens, write
 from veil.wire import NAME_PATTERN
 
 ROLES = ("researcher", "steward", "admin")
+OFFICES = ("data_center", "data_committee")
 _TOKEN = re.compile(r"^veil_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _DUMMY_HASH = hashlib.sha256(b"no such token").hexdigest()
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a name, a role and, for researchers, the project they work for."""
+    """Who is calling: a name, a role and, for researchers, the project they work for;
+    for stewards, the office they review for (L3 applications need particular offices)."""
 
     name: str
     role: str
     project: str | None = None
+    office: str | None = None
 
 
 ANONYMOUS = Principal("anonymous", "none")
@@ -40,8 +43,10 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(engine: Engine, principal: str, role: str, project: str | None) -> str:
+def create_token(engine: Engine, principal: str, role: str, project: str | None, office: str | None = None) -> str:
     """Store a new token for `principal` and return it; it is shown once and never stored in clear."""
+    if office is not None and (role != "steward" or office not in OFFICES):
+        raise ValueError(f"--office is for stewards and must be one of {OFFICES}")
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not '{role}'")
     if role == "researcher" and not project:
@@ -51,9 +56,10 @@ def create_token(engine: Engine, principal: str, role: str, project: str | None)
     token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     with write(engine) as conn:
         conn.execute(insert(tokens).values(token_id=token_id, secret_hash=_hash(secret), principal=principal,
-                                           role=role, project=project, created_at=audit.now(), revoked=False))
+                                           role=role, project=project, office=office, created_at=audit.now(),
+                                           revoked=False))
         audit.append(conn, principal="site-admin", role="admin", action="token", decision="created",
-                     project=project, reason=f"token for {principal} as {role}")
+                     project=project, reason=f"token for {principal} as {role}" + (f" ({office})" if office else ""))
     return f"veil_{token_id}_{secret}"
 
 
@@ -82,7 +88,7 @@ def authenticate(engine: Engine, authorization: str | None) -> Principal:
     if not hmac.compare_digest(_hash(secret), stored) or row is None or row["revoked"]:
         raise AuthError("invalid_token", "the bearer token is not valid for this site",
                         hint="check the token file your study config names, or ask the steward for a new token")
-    return Principal(row["principal"], row["role"], row["project"])
+    return Principal(row["principal"], row["role"], row["project"], row["office"])
 
 
 def identify(engine: Engine, authorization: str | None) -> Principal:

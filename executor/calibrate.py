@@ -43,8 +43,11 @@ def _not_private(exc: OpenDPException) -> QueryError:
     )
 
 
-def certify(plan: Plan, rho: float, delta: float | None) -> Certified:
-    """A measurement for `plan` whose certified loss is at most rho (and delta when thresholding)."""
+def certify(plan: Plan, rho: float, delta: float | None, min_threshold: int = 0) -> Certified:
+    """A measurement for `plan` whose certified loss is at most rho (and delta when thresholding).
+
+    A thresholded GROUP BY never releases a group below `min_threshold` (the privacy level's floor);
+    a higher threshold than OpenDP needs only lowers delta."""
     measure, _ = dp.loss_of(rho=rho, delta=delta) if delta else dp.loss_of(rho=rho)
     approximate = bool(delta)
 
@@ -62,8 +65,8 @@ def certify(plan: Plan, rho: float, delta: float | None) -> Certified:
         scale = _find_scale(lambda s: make(s, NO_THRESHOLD if approximate else None), loss, rho)
         threshold = None
         if approximate:
-            threshold = int(dp.binary_search(lambda t: _threshold_fits(make, loss, scale, t, delta),
-                                             bounds=(0, 2**31 - 1)))
+            threshold = max(min_threshold, int(dp.binary_search(
+                lambda t: _threshold_fits(make, loss, scale, t, delta), bounds=(0, 2**31 - 1))))
         m = make(scale, threshold)
         rho_got, delta_got = loss(m)
         certified = Certified(m, rho_got, delta_got, scale, threshold)

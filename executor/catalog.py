@@ -15,7 +15,8 @@ from typing import Any
 import polars as pl
 
 from veil.errors import CatalogError
-from veil.wire import NAME_PATTERN, ColumnInfo, DatasetInfo
+from veil.executor.policy import DEFAULT_RULES, level_rules
+from veil.wire import NAME_PATTERN, ColumnInfo, DatasetInfo, LevelRule
 
 DTYPES: dict[str, pl.DataType] = {
     "Int64": pl.Int64(),
@@ -25,7 +26,6 @@ DTYPES: dict[str, pl.DataType] = {
     "Date": pl.Date(),
     "Boolean": pl.Boolean(),
 }
-LEVELS = ("L1", "L2", "L3")
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,11 @@ class Catalog:
     default_l1_epsilon: float
     datasets: dict[str, Dataset]
     path: Path
+    levels: dict[str, LevelRule] = field(default_factory=dict)
+
+    def rule(self, dataset: Dataset) -> LevelRule:
+        """The review rule and release bounds of the dataset's privacy level."""
+        return self.levels[dataset.level]
 
     def dataset(self, name: str) -> Dataset:
         try:
@@ -160,8 +165,9 @@ def _column(name: str, raw: dict[str, Any], where: str) -> Column:
 def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
     where = f"dataset '{name}'"
     level = _require(raw, "level", where)
-    if level not in LEVELS:
-        raise CatalogError("bad_catalog", f"{where}: level must be one of {LEVELS}")
+    if level not in DEFAULT_RULES:
+        raise CatalogError("bad_catalog", f"{where}: unknown privacy level '{level}'",
+                           hint=f"classify it as one of {', '.join(DEFAULT_RULES)}")
     columns = {
         cname: _column(cname, craw, f"{where}, column '{cname}'")
         for cname, craw in _require(raw, "columns", where).items()
@@ -201,14 +207,16 @@ def load_catalog(path: str | Path) -> Catalog:
     if database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
         database_url = "sqlite:///" + str((base / database_url.removeprefix("sqlite:///")).resolve())
     datasets = {name: _dataset(name, d, base) for name, d in raw.get("datasets", {}).items()}
+    default_l1_epsilon = float(site.get("default_l1_epsilon", 1.0))
     return Catalog(
         site=_check_name(_require(site, "name", "[site]"), "[site]"),
         title=site.get("title", site["name"]),
         database_url=database_url,
         reporting_delta=float(site.get("reporting_delta", 1e-6)),
-        default_l1_epsilon=float(site.get("default_l1_epsilon", 1.0)),
+        default_l1_epsilon=default_l1_epsilon,
         datasets=datasets,
         path=path,
+        levels=level_rules(raw.get("levels", {}), default_l1_epsilon),
     )
 
 

@@ -10,41 +10,81 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
-from veil.errors import BudgetError, CatalogError
+from veil.errors import BudgetError, CatalogError, GovernanceError
 from veil.executor import audit
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.catalog import Catalog, Dataset
 from veil.executor.store import caps, grants, write
-from veil.wire import AuditEntry, GrantInfo
+from veil.wire import AuditEntry, DatasetBudget, GrantInfo
 
 
 def sync_caps(engine: Engine, catalog: Catalog) -> None:
-    """Make each dataset's lifetime cap match the catalog; what was spent is kept."""
+    """Give each new dataset its catalog cap, and follow catalog edits unless a steward set the cap since."""
     with write(engine) as conn:
         for ds in catalog.datasets.values():
             rho = rho_for_epsilon(ds.lifetime_epsilon, catalog.reporting_delta)
             values = dict(epsilon=ds.lifetime_epsilon, delta=catalog.reporting_delta, rho_total=rho)
-            if conn.execute(select(caps.c.dataset).where(caps.c.dataset == ds.name)).first() is None:
-                conn.execute(insert(caps).values(dataset=ds.name, rho_spent=0.0, delta_spent=0.0, **values))
-            else:
+            row = conn.execute(select(caps.c.set_by).where(caps.c.dataset == ds.name)).first()
+            if row is None:
+                conn.execute(insert(caps).values(dataset=ds.name, rho_spent=0.0, delta_spent=0.0, set_by="catalog",
+                                                 **values))
+            elif row.set_by == "catalog":
                 conn.execute(update(caps).where(caps.c.dataset == ds.name).values(**values))
 
 
-def set_grant(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, epsilon: float,
-              by: str, role: str = "steward") -> AuditEntry:
-    """Create or resize a grant (in epsilon at the site's reporting delta) and audit the decision."""
-    delta = catalog.reporting_delta
-    rho = rho_for_epsilon(epsilon, delta)
-    existing = conn.execute(select(grants).where(grants.c.project == project, grants.c.dataset == dataset.name)
-                            ).mappings().first()
+def set_grant(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, epsilon: float, by: str,
+              role: str = "steward", *, delta: float | None = None, expires_at: str | None = None,
+              application_id: int | None = None, uses: tuple[str, ...] = ("query",)) -> AuditEntry:
+    """Create a grant, or give an existing one a new total (never below what it spent); audited.
+
+    Budgets are in epsilon at the site's reporting delta; `delta` is the separate budget for
+    thresholded GROUP BY (default: the reporting delta). A revoked grant set again is active again."""
+    delta = catalog.reporting_delta if delta is None else delta
+    rho = rho_for_epsilon(epsilon, catalog.reporting_delta)
+    values = dict(epsilon=epsilon, delta=delta, revoked=False, expires_at=expires_at,
+                  application_id=application_id, uses=",".join(uses))
+    existing = grant_row(conn, project, dataset.name)
     if existing is None:
-        conn.execute(insert(grants).values(project=project, dataset=dataset.name, epsilon=epsilon, delta=delta,
-                                           rho_total=rho, rho_spent=0.0, delta_spent=0.0, created_by=by,
-                                           created_at=audit.now()))
+        conn.execute(insert(grants).values(project=project, dataset=dataset.name, rho_total=rho, rho_spent=0.0,
+                                           delta_spent=0.0, created_by=by, created_at=audit.now(), **values))
     else:
-        conn.execute(update(grants).where(grants.c.id == existing["id"]).values(epsilon=epsilon, rho_total=rho))
+        conn.execute(update(grants).where(grants.c.id == existing["id"]).values(
+            rho_total=max(rho, existing["rho_spent"]), **values))
+    until = f" until {expires_at[:10]}" if expires_at else ""
     return audit.append(conn, principal=by, role=role, action="grant", decision="granted", project=project,
-                        dataset=dataset.name, reason=f"epsilon={epsilon} at delta={delta}")
+                        dataset=dataset.name, reason=f"epsilon={epsilon:g} at delta={catalog.reporting_delta:g}"
+                        f"{until} for {', '.join(uses)}" + (f" (application {application_id})" if application_id else ""))
+
+
+def revoke_grant(conn: Connection, grant_id: int, by: str, reason: str) -> AuditEntry:
+    """Stop a grant from being used (what it spent stays spent); audited."""
+    row = conn.execute(select(grants).where(grants.c.id == grant_id)).mappings().first()
+    if row is None:
+        raise GovernanceError("unknown_grant", f"there is no grant {grant_id} on this site",
+                              hint="list grants with 'veil steward grants'", status=404)
+    if row["revoked"]:
+        raise GovernanceError("grant_revoked", f"grant {grant_id} ({row['project']} on {row['dataset']}) is "
+                              f"already revoked", hint="nothing to do")
+    conn.execute(update(grants).where(grants.c.id == grant_id).values(revoked=True))
+    return audit.append(conn, principal=by, role="steward", action="grant", decision="revoked",
+                        project=row["project"], dataset=row["dataset"], reason=f"grant {grant_id}: {reason}")
+
+
+def set_cap(conn: Connection, catalog: Catalog, dataset: Dataset, epsilon: float, by: str, reason: str
+            ) -> AuditEntry:
+    """Change a dataset's lifetime cap; never below what it has spent. Audited; outlives catalog edits."""
+    rho = rho_for_epsilon(epsilon, catalog.reporting_delta)
+    cap = conn.execute(_CAP, {"dataset": dataset.name}).mappings().one()
+    if rho < cap["rho_spent"]:
+        spent = epsilon_of(cap["rho_spent"], catalog.reporting_delta)
+        raise GovernanceError("cap_below_spent", f"'{dataset.name}' has already spent epsilon {spent:.4g}; "
+                              f"a cap of {epsilon:g} would be below it",
+                              hint=f"set a cap of at least {spent:.4g}, or revoke grants to stop further use")
+    conn.execute(update(caps).where(caps.c.dataset == dataset.name).values(epsilon=epsilon, rho_total=rho,
+                                                                          set_by=by))
+    return audit.append(conn, principal=by, role="steward", action="cap", decision="changed",
+                        dataset=dataset.name, reason=f"lifetime epsilon {cap['epsilon']:g} -> {epsilon:g}"
+                        + (f": {reason}" if reason else ""))
 
 
 _GRANT = select(grants).where(grants.c.project == bindparam("project"), grants.c.dataset == bindparam("dataset"))
@@ -56,9 +96,17 @@ _SPEND_CAP = update(caps).where(caps.c.dataset == bindparam("cap_dataset")).valu
 # statements built once: the charge path runs them on every release
 
 
-def _grant_row(conn: Connection, project: str, dataset: str) -> dict | None:
+def grant_row(conn: Connection, project: str, dataset: str) -> dict | None:
+    """The grant row of (project, dataset), if any."""
     row = conn.execute(_GRANT, {"project": project, "dataset": dataset}).mappings().first()
     return dict(row) if row else None
+
+
+def grants_of_application(conn: Connection, application_id: int, exclude: list[str]) -> list[int]:
+    """Ids of the active grants an application gave on datasets other than `exclude`."""
+    return list(conn.execute(select(grants.c.id).where(
+        grants.c.application_id == application_id, grants.c.revoked.is_(False),
+        grants.c.dataset.not_in(exclude))).scalars())
 
 
 def _no_grant(project: str, dataset: Dataset) -> CatalogError:
@@ -70,11 +118,21 @@ def _no_grant(project: str, dataset: Dataset) -> CatalogError:
     )
 
 
-def grant_info(row: dict, reporting_delta: float) -> GrantInfo:
+def grant_status(row: dict, now: str) -> str:
+    """active, revoked, or expired (past its `expires_at`)."""
+    if row["revoked"]:
+        return "revoked"
+    return "expired" if row["expires_at"] is not None and row["expires_at"] <= now else "active"
+
+
+def grant_info(row: dict, reporting_delta: float, now: str | None = None) -> GrantInfo:
     """A grant as people read it; `epsilon_remaining` is the largest epsilon one more release could have."""
     remaining = max(0.0, row["rho_total"] - row["rho_spent"])
     return GrantInfo(
-        project=row["project"], dataset=row["dataset"], epsilon=row["epsilon"], delta=row["delta"],
+        id=row["id"], project=row["project"], dataset=row["dataset"],
+        status=grant_status(row, now or audit.now()), expires_at=row["expires_at"],  # type: ignore[arg-type]
+        application_id=row["application_id"], uses=row["uses"].split(","),
+        epsilon=row["epsilon"], delta=row["delta"],
         rho_total=row["rho_total"], rho_spent=row["rho_spent"], rho_remaining=remaining,
         epsilon_spent=epsilon_of(row["rho_spent"], reporting_delta),
         epsilon_remaining=epsilon_of(remaining, reporting_delta),
@@ -87,14 +145,43 @@ def list_grants(engine: Engine, project: str | None, reporting_delta: float) -> 
     query = select(grants).order_by(grants.c.project, grants.c.dataset)
     if project is not None:
         query = query.where(grants.c.project == project)
+    now = audit.now()
     with engine.connect() as conn:
-        return [grant_info(dict(r), reporting_delta) for r in conn.execute(query).mappings()]
+        return [grant_info(dict(r), reporting_delta, now) for r in conn.execute(query).mappings()]
 
 
 def granted_datasets(engine: Engine, project: str) -> set[str]:
-    """The datasets on which `project` holds a grant."""
+    """The datasets on which `project` holds a grant (active or not: a refusal then says why)."""
     with engine.connect() as conn:
         return set(conn.execute(select(grants.c.dataset).where(grants.c.project == project)).scalars())
+
+
+def budgets(engine: Engine, catalog: Catalog) -> list[DatasetBudget]:
+    """Per dataset: its lifetime cap, what is spent and remains, and every project's grant on it."""
+    delta = catalog.reporting_delta
+    now = audit.now()
+    with engine.connect() as conn:
+        cap_rows = {r["dataset"]: dict(r) for r in conn.execute(select(caps)).mappings()}
+        all_grants = [grant_info(dict(r), delta, now) for r in
+                      conn.execute(select(grants).order_by(grants.c.project)).mappings()]
+    out = []
+    for ds in catalog.datasets.values():
+        cap = cap_rows[ds.name]
+        mine = [g for g in all_grants if g.dataset == ds.name]
+        remaining = max(0.0, cap["rho_total"] - cap["rho_spent"])
+        out.append(DatasetBudget(
+            dataset=ds.name, level=ds.level, cap_epsilon=cap["epsilon"], cap_rho=cap["rho_total"],
+            spent_rho=cap["rho_spent"], spent_epsilon=epsilon_of(cap["rho_spent"], delta),
+            remaining_rho=remaining, remaining_epsilon=epsilon_of(remaining, delta),
+            granted_rho=sum(g.rho_remaining for g in mine if g.status == "active"), grants=mine,
+        ))
+    return out
+
+
+def cap_remaining(conn: Connection, dataset: str) -> float:
+    """What the dataset's lifetime cap has left, in rho."""
+    cap = conn.execute(_CAP, {"dataset": dataset}).mappings().one()
+    return max(0.0, cap["rho_total"] - cap["rho_spent"])
 
 
 def _remaining(grant: dict, cap: dict) -> dict[str, float]:
@@ -106,18 +193,36 @@ def _remaining(grant: dict, cap: dict) -> dict[str, float]:
     }
 
 
-def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float
-          ) -> dict | None:
+def _usable(grant: dict, project: str, dataset: Dataset, use: str) -> None:
+    """Refuse a revoked or expired grant, or one not granted for this use."""
+    status = grant_status(grant, audit.now())
+    if status != "active":
+        raise GovernanceError(
+            f"grant_{status}",
+            f"project '{project}''s grant on '{dataset.name}' is {status}"
+            + (f" (since {grant['expires_at'][:19]})" if status == "expired" else ""),
+            hint="apply to the site's data stewards again; an approved application renews the grant", status=403)
+    if use not in grant["uses"].split(","):
+        raise GovernanceError("use_not_granted", f"project '{project}''s grant on '{dataset.name}' covers "
+                              f"{grant['uses']}, not {use}",
+                              hint=f"amend your application to include '{use}'; it will be reviewed again",
+                              status=403)
+
+
+def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float,
+          use: str = "query") -> dict | None:
     """Refuse (BudgetError, with what remains) unless the grant and the cap can both afford the cost.
 
-    Returns the grant row, or None for an L1 dataset whose default grant is not created yet."""
-    found = _grant_row(conn, project, dataset.name)
+    Returns the grant row, or None for a dataset whose level gives a default grant not created yet."""
+    found = grant_row(conn, project, dataset.name)
     grant = found
     if grant is None:
-        if dataset.level != "L1":
+        default = catalog.rule(dataset).default_grant_epsilon
+        if default is None:
             raise _no_grant(project, dataset)
-        grant = dict(rho_total=rho_for_epsilon(catalog.default_l1_epsilon, catalog.reporting_delta), rho_spent=0.0,
-                     delta=catalog.reporting_delta, delta_spent=0.0, epsilon=catalog.default_l1_epsilon)
+        grant = dict(rho_total=rho_for_epsilon(default, catalog.reporting_delta), rho_spent=0.0, revoked=False,
+                     delta=catalog.reporting_delta, delta_spent=0.0, epsilon=default, expires_at=None, uses="query")
+    _usable(grant, project, dataset, use)
     cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
     grant_ok = grant["rho_spent"] + rho <= grant["rho_total"] and grant["delta_spent"] + delta <= grant["delta"]
     cap_ok = cap["rho_spent"] + rho <= cap["rho_total"] and cap["delta_spent"] + delta <= cap["delta"]
@@ -136,13 +241,26 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
     return found
 
 
-def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float) -> None:
+def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float,
+           use: str = "query") -> None:
     """Check and add the cost to the grant and the cap, inside the caller's write transaction."""
-    grant = check(conn, catalog, project, dataset, rho, delta)
-    if grant is None:  # first use of an L1 dataset: its default grant, audited like any grant
-        set_grant(conn, catalog, project, dataset, catalog.default_l1_epsilon, by="site-default", role="system")
-        grant = _grant_row(conn, project, dataset.name)
+    grant = check(conn, catalog, project, dataset, rho, delta, use)
+    if grant is None:  # first use of a dataset with a default grant (L1): created now, audited like any grant
+        default = catalog.rule(dataset).default_grant_epsilon
+        assert default is not None
+        set_grant(conn, catalog, project, dataset, default, by="site-default", role="system")
+        grant = grant_row(conn, project, dataset.name)
         assert grant is not None
     params = {"grant_id": grant["id"], "cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta}
     conn.execute(_SPEND_GRANT, params)
     conn.execute(_SPEND_CAP, params)
+
+
+def charge_cap(conn: Connection, dataset: Dataset, rho: float, delta: float) -> None:
+    """Charge a release that belongs to no project (a steward's DP synthetic mock) to the cap alone."""
+    cap = conn.execute(_CAP, {"dataset": dataset.name}).mappings().one()
+    if cap["rho_spent"] + rho > cap["rho_total"] or cap["delta_spent"] + delta > cap["delta"]:
+        raise BudgetError("budget_exhausted", f"this costs rho={rho:.4g} but the lifetime cap of "
+                          f"'{dataset.name}' has rho={max(0.0, cap['rho_total'] - cap['rho_spent']):.4g} left",
+                          hint="use a smaller epsilon, or raise the cap with 'veil steward budget DATASET --cap'")
+    conn.execute(_SPEND_CAP, {"cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta})

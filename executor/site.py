@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from veil.errors import CatalogError, QueryError, VeilError
-from veil.executor import audit, ledger
+from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
+from veil.executor import application, audit, ledger
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
 from veil.executor.calibrate import certify, fits
@@ -20,7 +20,20 @@ from veil.executor.release import can_stream, describe, run
 from veil.executor.store import open_store, write
 from veil.executor.unit_bound import most_rows_per_unit
 from veil.sql import canonical_sql, parse_sql
-from veil.wire import AuditEntry, Cost, DatasetInfo, GrantInfo, QueryRequest, QuerySpec, Release
+from veil.wire import (
+    ApplicationInfo,
+    ApplicationRequest,
+    AuditEntry,
+    AuditVerification,
+    Cost,
+    DatasetBudget,
+    DatasetInfo,
+    GrantInfo,
+    QueryRequest,
+    QuerySpec,
+    Release,
+    ReviewRequest,
+)
 
 
 @dataclass
@@ -79,7 +92,7 @@ class Site:
             return list(self.catalog.datasets.values())
         granted = ledger.granted_datasets(self.engine, principal.project) if principal.project else set()
         return [ds for ds in self.catalog.datasets.values()
-                if principal.project and (ds.level == "L1" or ds.name in granted)]
+                if principal.project and (self.catalog.rule(ds).default_grant_epsilon is not None or ds.name in granted)]
 
     def datasets(self, principal: Principal) -> list[DatasetInfo]:
         return [ds.info() for ds in self.visible(principal)]
@@ -116,16 +129,24 @@ class Site:
         dataset = self.dataset_for(principal, spec.dataset)
         text = canonical_sql(spec)
         rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, self.catalog.reporting_delta)
+        rule = self.catalog.rule(dataset)
+        epsilon = request.epsilon if request.epsilon is not None else epsilon_of(rho, self.catalog.reporting_delta)
+        if epsilon > rule.max_epsilon_per_release * (1 + 1e-9):
+            raise GovernanceError(
+                "epsilon_above_level", f"{dataset.level} data allows at most epsilon "
+                f"{rule.max_epsilon_per_release:g} per release at this site; this query asks for {epsilon:.4g}",
+                hint=f"ask for epsilon <= {rule.max_epsilon_per_release:g}; to narrow intervals further, combine "
+                     "several releases", status=403)
         verified = self.bound_holds(dataset)
         delta = request.delta if spec.group_by else None
 
         def prepare() -> Prepared:
             plan = build_plan(dataset, spec, verified_bound=verified, thresholded=delta is not None)
-            certified = certify(plan, rho, delta if not plan.public_keys else None)
+            certified = certify(plan, rho, delta if not plan.public_keys else None, rule.min_group_threshold)
             return Prepared(plan, certified, describe(plan, certified, request.confidence),
                             can_stream(dataset, plan, certified))
 
-        key = (dataset.name, text, verified, rho, delta, request.confidence)
+        key = (dataset.name, text, verified, rho, delta, request.confidence, rule.min_group_threshold)
         prepared = self.prepared.get_or_prepare(key, prepare)
         plan, certified = prepared.plan, prepared.certified
         if not fits(certified, plan, rho, delta):
@@ -148,6 +169,55 @@ class Site:
                                  decision="released", project=project, dataset=dataset.name, query=text,
                                  rho=certified.rho, delta=certified.delta, result_digest=output.digest)
         return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts})
+
+    # ------------------------------------------------------------ governance
+
+    def apply(self, who: Principal, request: ApplicationRequest) -> ApplicationInfo:
+        require(who, "researcher")
+        return application.submit(self.engine, self.catalog, who, request)
+
+    def amend(self, who: Principal, application_id: int, request: ApplicationRequest) -> ApplicationInfo:
+        require(who, "researcher")
+        return application.amend(self.engine, self.catalog, who, application_id, request)
+
+    def withdraw(self, who: Principal, application_id: int) -> ApplicationInfo:
+        require(who, "researcher")
+        return application.withdraw(self.engine, self.catalog, who, application_id)
+
+    def review(self, who: Principal, application_id: int, decision: ReviewRequest) -> ApplicationInfo:
+        require(who, "steward")
+        return application.review(self.engine, self.catalog, who, application_id, decision)
+
+    def applications(self, who: Principal, status: str | None = None) -> list[ApplicationInfo]:
+        return application.listing(self.engine, self.catalog, who, status)
+
+    def application(self, who: Principal, application_id: int) -> ApplicationInfo:
+        return application.get(self.engine, self.catalog, who, application_id)
+
+    def revoke_grant(self, who: Principal, grant_id: int, reason: str) -> GrantInfo:
+        require(who, "steward")
+        with write(self.engine) as conn:
+            ledger.revoke_grant(conn, grant_id, by=who.name, reason=reason)
+        return next(g for g in self.grants(who) if g.id == grant_id)
+
+    def budgets(self, who: Principal) -> list[DatasetBudget]:
+        require(who, "steward", "admin")
+        return ledger.budgets(self.engine, self.catalog)
+
+    def set_cap(self, who: Principal, dataset: str, epsilon: float, reason: str) -> DatasetBudget:
+        require(who, "steward")
+        with write(self.engine) as conn:
+            ledger.set_cap(conn, self.catalog, self.catalog.dataset(dataset), epsilon, by=who.name, reason=reason)
+        return next(b for b in self.budgets(who) if b.dataset == dataset)
+
+    def audit_log(self, who: Principal, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        require(who, "steward", "admin")
+        return audit.entries(self.engine, since=since, limit=limit)
+
+    def verify(self, who: Principal) -> AuditVerification:
+        require(who, "steward", "admin")
+        result = audit.verify(self.engine)
+        return AuditVerification(ok=result.ok, entries=result.entries, problems=result.problems)
 
     def refuse(self, principal: Principal, action: str, error: VeilError, dataset: str | None = None,
                query: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""The site's durable state (tokens, grants, caps, audit log) in SQLAlchemy: SQLite or PostgreSQL.
+"""The site's durable state (tokens, applications, grants, caps, mocks, audit log) in SQLAlchemy.
 
 Every write runs in `write()`: one transaction that first takes the site-wide write lock
 (SQLite: BEGIN IMMEDIATE; PostgreSQL: a row lock on the audit head), so a charge, its grant and
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -27,8 +28,11 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
 )
+
+from veil.errors import CatalogError
 
 metadata = MetaData()
 
@@ -39,8 +43,35 @@ tokens = Table(
     Column("principal", String(128), nullable=False),
     Column("role", String(16), nullable=False),
     Column("project", String(64)),
+    Column("office", String(32)),  # a steward's office (data_center, data_committee), for review rules
     Column("created_at", String(40), nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+)
+
+applications = Table(
+    "applications", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(64), nullable=False),
+    Column("applicant", String(128), nullable=False),
+    Column("status", String(16), nullable=False),  # pending, approved, rejected, withdrawn
+    Column("version", Integer, nullable=False),  # +1 on every change; reviews count for one version
+    Column("request", Text, nullable=False),  # the ApplicationRequest as JSON
+    Column("created_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+    Column("decided_at", String(40)),
+)
+
+reviews = Table(
+    "reviews", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("application_id", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("reviewer", String(128), nullable=False),
+    Column("office", String(32)),
+    Column("decision", String(16), nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("ts", String(40), nullable=False),
+    UniqueConstraint("application_id", "version", "reviewer"),
 )
 
 grants = Table(
@@ -55,6 +86,10 @@ grants = Table(
     Column("delta_spent", Float(53), nullable=False, default=0.0),
     Column("created_by", String(128), nullable=False),
     Column("created_at", String(40), nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("expires_at", String(40)),  # None: no expiry (the L1 default grant)
+    Column("application_id", Integer),
+    Column("uses", String(32), nullable=False, default="query"),  # comma-separated: query, training
     UniqueConstraint("project", "dataset"),
 )
 
@@ -66,6 +101,19 @@ caps = Table(
     Column("rho_total", Float(53), nullable=False),
     Column("rho_spent", Float(53), nullable=False, default=0.0),
     Column("delta_spent", Float(53), nullable=False, default=0.0),
+    Column("set_by", String(128), nullable=False, default="catalog"),  # a steward's change outlives the catalog's
+)
+
+mocks = Table(
+    "mocks", metadata,
+    Column("dataset", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),  # schema or synthetic
+    Column("epsilon", Float(53), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("data", LargeBinary),  # synthetic rows as Parquet bytes
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", String(40), nullable=False),
+    Column("receipt", String(64)),
 )
 
 audit = Table(
@@ -126,10 +174,27 @@ def open_store(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True)
     metadata.create_all(engine)
+    _check_columns(engine)
     with write(engine) as conn:
         if conn.execute(select(audit_head.c.id)).first() is None:
             conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))
     return engine
+
+
+def _check_columns(engine: Engine) -> None:
+    """Refuse a database created by an older Veil (there are no migrations yet) with what to do."""
+    found = inspect(engine)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in found.get_columns(table.name)}
+        lacking = [c.name for c in table.columns if c.name not in have]
+        if lacking:
+            raise CatalogError(
+                "stale_database",
+                f"the state database {engine.url.render_as_string(hide_password=True)} was created by an "
+                f"older Veil: table '{table.name}' lacks {', '.join(lacking)}",
+                hint="keep it for its audit log and start the site on a new database (for the demo: "
+                     "'veil demo --reset')",
+            )
 
 
 _SQLITE_WRITERS: WeakKeyDictionary[Engine, threading.Lock] = WeakKeyDictionary()

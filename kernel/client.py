@@ -1,6 +1,6 @@
 """A minimal HTTP client for one site executor (researcher side: it never sees raw rows).
 
-The kernel and SDK of issue [2/6] build on this; the demo and the tests use it directly.
+The kernel and SDK build on it for researchers; `veil steward` uses it with a steward's token.
 """
 
 from __future__ import annotations
@@ -11,14 +11,24 @@ import httpx
 
 from veil.kernel.errors import VeilSiteUnavailable, refusal_error
 from veil.wire import (
+    ApplicationInfo,
+    ApplicationRequest,
     AuditEntry,
+    AuditVerification,
+    CapRequest,
+    DatasetBudget,
     DatasetInfo,
     GrantInfo,
     Health,
+    LevelRule,
+    MockInfo,
+    MockRequest,
     QueryRequest,
     QuerySpec,
     Refusal,
     Release,
+    ReviewRequest,
+    RevokeRequest,
     WhoAmI,
 )
 
@@ -33,6 +43,12 @@ class SiteClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> SiteClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -62,3 +78,56 @@ class SiteClient:
         """Run one DP query; `loss` is epsilon= or rho=, optionally delta= and confidence=."""
         request = QueryRequest(sql=sql, spec=spec, **loss)
         return Release.model_validate(self._call("POST", "/query", json=request.model_dump(exclude_none=True)))
+
+    # ---------------------------------------------------------- applications (researchers)
+
+    def levels(self) -> dict[str, LevelRule]:
+        return {k: LevelRule.model_validate(v) for k, v in self._call("GET", "/levels").items()}
+
+    def apply(self, request: ApplicationRequest) -> ApplicationInfo:
+        return ApplicationInfo.model_validate(self._call("POST", "/applications", json=request.model_dump()))
+
+    def amend(self, application_id: int, request: ApplicationRequest) -> ApplicationInfo:
+        return ApplicationInfo.model_validate(
+            self._call("PUT", f"/applications/{application_id}", json=request.model_dump()))
+
+    def withdraw(self, application_id: int) -> ApplicationInfo:
+        return ApplicationInfo.model_validate(self._call("POST", f"/applications/{application_id}/withdraw"))
+
+    def applications(self, status: str | None = None) -> list[ApplicationInfo]:
+        params = {"status": status} if status else {}
+        return [ApplicationInfo.model_validate(a) for a in self._call("GET", "/applications", params=params)]
+
+    def application(self, application_id: int) -> ApplicationInfo:
+        return ApplicationInfo.model_validate(self._call("GET", f"/applications/{application_id}"))
+
+    def mock(self, dataset: str) -> MockInfo:
+        return MockInfo.model_validate(self._call("GET", f"/datasets/{dataset}/mock"))
+
+    # ---------------------------------------------------------- stewardship
+
+    def review(self, application_id: int, decision: ReviewRequest) -> ApplicationInfo:
+        return ApplicationInfo.model_validate(
+            self._call("POST", f"/applications/{application_id}/reviews", json=decision.model_dump()))
+
+    def revoke_grant(self, grant_id: int, reason: str) -> GrantInfo:
+        body = RevokeRequest(reason=reason).model_dump()
+        return GrantInfo.model_validate(self._call("POST", f"/grants/{grant_id}/revoke", json=body))
+
+    def budgets(self) -> list[DatasetBudget]:
+        return [DatasetBudget.model_validate(b) for b in self._call("GET", "/budgets")]
+
+    def set_cap(self, dataset: str, epsilon: float, reason: str = "") -> DatasetBudget:
+        body = CapRequest(epsilon=epsilon, reason=reason).model_dump()
+        return DatasetBudget.model_validate(self._call("PUT", f"/budgets/{dataset}/cap", json=body))
+
+    def set_mock(self, dataset: str, request: MockRequest) -> MockInfo:
+        return MockInfo.model_validate(
+            self._call("PUT", f"/datasets/{dataset}/mock", json=request.model_dump(exclude_none=True)))
+
+    def audit(self, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        entries = self._call("GET", "/audit", params={"since": since, "limit": limit})
+        return [AuditEntry.model_validate(e) for e in entries]
+
+    def verify_audit(self) -> AuditVerification:
+        return AuditVerification.model_validate(self._call("GET", "/audit/verify"))

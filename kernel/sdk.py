@@ -16,7 +16,7 @@ from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSite
 from veil.kernel.mock import MockSite, mock_rows
 from veil.kernel.result import Combined, Result
 from veil.sql import parse_sql
-from veil.wire import DatasetInfo, GrantInfo, QuerySpec
+from veil.wire import ApplicationInfo, ApplicationRequest, DatasetInfo, GrantInfo, QuerySpec
 
 DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
           "Boolean": pl.Boolean}
@@ -82,6 +82,34 @@ class Site:
 
     def budget(self) -> list[GrantInfo]:
         return self.client.grants()
+
+    def apply(self, purpose: str, datasets: Sequence[str], epsilon: float, duration_days: float = 365,
+              uses: Sequence[str] = ("query",), delta: float | None = None, ethics_ref: str | None = None
+              ) -> ApplicationInfo:
+        """Apply to this site's data stewards for access for your project (budget per dataset, in epsilon).
+
+        L1 datasets are approved at once; L2 needs a steward's approval, L3 an ethics reference and two
+        reviewers. The result says what the application still needs; `applications()` shows its progress."""
+        request = ApplicationRequest(purpose=purpose, datasets=list(datasets), epsilon=epsilon,
+                                     duration_days=duration_days, uses=list(uses), delta=delta,  # type: ignore[arg-type]
+                                     ethics_ref=ethics_ref)
+        self._datasets = None  # an approval may open datasets
+        return self.client.apply(request)
+
+    def amend(self, application_id: int, **changes: Any) -> ApplicationInfo:
+        """Change an application (purpose, datasets, epsilon, ...): it is reviewed again from scratch."""
+        current = self.client.application(application_id).request
+        self._datasets = None
+        return self.client.amend(application_id, ApplicationRequest(**{**current.model_dump(), **changes}))
+
+    def withdraw(self, application_id: int) -> ApplicationInfo:
+        """Withdraw a pending application."""
+        return self.client.withdraw(application_id)
+
+    def applications(self) -> list[ApplicationInfo]:
+        """Your project's applications at this site, newest first, with their status and reviews."""
+        self._datasets = None
+        return self.client.applications()
 
     def __repr__(self) -> str:
         return f"<Veil site {self.name} at {self.url}>"

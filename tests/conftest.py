@@ -107,7 +107,7 @@ def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str
     executor = LocalExecutor(site_config, database_url, log=log_dir / f"executor-{uuid.uuid4().hex[:8]}.log",
                              workers=workers)
     deployment = Deployment(executor, catalog, engine, database_url, tokens)
-    for dataset, epsilon in (grants or {"encounters": 5.0}).items():
+    for dataset, epsilon in (grants if grants is not None else {"encounters": 5.0}).items():
         deployment.grant(PROJECT, dataset, epsilon)
     deployment.executor.start()
     return deployment

@@ -1,4 +1,4 @@
-"""The `veil` command: data synthesis, the site executor, its tokens and grants, audit checks, the demo."""
+"""The `veil` command: data synthesis, the site executor and its tokens, the steward's desk, audit, the demo."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from veil.steward import add_commands as add_steward_commands
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def _token(args: argparse.Namespace) -> int:
 
     _, engine = _open(args)
     try:
-        token = create_token(engine, args.principal, args.role, args.project)
+        token = create_token(engine, args.principal, args.role, args.project, args.office)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -76,18 +78,6 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grant(args: argparse.Namespace) -> int:
-    from veil.executor import ledger
-    from veil.executor.store import write
-
-    catalog, engine = _open(args)
-    dataset = catalog.dataset(args.dataset)
-    with write(engine) as conn:
-        entry = ledger.set_grant(conn, catalog, args.project, dataset, args.epsilon, by=args.by)
-    print(f"granted project '{args.project}' epsilon={args.epsilon} on '{dataset.name}' (receipt {entry.hash})")
-    return 0
-
-
 def _verify(args: argparse.Namespace) -> int:
     from veil.executor.audit import verify
 
@@ -100,6 +90,33 @@ def _verify(args: argparse.Namespace) -> int:
     for problem in result.problems:
         print(f"  - {problem}")
     return 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from veil.executor.audit import FIELDS, entries
+
+    _, engine = _open(args)
+    since = args.since or "0"
+    found = entries(engine, since=int(since)) if since.isdigit() else [e for e in entries(engine) if e.ts >= since]
+    columns = [*FIELDS, "hash"]
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for e in found:
+                out.write(json.dumps(e.model_dump(), sort_keys=True) + "\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(e.model_dump() for e in found)
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {len(found)} audit entries to {args.out}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -165,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=["researcher", "steward", "admin"])
     create.add_argument("--principal", required=True)
     create.add_argument("--project", default=None)
+    create.add_argument("--office", default=None, choices=["data_center", "data_committee"],
+                        help="a steward's office: L3 applications need a reviewer from each")
     create.add_argument("--out", default=None, help="write the token to this file (mode 600) instead of printing")
     create.set_defaults(func=_token)
 
@@ -174,18 +193,20 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("--by", default="site-admin", help="who revokes it (audited)")
     revoke.set_defaults(func=_revoke)
 
-    grant = executor.add_parser("grant", help="grant a project a privacy budget on a dataset")
-    _site_args(grant)
-    grant.add_argument("--project", required=True)
-    grant.add_argument("--dataset", required=True)
-    grant.add_argument("--epsilon", type=float, required=True, help="at the site's reporting delta")
-    grant.add_argument("--by", default="steward", help="the steward granting it (audited)")
-    grant.set_defaults(func=_grant)
-
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
     verify = audit.add_parser("verify", help="check the hash chain and that the ledger matches it")
     _site_args(verify)
     verify.set_defaults(func=_verify)
+
+    export = audit.add_parser("export", help="write the audit log as JSON lines or CSV")
+    _site_args(export)
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--since", default=None,
+                        help="only entries after this sequence number, or at/after this ISO date or time")
+    export.add_argument("--out", default=None, help="a file (default: standard output)")
+    export.set_defaults(func=_export)
+
+    add_steward_commands(sub)
 
     kernel = sub.add_parser("kernel", help="the Veil Jupyter kernel").add_subparsers(dest="action", required=True)
     install = kernel.add_parser("install", help="install the 'veil' kernelspec (default: --user)")

@@ -44,3 +44,9 @@ class AuthError(VeilError):
     """Missing or invalid token (401), or a role that may not do this (403)."""
 
     status = 401
+
+
+class GovernanceError(VeilError):
+    """An application, review, grant or cap change that the site's review rules do not allow."""
+
+    status = 409

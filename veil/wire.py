@@ -199,9 +199,20 @@ class DatasetInfo(_Strict):
     columns: list[ColumnInfo]
 
 
+Use = Literal["query", "training"]
+Office = Literal["data_center", "data_committee"]
+
+
 class GrantInfo(_Strict):
+    """A project's budget on a dataset: granted, spent and remaining, and whether it may still be used."""
+
+    id: int
     project: str
     dataset: str
+    status: Literal["active", "revoked", "expired"]
+    expires_at: str | None
+    application_id: int | None
+    uses: list[Use]
     epsilon: float
     delta: float
     rho_total: float
@@ -210,6 +221,141 @@ class GrantInfo(_Strict):
     epsilon_spent: float
     epsilon_remaining: float
     delta_spent: float
+
+
+# ---------------------------------------------------------------- governance
+
+
+class LevelRule(_Strict):
+    """What a privacy level demands of an application and bounds in a release (public, per site)."""
+
+    level: str
+    reviewers: int = Field(ge=0, le=10, description="distinct approving reviewers needed")
+    offices: list[Office] = Field(default_factory=list,
+                                  description="offices that must each be among the approving reviewers")
+    ethics_required: bool = False
+    max_epsilon_per_release: float = Field(gt=0)
+    min_group_threshold: int = Field(ge=0, description="least count a thresholded group may be released at")
+    training: bool = True
+    default_grant_epsilon: float | None = Field(
+        default=None, description="a budget every project gets without applying (L1); None: apply first")
+
+
+class ApplicationRequest(_Strict):
+    """A project's request for access: what for, which datasets, how much budget (per dataset), how long."""
+
+    purpose: str = Field(min_length=10, max_length=4000)
+    datasets: list[Name] = Field(min_length=1, max_length=20)
+    epsilon: float = Field(gt=0, le=100, description="budget per dataset, at the site's reporting delta")
+    delta: float | None = Field(default=None, ge=0, lt=1e-3,
+                                description="budget for thresholded GROUP BY (default: the site's reporting delta)")
+    duration_days: float = Field(gt=0, le=3650)
+    uses: list[Use] = Field(default_factory=lambda: ["query"], min_length=1)
+    ethics_ref: str | None = Field(default=None, max_length=200,
+                                   description="the ethics board's approval reference (required for L3)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ApplicationRequest:
+        if len(set(self.datasets)) != len(self.datasets) or len(set(self.uses)) != len(self.uses):
+            raise ValueError("list each dataset and each use once")
+        return self
+
+
+class Review(_Strict):
+    """One reviewer's decision on one version of an application."""
+
+    reviewer: str
+    office: str | None
+    decision: Literal["approve", "reject"]
+    comment: str
+    version: int
+    ts: str
+
+
+class ApplicationInfo(_Strict):
+    """An application, the rule it is reviewed under, the reviews of its current version, what is missing."""
+
+    id: int
+    project: str
+    applicant: str
+    status: Literal["pending", "approved", "rejected", "withdrawn"]
+    version: int
+    request: ApplicationRequest
+    rule: LevelRule
+    reviews: list[Review]
+    needs: str | None = Field(description="what the application still needs before it is approved")
+    created_at: str
+    updated_at: str
+    decided_at: str | None
+
+
+class ReviewRequest(_Strict):
+    """A reviewer's decision on the version of the application they read."""
+
+    decision: Literal["approve", "reject"]
+    comment: str = Field(min_length=1, max_length=4000)
+    version: int = Field(ge=1, description="the version you reviewed; a changed application needs a new review")
+
+
+class RevokeRequest(_Strict):
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class CapRequest(_Strict):
+    """A new lifetime cap for a dataset, in epsilon at the site's reporting delta."""
+
+    epsilon: float = Field(gt=0, le=1000)
+    reason: str = Field(default="", max_length=1000)
+
+
+class DatasetBudget(_Strict):
+    """A dataset's lifetime cap and every project's grant on it."""
+
+    dataset: str
+    level: str
+    cap_epsilon: float
+    cap_rho: float
+    spent_rho: float
+    spent_epsilon: float
+    remaining_rho: float
+    remaining_epsilon: float
+    granted_rho: float = Field(description="what the active grants could still spend, together")
+    grants: list[GrantInfo]
+
+
+class MockRequest(_Strict):
+    """The steward's choice of mock: schema-only rows (free) or DP synthetic rows (charged to the cap)."""
+
+    kind: Literal["schema", "synthetic"]
+    epsilon: float | None = Field(default=None, gt=0, le=10)
+    rows: int | None = Field(default=None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _epsilon_for_synthetic(self) -> MockRequest:
+        if self.kind == "synthetic" and self.epsilon is None:
+            raise ValueError("synthetic mock data needs an epsilon: fitting it to the real data spends budget")
+        if self.kind == "schema" and self.epsilon is not None:
+            raise ValueError("schema-only mock rows spend nothing; leave epsilon out")
+        return self
+
+
+class MockInfo(_Strict):
+    """A dataset's mock as researchers get it: made from public metadata, or DP synthetic rows."""
+
+    dataset: str
+    kind: Literal["schema", "synthetic"]
+    epsilon: float
+    rows: int
+    created_by: str
+    created_at: str
+    receipt: str | None
+    data: dict[str, list[Any]] | None = Field(default=None, description="synthetic columns; dates as ISO text")
+
+
+class AuditVerification(_Strict):
+    ok: bool
+    entries: int
+    problems: list[str]
 
 
 class AuditEntry(_Strict):
@@ -238,6 +384,7 @@ class WhoAmI(_Strict):
     principal: str
     role: str
     project: str | None
+    office: str | None = None
 
 
 class Health(_Strict):

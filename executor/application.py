@@ -1,0 +1,240 @@
+"""Project applications and their review: the paper process hospitals already run, kept in the ledger.
+
+A researcher applies (purpose, datasets, budget, duration, uses); reviewers approve or reject the
+version they read. When the approvals meet the rule of the strictest dataset's level, the grants
+are created in the same transaction. Any change makes a new version that needs a new review.
+Every step is an audit entry; every refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from veil.errors import CatalogError, GovernanceError
+from veil.executor import audit, ledger
+from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.executor.auth import Principal
+from veil.executor.catalog import Catalog
+from veil.executor.policy import combined, may_review, missing
+from veil.executor.store import applications, reviews, write
+from veil.wire import ApplicationInfo, ApplicationRequest, LevelRule, Review, ReviewRequest
+
+
+SITE_POLICY = Principal("site-policy", "system")
+
+
+def rule_for(catalog: Catalog, request: ApplicationRequest) -> LevelRule:
+    """The rule an application is reviewed under; refuses unknown datasets and what its levels forbid."""
+    unknown = [d for d in request.datasets if d not in catalog.datasets]
+    if unknown:
+        raise CatalogError("unknown_dataset", f"site '{catalog.site}' has no dataset {', '.join(unknown)}",
+                           hint="list the site's datasets with GET /datasets", status=404)
+    rule = combined([catalog.rule(catalog.datasets[d]) for d in request.datasets])
+    if "training" in request.uses and not rule.training:
+        raise GovernanceError("training_not_allowed", f"the privacy level {rule.level} of these datasets does "
+                              "not allow model training at this site", hint="apply for queries only", status=422)
+    if rule.ethics_required and not (request.ethics_ref and request.ethics_ref.strip()):
+        raise GovernanceError("ethics_required", f"{rule.level} data needs an ethics approval reference",
+                              hint="add ethics_ref (your ethics board's approval number) and apply again",
+                              status=422)
+    return rule
+
+
+def _row(conn: Connection, application_id: int) -> dict:
+    row = conn.execute(select(applications).where(applications.c.id == application_id)).mappings().first()
+    if row is None:
+        raise GovernanceError("unknown_application", f"there is no application {application_id} on this site "
+                              "that you may see", hint="list applications with GET /applications", status=404)
+    return dict(row)
+
+
+def _reviews(conn: Connection, application_id: int, version: int) -> list[Review]:
+    rows = conn.execute(select(reviews).where(reviews.c.application_id == application_id,
+                                              reviews.c.version == version).order_by(reviews.c.id)).mappings()
+    return [Review(reviewer=r["reviewer"], office=r["office"], decision=r["decision"], comment=r["comment"],
+                   version=r["version"], ts=r["ts"]) for r in rows]
+
+
+def _info(conn: Connection, catalog: Catalog, row: dict) -> ApplicationInfo:
+    request = ApplicationRequest.model_validate_json(row["request"])
+    rule = combined([catalog.rule(catalog.datasets[d]) for d in request.datasets if d in catalog.datasets])
+    found = _reviews(conn, row["id"], row["version"])
+    approvals = [(r.reviewer, r.office) for r in found if r.decision == "approve"]
+    return ApplicationInfo(
+        id=row["id"], project=row["project"], applicant=row["applicant"], status=row["status"],
+        version=row["version"], request=request, rule=rule, reviews=found,
+        needs=missing(rule, approvals) if row["status"] == "pending" else None,
+        created_at=row["created_at"], updated_at=row["updated_at"], decided_at=row["decided_at"],
+    )
+
+
+def _audit(conn: Connection, who: Principal, decision: str, row: dict, reason: str, action: str = "application"
+           ) -> None:
+    audit.append(conn, principal=who.name, role=who.role, action=action, decision=decision,
+                 project=row["project"], reason=f"application {row['id']} v{row['version']}: {reason}")
+
+
+def _approve(conn: Connection, catalog: Catalog, row: dict, request: ApplicationRequest, by: Principal) -> None:
+    """Create the grants of an approved application, if every dataset's remaining cap affords them."""
+    for name in request.datasets:
+        dataset = catalog.datasets[name]
+        held = ledger.grant_row(conn, row["project"], name)
+        would_spend = rho_for_epsilon(request.epsilon, catalog.reporting_delta) - (held["rho_spent"] if held else 0.0)
+        left = ledger.cap_remaining(conn, name)
+        if would_spend > left * (1 + 1e-9):
+            raise GovernanceError(
+                "cap_exceeded", f"approving epsilon {request.epsilon:g} on '{name}' exceeds what its lifetime cap "
+                f"has left (epsilon {epsilon_of(left, catalog.reporting_delta):.4g})",
+                hint="ask the applicant for a smaller budget, or raise the cap with 'veil steward budget "
+                     f"{name} --cap EPSILON'")
+    expires = (datetime.now(UTC) + timedelta(days=request.duration_days)).isoformat(timespec="microseconds")
+    for name in request.datasets:
+        ledger.set_grant(conn, catalog, row["project"], catalog.datasets[name], request.epsilon, by=by.name,
+                         role=by.role, delta=request.delta, expires_at=expires, application_id=row["id"],
+                         uses=tuple(request.uses))
+    for dropped in ledger.grants_of_application(conn, row["id"], exclude=request.datasets):
+        ledger.revoke_grant(conn, dropped, by=by.name, reason=f"no longer in application {row['id']}")
+
+
+def _decide_if_met(conn: Connection, catalog: Catalog, row: dict, by: Principal) -> dict:
+    """Approve the application when the approvals of its current version meet its rule."""
+    request = ApplicationRequest.model_validate_json(row["request"])
+    rule = rule_for(catalog, request)
+    approvals = [(r.reviewer, r.office) for r in _reviews(conn, row["id"], row["version"]) if r.decision == "approve"]
+    if missing(rule, approvals) is None:
+        if rule.reviewers == 0:
+            by = SITE_POLICY  # no review needed: the site's rule approves it
+        _approve(conn, catalog, row, request, by)
+        now = audit.now()
+        conn.execute(update(applications).where(applications.c.id == row["id"])
+                     .values(status="approved", decided_at=now))
+        row = {**row, "status": "approved", "decided_at": now}
+        _audit(conn, by, "approved", row, f"rule {rule.level} met by {len(approvals)} approval(s)")
+    return row
+
+
+def submit(engine: Engine, catalog: Catalog, who: Principal, request: ApplicationRequest) -> ApplicationInfo:
+    """File an application for the caller's project; a rule that needs no reviewer approves it at once."""
+    rule_for(catalog, request)
+    now = audit.now()
+    with write(engine) as conn:
+        new_id = conn.execute(insert(applications).values(
+            project=who.project, applicant=who.name, status="pending", version=1,
+            request=request.model_dump_json(), created_at=now, updated_at=now)).inserted_primary_key[0]
+        row = _row(conn, new_id)
+        _audit(conn, who, "submitted", row, f"{', '.join(request.datasets)} epsilon={request.epsilon:g} "
+               f"for {request.duration_days:g} days ({', '.join(request.uses)}): {request.purpose[:200]}")
+        row = _decide_if_met(conn, catalog, row, who)
+        return _info(conn, catalog, row)
+
+
+def _own(row: dict, who: Principal) -> None:
+    if row["project"] != who.project:
+        raise GovernanceError("unknown_application", f"there is no application {row['id']} on this site that you "
+                              "may see", hint="list applications with GET /applications", status=404)
+
+
+def amend(engine: Engine, catalog: Catalog, who: Principal, application_id: int, request: ApplicationRequest
+          ) -> ApplicationInfo:
+    """Change an application: a new version, pending a new review. Grants already given stay as they are."""
+    rule_for(catalog, request)
+    with write(engine) as conn:
+        row = _row(conn, application_id)
+        _own(row, who)
+        if row["status"] == "withdrawn":
+            raise GovernanceError("application_withdrawn", f"application {application_id} was withdrawn",
+                                  hint="file a new application")
+        if ApplicationRequest.model_validate_json(row["request"]) == request:
+            raise GovernanceError("no_change", f"application {application_id} already says exactly this",
+                                  hint="change the purpose, datasets, budget, duration or uses", status=422)
+        conn.execute(update(applications).where(applications.c.id == application_id).values(
+            version=row["version"] + 1, status="pending", request=request.model_dump_json(),
+            updated_at=audit.now(), decided_at=None))
+        row = _row(conn, application_id)
+        _audit(conn, who, "amended", row, "changed; it needs a new review")
+        row = _decide_if_met(conn, catalog, row, who)
+        return _info(conn, catalog, row)
+
+
+def withdraw(engine: Engine, catalog: Catalog, who: Principal, application_id: int) -> ApplicationInfo:
+    """Withdraw a pending application (an approved one's grants are revoked by a steward)."""
+    with write(engine) as conn:
+        row = _row(conn, application_id)
+        _own(row, who)
+        if row["status"] != "pending":
+            raise GovernanceError("not_pending", f"application {application_id} is {row['status']}, not pending",
+                                  hint="only a pending application can be withdrawn; ask a steward to revoke "
+                                       "an approved one's grants")
+        conn.execute(update(applications).where(applications.c.id == application_id).values(
+            status="withdrawn", updated_at=audit.now()))
+        row = _row(conn, application_id)
+        _audit(conn, who, "withdrawn", row, "withdrawn by the applicant")
+        return _info(conn, catalog, row)
+
+
+def review(engine: Engine, catalog: Catalog, who: Principal, application_id: int, decision: ReviewRequest
+           ) -> ApplicationInfo:
+    """Record one reviewer's decision on the version they read; approve the application once its rule is met."""
+    with write(engine) as conn:
+        row = _row(conn, application_id)
+        if row["status"] == "withdrawn":
+            raise GovernanceError("application_withdrawn", f"application {application_id} was withdrawn by "
+                                  "the applicant", hint="nothing to review")
+        if decision.version != row["version"]:
+            raise GovernanceError("application_changed", f"you reviewed version {decision.version} of "
+                                  f"application {application_id}, but it is now version {row['version']}",
+                                  hint="read the current version and review that")
+        if row["status"] != "pending":
+            raise GovernanceError("application_decided", f"application {application_id} is already "
+                                  f"{row['status']}", hint="a change by the applicant reopens it for review")
+        if row["applicant"] == who.name:
+            raise GovernanceError("self_review", "you may not review your own application", status=403,
+                                  hint="another steward must review it")
+        current = _reviews(conn, application_id, row["version"])
+        if any(r.reviewer == who.name for r in current):
+            raise GovernanceError("already_reviewed", f"you already reviewed version {row['version']} of "
+                                  f"application {application_id}", hint="another reviewer must review it")
+        rule = rule_for(catalog, ApplicationRequest.model_validate_json(row["request"]))
+        why_not = may_review(rule, who.office, [(r.reviewer, r.office) for r in current
+                                                if r.decision == "approve"])
+        if why_not:
+            raise GovernanceError("reviewer_role", why_not, status=403,
+                                  hint="a reviewer holding the required office must review it")
+        conn.execute(insert(reviews).values(application_id=application_id, version=row["version"],
+                                            reviewer=who.name, office=who.office, decision=decision.decision,
+                                            comment=decision.comment, ts=audit.now()))
+        verdict = "approve" if decision.decision == "approve" else "reject"
+        _audit(conn, who, verdict, row, decision.comment[:500], action="review")
+        if decision.decision == "reject":
+            now = audit.now()
+            conn.execute(update(applications).where(applications.c.id == application_id)
+                         .values(status="rejected", decided_at=now))
+            row = {**row, "status": "rejected", "decided_at": now}
+            _audit(conn, who, "rejected", row, decision.comment[:500])
+        else:
+            row = _decide_if_met(conn, catalog, row, who)
+        return _info(conn, catalog, row)
+
+
+
+def get(engine: Engine, catalog: Catalog, who: Principal, application_id: int) -> ApplicationInfo:
+    """One application; researchers see only their project's."""
+    with engine.connect() as conn:
+        row = _row(conn, application_id)
+        if who.role == "researcher":
+            _own(row, who)
+        return _info(conn, catalog, row)
+
+
+def listing(engine: Engine, catalog: Catalog, who: Principal, status: str | None = None) -> list[ApplicationInfo]:
+    """Applications, newest first: a researcher's project's, or all of them for stewards."""
+    query = select(applications).order_by(applications.c.id.desc())
+    if who.role == "researcher":
+        query = query.where(applications.c.project == who.project)
+    if status is not None:
+        query = query.where(applications.c.status == status)
+    with engine.connect() as conn:
+        return [_info(conn, catalog, dict(r)) for r in conn.execute(query).mappings()]
+

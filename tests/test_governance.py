@@ -1,0 +1,385 @@
+"""Data stewards' governance end to end against a real executor: applications reviewed under each
+level's rule (API, SDK and `veil steward` CLI), grants that expire and are revoked, caps, the audit log,
+and every bad input refused with a precise, audited error that changes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from conftest import BACKENDS, Deployment, deploy, make_database
+from veil.cli import main as veil
+from veil.errors import CatalogError
+from veil.executor import audit, ledger
+from veil.executor.auth import create_token
+from veil.executor.catalog import load_catalog
+from veil.executor.store import applications, caps, grants, reviews
+from veil.kernel.errors import VeilPolicyError
+from veil.kernel.sdk import Site as ResearcherSite
+
+SQL_PATIENTS = "SELECT COUNT(*) FROM patients"
+SQL_REGISTRY = "SELECT COUNT(*) FROM registry"
+SQL_ENCOUNTERS = "SELECT COUNT(*) FROM encounters"
+
+
+def governance_catalog(site_config: Path, directory: Path, extra: str = "") -> Path:
+    """The north site plus `registry`, an L3 copy of its patients (lifetime epsilon 10)."""
+    text = site_config.read_text()
+    block = text[text.index("[datasets.patients]"):text.index("[datasets.encounters]")]
+    registry = block.replace("datasets.patients", "datasets.registry").replace('level = "L1"', 'level = "L3"')
+    registry = registry.replace('path = "patients.parquet"', f'path = "{site_config.parent / "patients.parquet"}"')
+    text = text.replace('path = "patients.parquet"', f'path = "{site_config.parent / "patients.parquet"}"')
+    text = text.replace('path = "encounters.parquet"', f'path = "{site_config.parent / "encounters.parquet"}"')
+    path = directory / "site.toml"
+    path.write_text(text + "\n" + registry + "\n" + extra)
+    return path
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def gov(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[Deployment]:
+    """A site with L1, L2 and L3 data, no grants but study1's, and stewards holding each office."""
+    state = tmp_path_factory.mktemp("gov")
+    catalog = governance_catalog(site_config, state, "[levels.L2]\ntraining = false\n")
+    url, drop = make_database(request.param, state)
+    d = deploy(catalog, url, state, grants={})
+    for name, office in [("erin", "data_center"), ("frank", "data_committee"), ("grace", "data_center")]:
+        d.tokens[name] = create_token(d.engine, name, "steward", None, office)
+    d.tokens["alice_steward"] = create_token(d.engine, "alice", "steward", None, "data_committee")
+    for who, token in d.tokens.items():
+        (state / f"{who}.token").write_text(token)
+    d.token_dir = state  # type: ignore[attr-defined]
+    yield d
+    d.executor.stop()
+    for c in d.clients:
+        c.close()
+    d.engine.dispose()
+    drop()
+
+
+def apply(d: Deployment, who: str = "researcher", **fields: Any) -> dict[str, Any]:
+    body = {"purpose": "Incidence of rare diseases by region", "datasets": ["encounters"], "epsilon": 2.0,
+            "duration_days": 30, **fields}
+    with d.http(who) as http:
+        response = http.post("/applications", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def review(d: Deployment, who: str, app: dict[str, Any], decision: str = "approve", version: int | None = None
+           ) -> Any:
+    with d.http(who) as http:
+        return http.post(f"/applications/{app['id']}/reviews",
+                         json={"decision": decision, "comment": f"{decision} by {who}",
+                               "version": version or app["version"]})
+
+
+def query(d: Deployment, sql: str, who: str = "researcher", epsilon: float = 0.2) -> Any:
+    with d.http(who) as http:
+        return http.post("/query", json={"sql": sql, "epsilon": epsilon})
+
+
+def steward_cli(d: Deployment, who: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`veil steward ...` as `who`, in this process; returns (exit code, what it printed)."""
+    token = d.token_dir / f"{who}.token"  # type: ignore[attr-defined]
+    code = veil(["steward", args[0], *args[1:], "--site", d.url, "--token-file", str(token)]
+                if args[0] != "grant" else
+                ["steward", "grant", args[1], *args[2:], "--site", d.url, "--token-file", str(token)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def state(engine: Engine) -> tuple[list[Any], ...]:
+    """Everything a refusal must leave unchanged (the audit log aside, which records the refusal)."""
+    with engine.connect() as conn:
+        return tuple(sorted(map(tuple, conn.execute(select(t)).all()))
+                     for t in (applications, reviews, grants, caps))
+
+
+def assert_refused(d: Deployment, response: Any, status: int, code: str, before: tuple[list[Any], ...]) -> None:
+    """Refused with this status and code, recorded in the audit log, and nothing else changed."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code, body
+    assert body["hint"]
+    entry = audit.find(d.engine, body["receipt"])
+    assert entry is not None and entry.decision == "refused" and entry.reason.startswith(code)
+    assert state(d.engine) == before
+
+
+# ------------------------------------------------------------------ the three paths
+
+
+def test_l1_application_is_approved_by_the_rule_at_once(gov: Deployment) -> None:
+    app = apply(gov, datasets=["patients"], epsilon=3.0, purpose="Age distribution of enrolled patients")
+    assert app["status"] == "approved" and app["needs"] is None and app["rule"]["reviewers"] == 0
+    grant = next(g for g in gov.client().grants() if g.dataset == "patients")
+    assert grant.application_id == app["id"] and grant.status == "active" and grant.expires_at
+    assert grant.epsilon == 3.0
+    decisions = [(e.action, e.decision, e.principal) for e in audit.entries(gov.engine)
+                 if e.reason and f"application {app['id']}" in e.reason]
+    assert ("application", "submitted", "alice") in decisions
+    assert ("grant", "granted", "site-policy") in decisions
+    assert ("application", "approved", "site-policy") in decisions
+
+
+def test_l2_path_through_the_api(gov: Deployment) -> None:
+    assert query(gov, SQL_ENCOUNTERS, who="outsider").json()["code"] == "unknown_dataset"
+    app = apply(gov, who="outsider", datasets=["encounters"], epsilon=1.5)
+    assert app["status"] == "pending" and app["needs"] == "1 more approving reviewer"
+    with gov.http("steward") as http:
+        pending = http.get("/applications", params={"status": "pending"}).json()
+    assert app["id"] in [a["id"] for a in pending]
+    with gov.http("outsider") as http:  # a researcher sees their own project's applications only
+        assert [a["project"] for a in http.get("/applications").json()] == ["other_project"] * len(
+            http.get("/applications").json())
+    decided = review(gov, "steward", app).json()
+    assert decided["status"] == "approved" and decided["reviews"][0]["reviewer"] == "carol"
+    released = query(gov, SQL_ENCOUNTERS, who="outsider")
+    assert released.status_code == 200, released.text
+    grant = next(g for g in ledger.list_grants(gov.engine, "other_project", 1e-6) if g.dataset == "encounters")
+    assert grant.epsilon == 1.5 and grant.rho_spent > 0 and grant.application_id == app["id"]
+
+
+def test_l3_path_through_the_cli(gov: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    app = apply(gov, datasets=["registry"], epsilon=1.0, ethics_ref="IRB-2026-117",
+                purpose="Registry-based survival analysis of rare diseases")
+    assert app["status"] == "pending"
+    assert app["needs"] == "2 more approving reviewers (from: data_center, data_committee)"
+    code, out = steward_cli(gov, "erin", "applications", "--pending", "--details", capsys=capsys)
+    assert code == 0 and f"#{app['id']} v1 [pending]" in out and "IRB-2026-117" in out
+
+    code, out = steward_cli(gov, "erin", "review", str(app["id"]), "--approve", "--comment", "data ok",
+                            capsys=capsys)
+    assert code == 0 and "needs 1 more approving reviewer (from: data_committee)" in out
+    for who, expected in [("steward", "reviewer_role"), ("grace", "reviewer_role"),
+                          ("alice_steward", "self_review"), ("erin", "already_reviewed")]:
+        before = state(gov.engine)
+        code, out = steward_cli(gov, who, "review", str(app["id"]), "--approve", "--comment", "ok", capsys=capsys)
+        assert code == 2 and f"[{expected}]" in out and "What to do:" in out, (who, out)
+        assert state(gov.engine) == before
+    assert query(gov, SQL_REGISTRY).json()["code"] == "unknown_dataset"
+
+    code, out = steward_cli(gov, "frank", "review", str(app["id"]), "--approve", "--comment", "committee ok",
+                            capsys=capsys)
+    assert code == 0 and f"#{app['id']} v1 [approved]" in out
+    refused = query(gov, SQL_REGISTRY, epsilon=0.6)  # L3 allows at most 0.5 per release
+    assert refused.status_code == 403 and refused.json()["code"] == "epsilon_above_level"
+    assert query(gov, SQL_REGISTRY, epsilon=0.4).status_code == 200
+
+    code, out = steward_cli(gov, "steward", "grants", capsys=capsys)
+    assert code == 0 and "study1 on registry [active" in out
+    code, out = steward_cli(gov, "steward", "budget", "registry", capsys=capsys)
+    assert code == 0 and "registry (L3): lifetime cap epsilon 10" in out and "study1 on registry" in out
+
+
+def test_the_cli_runs_as_a_command(gov: Deployment) -> None:
+    token = gov.token_dir / "steward.token"  # type: ignore[attr-defined]
+    done = subprocess.run([sys.executable, "-m", "veil.cli", "steward", "applications", "--site", gov.url,
+                           "--token-file", str(token)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "[approved]" in done.stdout, done.stderr
+    missing = subprocess.run([sys.executable, "-m", "veil.cli", "steward", "grants", "--site", gov.url,
+                              "--token-file", "/nonexistent/token"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "cannot read the token file" in missing.stderr
+
+
+def test_sdk_applies_and_follows_its_application(gov: Deployment) -> None:
+    site = ResearcherSite("north", gov.url, gov.tokens["outsider"])
+    app = site.apply("Length of stay by department, for planning", ["encounters"], epsilon=0.5,
+                     duration_days=10)
+    assert app.status == "pending" and app.request.epsilon == 0.5
+    amended = site.amend(app.id, epsilon=0.8)
+    assert amended.version == 2 and amended.status == "pending" and amended.request.epsilon == 0.8
+    assert [a.id for a in site.applications()][0] == app.id
+    assert site.withdraw(app.id).status == "withdrawn"
+    with pytest.raises(VeilPolicyError, match="not_pending"):
+        site.withdraw(app.id)
+    site.client.close()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_applications_are_refused(gov: Deployment) -> None:
+    before = state(gov.engine)
+    with gov.http() as http:
+        no_ethics = http.post("/applications", json={"purpose": "Survival analysis of registry patients",
+                                                     "datasets": ["registry"], "epsilon": 1, "duration_days": 30})
+        assert_refused(gov, no_ethics, 422, "ethics_required", before)
+        training = http.post("/applications", json={"purpose": "A diagnosis model from encounters",
+                                                    "datasets": ["encounters"], "epsilon": 1, "duration_days": 30,
+                                                    "uses": ["query", "training"]})
+        assert_refused(gov, training, 422, "training_not_allowed", before)
+        unknown = http.post("/applications", json={"purpose": "Something about genomes", "datasets": ["genomes"],
+                                                   "epsilon": 1, "duration_days": 30})
+        assert_refused(gov, unknown, 404, "unknown_dataset", before)
+        short = http.post("/applications", json={"purpose": "x", "datasets": ["patients"], "epsilon": 1,
+                                                 "duration_days": 30})
+        assert_refused(gov, short, 422, "malformed_request", before)
+    with gov.http("steward") as http:  # stewards review; they do not apply
+        as_steward = http.post("/applications", json={"purpose": "Steward's own study of patients",
+                                                      "datasets": ["patients"], "epsilon": 1, "duration_days": 3})
+        assert_refused(gov, as_steward, 403, "forbidden", before)
+    app = apply(gov)
+    with gov.http("researcher") as http:  # researchers do not review
+        before = state(gov.engine)
+        assert_refused(gov, http.post(f"/applications/{app['id']}/reviews",
+                                      json={"decision": "approve", "comment": "mine", "version": 1}),
+                       403, "forbidden", before)
+
+
+def test_unknown_level_in_a_catalog_is_refused(site_config: Path, tmp_path: Path) -> None:
+    path = governance_catalog(site_config, tmp_path)
+    path.write_text(path.read_text().replace('level = "L3"', 'level = "L4"'))
+    with pytest.raises(CatalogError, match="unknown privacy level 'L4'"):
+        load_catalog(path)
+    path = governance_catalog(site_config, tmp_path, "[levels.L9]\nreviewers = 3\n")
+    with pytest.raises(CatalogError, match=r"unknown level\(s\) \['L9'\]"):
+        load_catalog(path)
+    path = governance_catalog(site_config, tmp_path, "[levels.L3]\nreviewers = 1\n")
+    with pytest.raises(CatalogError, match="reviewers must be at least"):
+        load_catalog(path)
+
+
+def test_changed_and_withdrawn_applications(gov: Deployment) -> None:
+    app = apply(gov, purpose="Readmissions after discharge, by outcome")
+    with gov.http() as http:
+        changed = http.put(f"/applications/{app['id']}", json={**app["request"], "epsilon": 2.5})
+    assert changed.status_code == 200 and changed.json()["version"] == 2
+    before = state(gov.engine)
+    assert_refused(gov, review(gov, "steward", app, version=1), 409, "application_changed", before)
+    with gov.http() as http:
+        assert_refused(gov, http.put(f"/applications/{app['id']}", json=changed.json()["request"]), 422,
+                       "no_change", before)
+        assert_refused(gov, http.post("/applications/999999/withdraw"), 404, "unknown_application", before)
+    with gov.http("outsider") as http:  # another project's application is not yours to change
+        assert_refused(gov, http.post(f"/applications/{app['id']}/withdraw"), 404, "unknown_application", before)
+    with gov.http() as http:
+        assert http.post(f"/applications/{app['id']}/withdraw").json()["status"] == "withdrawn"
+    before = state(gov.engine)
+    assert_refused(gov, review(gov, "steward", app, version=2), 409, "application_withdrawn", before)
+
+
+def test_a_change_to_an_approved_application_needs_a_new_review(gov: Deployment) -> None:
+    app = apply(gov, who="outsider", purpose="Outcomes by department over time", epsilon=1.0)
+    approved = review(gov, "erin", app).json()
+    assert approved["status"] == "approved"
+    with gov.http("outsider") as http:
+        changed = http.put(f"/applications/{app['id']}", json={**app["request"], "epsilon": 3.0}).json()
+    assert changed["status"] == "pending" and changed["version"] == 2 and changed["reviews"] == []
+    grant = next(g for g in ledger.list_grants(gov.engine, "other_project", 1e-6) if g.dataset == "encounters")
+    assert grant.epsilon == 1.0 and grant.status == "active"  # the approved budget stands until reviewed again
+    assert review(gov, "frank", changed).json()["status"] == "approved"
+    grant = next(g for g in ledger.list_grants(gov.engine, "other_project", 1e-6) if g.dataset == "encounters")
+    assert grant.epsilon == 3.0
+
+
+def test_approving_above_the_remaining_cap_changes_nothing(gov: Deployment) -> None:
+    app = apply(gov, datasets=["registry"], epsilon=50.0, ethics_ref="IRB-2026-200",
+                purpose="A very expensive registry study")
+    assert review(gov, "erin", app).json()["needs"] == "1 more approving reviewer (from: data_committee)"
+    before = state(gov.engine)
+    assert_refused(gov, review(gov, "frank", app), 409, "cap_exceeded", before)
+    with gov.http("steward") as http:
+        again = http.get(f"/applications/{app['id']}").json()
+    assert again["status"] == "pending" and [r["reviewer"] for r in again["reviews"]] == ["erin"]
+
+
+def test_two_reviewers_approving_at_once_grant_once(gov: Deployment) -> None:
+    token = create_token(gov.engine, "heidi", "researcher", f"race_{uuid.uuid4().hex[:6]}")
+    gov.tokens["heidi"] = token
+    app = apply(gov, who="heidi", purpose="Two reviewers approving at the same moment")
+    results: dict[str, Any] = {}
+    barrier = threading.Barrier(2)
+
+    def approve(who: str) -> None:
+        barrier.wait()
+        results[who] = review(gov, who, app)
+
+    threads = [threading.Thread(target=approve, args=(w,)) for w in ("steward", "erin")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results.values())
+    assert codes == [200, 409], {w: r.text for w, r in results.items()}
+    loser = next(r for r in results.values() if r.status_code == 409)
+    assert loser.json()["code"] == "application_decided"
+    granted = [e for e in audit.entries(gov.engine) if e.action == "grant" and e.decision == "granted"
+               and f"(application {app['id']})" in (e.reason or "")]
+    assert len(granted) == 1
+
+
+def test_expired_and_revoked_grants_are_refused(gov: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    project = f"short_{uuid.uuid4().hex[:6]}"
+    gov.tokens["ivan"] = create_token(gov.engine, "ivan", "researcher", project)
+    app = apply(gov, who="ivan", duration_days=2.0 / 86400, purpose="A two-second study of encounters")
+    assert review(gov, "steward", app).json()["status"] == "approved"
+    time.sleep(2.5)
+    before = state(gov.engine)
+    assert_refused(gov, query(gov, SQL_ENCOUNTERS, who="ivan"), 403, "grant_expired", before)
+    with gov.http("steward") as http:
+        grant = next(g for g in http.get("/grants").json() if g["project"] == project)
+    assert grant["status"] == "expired"
+
+    app = apply(gov, who="ivan", datasets=["patients"], epsilon=1.0, purpose="Patients, to be revoked")
+    assert query(gov, SQL_PATIENTS, who="ivan").status_code == 200
+    grant = next(g for g in gov.client("steward").grants() if g.project == project and g.dataset == "patients")
+    code, out = steward_cli(gov, "steward", "grant", "revoke", str(grant.id), "--reason", "protocol breach",
+                            capsys=capsys)
+    assert code == 0 and "[revoked until" in out
+    before = state(gov.engine)
+    assert_refused(gov, query(gov, SQL_PATIENTS, who="ivan"), 403, "grant_revoked", before)
+    code, out = steward_cli(gov, "steward", "grant", "revoke", str(grant.id), "--reason", "again", capsys=capsys)
+    assert code == 2 and "already revoked" in out
+    assert state(gov.engine) == before
+
+
+def test_caps_set_by_stewards(gov: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = steward_cli(gov, "steward", "budget", "encounters", "--cap", "25", "--reason", "new protocol",
+                            capsys=capsys)
+    assert code == 0 and "lifetime cap epsilon 25" in out
+    ledger.sync_caps(gov.engine, gov.catalog)  # a restart re-reads the catalog: the steward's cap stands
+    with gov.engine.connect() as conn:
+        cap = conn.execute(select(caps).where(caps.c.dataset == "encounters")).mappings().one()
+    assert cap["epsilon"] == 25 and cap["set_by"] == "carol"
+    before = state(gov.engine)
+    with gov.http("steward") as http:
+        spent = next(b for b in http.get("/budgets").json() if b["dataset"] == "encounters")["spent_epsilon"]
+        assert spent > 0
+        assert_refused(gov, http.put("/budgets/encounters/cap", json={"epsilon": spent / 2}), 409,
+                       "cap_below_spent", before)
+        assert_refused(gov, http.put("/budgets/nothing/cap", json={"epsilon": 3}), 404, "unknown_dataset", before)
+    with gov.http("researcher") as http:
+        assert_refused(gov, http.get("/budgets"), 403, "forbidden", before)
+    entries = [e for e in audit.entries(gov.engine) if e.action == "cap"]
+    assert entries[-1].decision == "changed" and "new protocol" in (entries[-1].reason or "")
+
+
+def test_audit_log_exports_and_verifies(gov: Deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    with gov.http("steward") as http:
+        verdict = http.get("/audit/verify").json()
+        log = http.get("/audit", params={"since": 3, "limit": 5}).json()
+    assert verdict["ok"], verdict["problems"]
+    assert [e["seq"] for e in log] == [4, 5, 6, 7, 8]
+    site_args = ["--site-config", str(gov.catalog.path), "--database-url", gov.database_url]
+    assert veil(["audit", "export", "--format", "jsonl", "--out", str(tmp_path / "log.jsonl"), *site_args]) == 0
+    assert "audit entries to" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == verdict["entries"] and lines[0]["seq"] == 1
+    assert {"review", "application", "grant", "cap", "query"} <= {e["action"] for e in lines}
+    assert veil(["audit", "export", "--format", "csv", "--since", "10", *site_args]) == 0
+    csv_text = capsys.readouterr().out.splitlines()
+    assert csv_text[0].startswith("seq,ts,principal") and csv_text[1].startswith("11,")
+    assert veil(["audit", "verify", *site_args]) == 0

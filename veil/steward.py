@@ -1,0 +1,150 @@
+"""`veil steward ...`: the data steward's desk on the command line, over the executor's API.
+
+The steward's token decides who reviews (and for which office), exactly as in the lab extension:
+`--site URL --token-file FILE`, or the environment's VEIL_SITE_URL and VEIL_TOKEN_FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from veil.kernel.client import SiteClient
+from veil.wire import ApplicationInfo, GrantInfo, MockRequest, ReviewRequest
+
+
+def _client(args: argparse.Namespace) -> SiteClient:
+    url = args.site or os.environ.get("VEIL_SITE_URL")
+    token_file = args.token_file or os.environ.get("VEIL_TOKEN_FILE")
+    if not url or not token_file:
+        raise SystemExit("error: say which executor and which steward token: --site URL --token-file FILE "
+                         "(or set VEIL_SITE_URL and VEIL_TOKEN_FILE)")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read the token file {token_file}: {exc.strerror}") from None
+    return SiteClient("site", url, token)
+
+
+def _print_application(a: ApplicationInfo, detail: bool = False) -> None:
+    r = a.request
+    print(f"#{a.id} v{a.version} [{a.status}] project {a.project} by {a.applicant}: {', '.join(r.datasets)} "
+          f"epsilon {r.epsilon:g} for {r.duration_days:g} days ({', '.join(r.uses)}); rule {a.rule.level}"
+          + (f"; needs {a.needs}" if a.needs else ""))
+    if detail:
+        print(f"    purpose: {r.purpose}")
+        if r.ethics_ref:
+            print(f"    ethics approval: {r.ethics_ref}")
+        for review in a.reviews:
+            print(f"    {review.decision} by {review.reviewer} ({review.office or 'no office'}) at {review.ts[:19]}: "
+                  f"{review.comment}")
+
+
+def _print_grant(g: GrantInfo) -> None:
+    until = f" until {g.expires_at[:10]}" if g.expires_at else ""
+    print(f"grant {g.id}: {g.project} on {g.dataset} [{g.status}{until}] epsilon {g.epsilon:g}: "
+          f"spent {g.epsilon_spent:.4g}, remaining {g.epsilon_remaining:.4g} ({', '.join(g.uses)})")
+
+
+def _applications(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        found = site.applications("pending" if args.pending else None)
+    for a in found:
+        _print_application(a, detail=args.details)
+    if not found:
+        print("no pending applications" if args.pending else "no applications")
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        version = args.version or site.application(args.id).version
+        decision = ReviewRequest(decision="approve" if args.approve else "reject", comment=args.comment,
+                                 version=version)
+        after = site.review(args.id, decision)
+    _print_application(after, detail=True)
+    return 0
+
+
+def _grants(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        for g in site.grants():
+            _print_grant(g)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        _print_grant(site.revoke_grant(args.id, args.reason))
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        if args.cap is not None:
+            budget = site.set_cap(args.dataset, args.cap, args.reason)
+        else:
+            budget = next((b for b in site.budgets() if b.dataset == args.dataset), None)
+            if budget is None:
+                raise SystemExit(f"error: the site has no dataset '{args.dataset}'")
+    print(f"{budget.dataset} ({budget.level}): lifetime cap epsilon {budget.cap_epsilon:g}, spent "
+          f"{budget.spent_epsilon:.4g}, remaining {budget.remaining_epsilon:.4g}")
+    for g in budget.grants:
+        _print_grant(g)
+    return 0
+
+
+def _mock(args: argparse.Namespace) -> int:
+    request = MockRequest(kind="synthetic" if args.synthetic else "schema",
+                          epsilon=args.epsilon if args.synthetic else None, rows=args.rows)
+    with _client(args) as site:
+        mock = site.set_mock(args.dataset, request)
+    spent = f", charged epsilon {mock.epsilon:g} to the lifetime cap (receipt {mock.receipt})" if mock.epsilon else ""
+    print(f"{mock.dataset}: researchers' mock mode now uses {mock.kind} rows ({mock.rows} rows){spent}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `veil steward ...` to the `veil` command."""
+    steward = sub.add_parser("steward", help="review applications, grants and budgets (a steward's token)")
+    actions = steward.add_subparsers(dest="action", required=True)
+
+    def command(name: str, help: str, func, parent=actions) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        p = parent.add_parser(name, help=help)
+        p.add_argument("--site", default=None, help="the executor's URL (default: $VEIL_SITE_URL)")
+        p.add_argument("--token-file", default=None, help="your steward token (default: $VEIL_TOKEN_FILE)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("applications", "list applications", _applications)
+    p.add_argument("--pending", action="store_true", help="only those awaiting review")
+    p.add_argument("--details", action="store_true", help="with purpose and reviews")
+
+    p = command("review", "approve or reject an application", _review)
+    p.add_argument("id", type=int)
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--approve", action="store_true")
+    verdict.add_argument("--reject", action="store_true")
+    p.add_argument("--comment", required=True)
+    p.add_argument("--version", type=int, default=None,
+                   help="the version you read (default: the current one); a changed application is refused")
+
+    command("grants", "every project's grants: granted, spent, remaining, status", _grants)
+    grant = actions.add_parser("grant", help="change a grant").add_subparsers(dest="grant_action", required=True)
+    p = command("revoke", "revoke a grant (what it spent stays spent)", _revoke, parent=grant)
+    p.add_argument("id", type=int)
+    p.add_argument("--reason", required=True)
+
+    p = command("budget", "a dataset's lifetime cap and grants; --cap changes the cap", _budget)
+    p.add_argument("dataset")
+    p.add_argument("--cap", type=float, default=None, help="new lifetime cap, epsilon at the reporting delta")
+    p.add_argument("--reason", default="")
+
+    p = command("mock", "choose the dataset's mock for researchers' mock mode", _mock)
+    p.add_argument("dataset")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--synthetic", action="store_true", help="DP synthetic rows fitted to the data (charged)")
+    kind.add_argument("--schema", action="store_true", help="rows made from public metadata only (free)")
+    p.add_argument("--epsilon", type=float, default=1.0, help="for --synthetic: charged to the lifetime cap")
+    p.add_argument("--rows", type=int, default=None)
