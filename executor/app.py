@@ -31,6 +31,8 @@ from veil.wire import (
     GrantInfo,
     Health,
     LevelRule,
+    MockInfo,
+    MockRequest,
     QueryRequest,
     Refusal,
     Release,
@@ -175,6 +177,17 @@ def create_app(site: Site) -> FastAPI:
     def grants(who: Principal = Depends(principal)) -> list[GrantInfo]:
         """Your project's grants (a steward sees all) with what is spent and what remains."""
         return site.grants(who)
+
+    @app.get("/datasets/{name}/mock", response_model=MockInfo)
+    def mock(name: str, who: Principal = Depends(principal)) -> MockInfo:
+        """The dataset's mock for mock mode: schema-only (made by the kernel) or the steward's DP synthetic rows."""
+        return site.mock(who, name)
+
+    @app.put("/datasets/{name}/mock", response_model=MockInfo)
+    def set_mock(name: str, body: MockRequest, request: Request, who: Principal = Depends(principal)) -> MockInfo:
+        """Choose the dataset's mock (stewards); DP synthetic rows are charged to its lifetime cap."""
+        request.state.context = {"dataset": name}
+        return site.set_mock(who, name, body)
 
     @app.get("/levels", response_model=dict[str, LevelRule])
     def levels() -> dict[str, LevelRule]:

@@ -256,11 +256,16 @@ def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, r
     conn.execute(_SPEND_CAP, params)
 
 
-def charge_cap(conn: Connection, dataset: Dataset, rho: float, delta: float) -> None:
-    """Charge a release that belongs to no project (a steward's DP synthetic mock) to the cap alone."""
+def check_cap(conn: Connection, dataset: Dataset, rho: float, delta: float) -> None:
+    """Refuse (BudgetError) unless the dataset's lifetime cap alone can afford the cost."""
     cap = conn.execute(_CAP, {"dataset": dataset.name}).mappings().one()
     if cap["rho_spent"] + rho > cap["rho_total"] or cap["delta_spent"] + delta > cap["delta"]:
         raise BudgetError("budget_exhausted", f"this costs rho={rho:.4g} but the lifetime cap of "
                           f"'{dataset.name}' has rho={max(0.0, cap['rho_total'] - cap['rho_spent']):.4g} left",
                           hint="use a smaller epsilon, or raise the cap with 'veil steward budget DATASET --cap'")
+
+
+def charge_cap(conn: Connection, dataset: Dataset, rho: float, delta: float) -> None:
+    """Charge a release that belongs to no project (a steward's DP synthetic mock) to the cap alone."""
+    check_cap(conn, dataset, rho, delta)
     conn.execute(_SPEND_CAP, {"cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta})

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
-from veil.executor import application, audit, ledger
+from veil.executor import application, audit, ledger, mocks
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
 from veil.executor.calibrate import certify, fits
@@ -29,6 +29,8 @@ from veil.wire import (
     DatasetBudget,
     DatasetInfo,
     GrantInfo,
+    MockInfo,
+    MockRequest,
     QueryRequest,
     QuerySpec,
     Release,
@@ -209,6 +211,15 @@ class Site:
         with write(self.engine) as conn:
             ledger.set_cap(conn, self.catalog, self.catalog.dataset(dataset), epsilon, by=who.name, reason=reason)
         return next(b for b in self.budgets(who) if b.dataset == dataset)
+
+    def set_mock(self, who: Principal, dataset: str, request: MockRequest) -> MockInfo:
+        require(who, "steward")
+        ds = self.catalog.dataset(dataset)
+        return mocks.set_mock(self.engine, self.catalog, ds, request, who.name, self.bound_holds(ds))
+
+    def mock(self, who: Principal, dataset: str) -> MockInfo:
+        """The dataset's mock for mock mode (to anyone who may see the dataset): it is public or DP already."""
+        return mocks.get_mock(self.engine, self.dataset_for(who, dataset).name)
 
     def audit_log(self, who: Principal, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
         require(who, "steward", "admin")

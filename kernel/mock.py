@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from veil.wire import ColumnInfo, DatasetInfo, QueryRequest, QuerySpec, Release
+from veil.wire import ColumnInfo, DatasetInfo, MockInfo, QueryRequest, QuerySpec, Release
 
 MOCK_ROWS = 2000
+_DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
+           "Boolean": pl.Boolean}
 _DATES = (date(2015, 1, 1), date(2025, 12, 31))
 
 
@@ -38,8 +40,7 @@ def _column(info: ColumnInfo, units: np.ndarray, rng: np.random.Generator) -> pl
         values = pl.Series(info.name, rng.random(n) < 0.5)
     else:
         values = pl.Series(info.name, [f"{info.name}_{i % 7}" for i in range(n)])
-    values = values.cast({"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String,
-                          "Date": pl.Date, "Boolean": pl.Boolean}[info.dtype])
+    values = values.cast(_DTYPES[info.dtype])
     if info.nullable:
         values = values.scatter(np.flatnonzero(rng.random(n) < 0.1), None)
     return values
@@ -60,6 +61,17 @@ def mock_rows(info: DatasetInfo, rows: int = MOCK_ROWS, seed: int = 0) -> pl.Dat
     return frame.filter(pl.int_range(pl.len()).over(info.privacy_unit) < info.max_rows_per_unit)
 
 
+def synthetic_rows(info: DatasetInfo, mock: MockInfo) -> pl.DataFrame | None:
+    """The steward's DP synthetic rows as a frame with the dataset's schema; None for a schema-only mock."""
+    if mock.kind != "synthetic" or mock.data is None:
+        return None
+    frame = pl.DataFrame(mock.data)
+    return frame.with_columns(
+        pl.col(c.name).str.to_date() if c.dtype == "Date" else pl.col(c.name).cast(_DTYPES[c.dtype])
+        for c in info.columns
+    )
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -69,9 +81,11 @@ def _toml_value(value: object) -> str:
 
 
 class MockSite:
-    """A local executor over mock rows for one site's datasets; answers like `SiteClient.query`."""
+    """A local executor over mock rows for one site's datasets; answers like `SiteClient.query`.
 
-    def __init__(self, name: str, datasets: list[DatasetInfo]) -> None:
+    `rows` gives a dataset's rows (the steward's DP synthetic mock); others get `mock_rows`."""
+
+    def __init__(self, name: str, datasets: list[DatasetInfo], rows: dict[str, pl.DataFrame] | None = None) -> None:
         from veil.executor import ledger
         from veil.executor.auth import Principal
         from veil.executor.site import Site
@@ -82,7 +96,8 @@ class MockSite:
         root = Path(self._dir.name)
         lines = ["[site]", f'name = "{name}"', 'database = "sqlite:///mock.db"', "default_l1_epsilon = 1000.0"]
         for info in datasets:
-            mock_rows(info).write_parquet(root / f"{info.name}.parquet")
+            given = (rows or {}).get(info.name)
+            (given if given is not None else mock_rows(info)).write_parquet(root / f"{info.name}.parquet")
             lines += [f"[datasets.{info.name}]", f'path = "{info.name}.parquet"', f'level = "{info.level}"',
                       f'privacy_unit = "{info.privacy_unit}"', f"max_rows_per_unit = {info.max_rows_per_unit}",
                       f"max_rows = {info.max_rows}", "lifetime_epsilon = 1000.0"]

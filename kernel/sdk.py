@@ -13,7 +13,7 @@ from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates, site_confidence
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable
-from veil.kernel.mock import MockSite, mock_rows
+from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
 from veil.sql import parse_sql
 from veil.wire import ApplicationInfo, ApplicationRequest, DatasetInfo, GrantInfo, QuerySpec
@@ -49,9 +49,12 @@ class Site:
 
     @property
     def mock(self) -> MockSite:
-        """This site's mock twin: its datasets' public metadata over made-up rows, run locally."""
+        """This site's mock twin, run locally: its datasets' public metadata over made-up rows, or over the
+        DP synthetic rows a steward chose for a dataset (already paid for; free to use)."""
         if self._mock is None:
-            self._mock = MockSite(self.name, [d.info for d in self.datasets.values()])
+            infos = [d.info for d in self.datasets.values()]
+            synthetic = {i.name: rows for i in infos if (rows := synthetic_rows(i, self.client.mock(i.name))) is not None}
+            self._mock = MockSite(self.name, infos, synthetic)
         return self._mock
 
     def release(self, spec: QuerySpec, confidence: float, **loss: Any) -> Result:
@@ -169,8 +172,10 @@ class Dataset:
                              for c in self.info.columns])
 
     def mock(self, rows: int = 20) -> pl.DataFrame:
-        """Made-up rows with this dataset's schema and public metadata (no hospital data in them)."""
-        return mock_rows(self.info, rows)
+        """Mock rows with this dataset's schema: the steward's DP synthetic rows where they chose them (at the
+        first site), else rows made from public metadata. Neither holds any patient's record."""
+        synthetic = synthetic_rows(self.info, self.sites[0].client.mock(self.name))
+        return synthetic.head(rows) if synthetic is not None else mock_rows(self.info, rows)
 
     def sql(self, sql: str) -> Query:
         """A query from SQL text (parsed here to the same spec the executor would build)."""

@@ -40,7 +40,7 @@ def test_demo_releases_from_three_sites_and_leaves_nothing_running(tmp_path: Pat
     assert "synthesizing" not in again.stdout
 
 
-def test_cli_synth_grant_and_errors(tmp_path: Path) -> None:
+def test_cli_synth_tokens_and_errors(tmp_path: Path) -> None:
     out = tmp_path / "cohort"
     run = veil("data", "synth", "--sites", "2", "--patients", "500", "--out", str(out), "--seed", "3")
     assert run.returncode == 0, run.stderr
@@ -48,12 +48,12 @@ def test_cli_synth_grant_and_errors(tmp_path: Path) -> None:
     assert config.exists() and (out / "central" / "encounters.parquet").exists()
     assert pl.read_parquet(out / "north" / "patients.parquet").height > 300
 
-    granted = veil("executor", "grant", "--site-config", str(config), "--project", "p1", "--dataset", "encounters",
-                   "--epsilon", "2")
-    assert granted.returncode == 0 and "receipt" in granted.stdout
-    unknown = veil("executor", "grant", "--site-config", str(config), "--project", "p1", "--dataset", "nope",
-                   "--epsilon", "2")
-    assert unknown.returncode == 2 and "no dataset 'nope'" in unknown.stderr and "hint" in unknown.stderr
+    steward = veil("executor", "token", "create", "--site-config", str(config), "--role", "steward",
+                   "--principal", "erin", "--office", "data_center", "--out", str(tmp_path / "erin.token"))
+    assert steward.returncode == 0 and (tmp_path / "erin.token").read_text().startswith("veil_")
+    wrong = veil("executor", "token", "create", "--site-config", str(config), "--role", "researcher",
+                 "--principal", "bob", "--project", "p1", "--office", "data_center")
+    assert wrong.returncode == 2 and "--office is for stewards" in wrong.stderr
     missing = veil("audit", "verify", "--site-config", str(tmp_path / "absent.toml"))
     assert missing.returncode == 2 and "no site catalog" in missing.stderr
     assert veil("audit", "verify", "--site-config", str(config)).returncode == 0

@@ -383,3 +383,49 @@ def test_audit_log_exports_and_verifies(gov: Deployment, tmp_path: Path, capsys:
     csv_text = capsys.readouterr().out.splitlines()
     assert csv_text[0].startswith("seq,ts,principal") and csv_text[1].startswith("11,")
     assert veil(["audit", "verify", *site_args]) == 0
+
+
+# ------------------------------------------------------------------ mocks
+
+
+def test_steward_chooses_a_dp_synthetic_mock(gov: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    site = ResearcherSite("north", gov.url, gov.tokens["researcher"])
+    assert site.client.mock("patients").kind == "schema"  # the free default
+    with gov.http("steward") as http:
+        spent_before = next(b for b in http.get("/budgets").json() if b["dataset"] == "patients")["spent_rho"]
+    code, out = steward_cli(gov, "steward", "mock", "patients", "--synthetic", "--epsilon", "1.0", capsys=capsys)
+    assert code == 0 and "synthetic rows" in out and "charged epsilon" in out, out
+    mock = site.client.mock("patients")
+    assert mock.kind == "synthetic" and 0 < mock.epsilon <= 1.0 and mock.rows >= 100 and mock.receipt
+    entry = audit.find(gov.engine, mock.receipt)
+    assert entry is not None and entry.action == "mock" and entry.decision == "released" and entry.project is None
+    with gov.http("steward") as http:
+        budget = next(b for b in http.get("/budgets").json() if b["dataset"] == "patients")
+        assert budget["spent_rho"] == pytest.approx(spent_before + entry.rho)  # charged to the cap alone
+        assert http.get("/audit/verify").json()["ok"]
+
+    preview = site.datasets["patients"].mock(rows=5)  # mock mode serves the synthetic rows, schema intact
+    assert preview.height == 5 and preview.schema == site.datasets["patients"].schema
+    site.mode = "mock"
+    before = state(gov.engine)
+    result = site.datasets["patients"].sql("SELECT COUNT(*) FROM patients").release(epsilon=0.5)
+    assert result.mock and result.df.height == 1, result.df
+    assert state(gov.engine) == before  # nothing live was spent
+    site.client.close()
+
+    code, out = steward_cli(gov, "steward", "mock", "patients", "--schema", capsys=capsys)
+    assert code == 0 and "schema rows" in out
+    assert ResearcherSite("north", gov.url, gov.tokens["researcher"]).client.mock("patients").data is None
+
+
+def test_a_synthetic_mock_beyond_the_cap_is_refused(gov: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    with gov.http("steward") as http:
+        spent = next(b for b in http.get("/budgets").json() if b["dataset"] == "registry")["spent_epsilon"]
+        assert http.put("/budgets/registry/cap", json={"epsilon": spent + 0.5}).status_code == 200
+        before = state(gov.engine)
+        too_much = http.put("/datasets/registry/mock", json={"kind": "synthetic", "epsilon": 2})
+        assert_refused(gov, too_much, 409, "budget_exhausted", before)
+        assert_refused(gov, http.put("/datasets/registry/mock", json={"kind": "synthetic"}), 422,
+                       "malformed_request", before)
+    with gov.http("researcher") as http:
+        assert_refused(gov, http.put("/datasets/patients/mock", json={"kind": "schema"}), 403, "forbidden", before)

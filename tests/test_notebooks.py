@@ -86,7 +86,7 @@ def test_a_refused_cell_fails_the_run(kernel_env: Path, sites: dict[str, Deploym
     with pytest.raises(CellExecutionError, match="row_level_output"):
         run(["%veil mode live", "%%veil sql --site north --epsilon 0.1\nSELECT * FROM patients"],
             kernel_env / "refused.ipynb")
-    with pytest.raises(CellExecutionError, match="VeilBudgetError"):
+    with pytest.raises(CellExecutionError, match="VeilPolicyError.*epsilon_above_level"):
         run(["%veil mode live", "study.sites['north'].datasets['patients'].sql("
              "'SELECT COUNT(*) FROM patients').release(rho=5.0)"], kernel_env / "budget.ipynb")
     assert spent(sites) == before

@@ -160,7 +160,7 @@ def test_bound_not_held_by_the_file_is_enforced_by_truncation(site_config: Path,
     frame = pl.read_parquet(encounters.path)
     truncated = frame.group_by("patient_id").len().select(pl.col("len").clip(upper_bound=2).sum()).item()
     release = site.query(Principal("alice", "researcher", "p1"),
-                         QueryRequest(sql="SELECT COUNT(*) AS n FROM encounters", rho=0.5))
+                         QueryRequest(sql="SELECT COUNT(*) AS n FROM encounters", epsilon=1.0))
     row = release.rows[0]
     assert row["n_lower"] <= truncated <= row["n_upper"]
     assert not row["n_lower"] <= frame.height <= row["n_upper"]

@@ -9,6 +9,9 @@ import polars as pl
 import pytest
 
 from conftest import SITES, Deployment, write_study
+from veil.executor import ledger
+from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.executor.store import write
 from veil.kernel import (
     VeilAuthError,
     VeilBudgetError,
@@ -110,8 +113,20 @@ def test_refusals_raise_typed_errors_that_say_what_to_do(study: Study, sites: di
     ds = study.sites["valley"].datasets["patients"]
     with pytest.raises(VeilPolicyError, match="no column 'weight'.*What to do: columns are"):
         ds.agg(col("weight").mean()).release(epsilon=0.1)
-    with pytest.raises(VeilBudgetError, match="remaining: rho=") as budget:
+    with pytest.raises(VeilPolicyError, match="epsilon_above_level.*What to do: ask for epsilon <= 1"):
         ds.agg(count()).release(rho=5.0)
+    valley = sites["valley"]
+    delta = valley.catalog.reporting_delta
+    with write(valley.engine) as conn:  # a steward lowers the cap to half a release above what is spent
+        spent = next(b for b in ledger.budgets(valley.engine, valley.catalog) if b.dataset == "patients").spent_rho
+        cap = epsilon_of(spent + rho_for_epsilon(1.0, delta) / 2, delta)
+        ledger.set_cap(conn, valley.catalog, valley.catalog.dataset("patients"), cap, "carol", "test")
+    try:
+        with pytest.raises(VeilBudgetError, match="remaining: rho=") as budget:
+            ds.agg(count()).release(epsilon=1.0)
+    finally:
+        with write(valley.engine) as conn:
+            ledger.set_cap(conn, valley.catalog, valley.catalog.dataset("patients"), 10.0, "carol", "test")
     assert budget.value.refusal.remaining is not None and budget.value.site == "valley"
 
 

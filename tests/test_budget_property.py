@@ -1,0 +1,141 @@
+"""Property: whatever the interleaving of grants, releases, revocations and cap changes, no dataset
+spends beyond its lifetime cap and no project beyond its grant; a release is refused exactly when a
+simple model of the ledger says it cannot be afforded, and the audit log always verifies."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from sqlalchemy import select
+
+from veil.errors import BudgetError, CatalogError, GovernanceError
+from veil.executor import audit, ledger
+from veil.executor.accounting import rho_for_epsilon
+from veil.executor.auth import Principal
+from veil.executor.site import Site
+from veil.executor.store import caps, grants, open_store, write
+from veil.wire import QueryRequest
+
+PROJECTS = ("p1", "p2")
+DATASETS = ("patients", "encounters")  # L1 (a default grant on first use) and L2 (grants only)
+TOLERANCE = 1e-9
+
+
+@pytest.fixture(scope="module")
+def base_site(site_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    site = Site.open(site_config, f"sqlite:///{tmp_path_factory.mktemp('prop') / 'base.db'}")
+    yield site
+    site.engine.dispose()
+
+
+def test_no_interleaving_overspends(base_site: Site, tmp_path: Path) -> None:
+    counter = itertools.count()
+    outcomes: collections.Counter[str] = collections.Counter()
+    delta = base_site.catalog.reporting_delta
+
+    class Ledger(RuleBasedStateMachine):
+        @initialize()
+        def fresh_site(self) -> None:
+            engine = open_store(f"sqlite:///{tmp_path / f'prop-{next(counter)}.db'}")
+            # the catalog, certified queries and bound checks are shared; the state database is new
+            self.site = Site(base_site.catalog, engine, base_site.prepared, base_site._bounds)
+            ledger.sync_caps(engine, base_site.catalog)
+            self.grant: dict[tuple[str, str], dict[str, float | bool]] = {}
+            self.cap = {d: {"total": rho_for_epsilon(base_site.catalog.datasets[d].lifetime_epsilon, delta),
+                            "spent": 0.0} for d in DATASETS}
+
+        @rule(project=st.sampled_from(PROJECTS), dataset=st.sampled_from(DATASETS),
+              epsilon=st.sampled_from([0.2, 0.5, 1.5, 3.0]))
+        def set_grant(self, project: str, dataset: str, epsilon: float) -> None:
+            with write(self.site.engine) as conn:
+                ledger.set_grant(conn, self.site.catalog, project, self.site.catalog.datasets[dataset], epsilon,
+                                 by="steward")
+            spent = float(self.grant.get((project, dataset), {}).get("spent", 0.0))
+            self.grant[(project, dataset)] = {"total": max(rho_for_epsilon(epsilon, delta), spent), "spent": spent,
+                                              "revoked": False}
+
+        @rule(project=st.sampled_from(PROJECTS), dataset=st.sampled_from(DATASETS))
+        def revoke(self, project: str, dataset: str) -> None:
+            with write(self.site.engine) as conn:
+                row = ledger.grant_row(conn, project, dataset)
+            if row is None or row["revoked"]:
+                return
+            with write(self.site.engine) as conn:
+                ledger.revoke_grant(conn, row["id"], by="steward", reason="property test")
+            self.grant[(project, dataset)]["revoked"] = True
+
+        @rule(dataset=st.sampled_from(DATASETS), epsilon=st.sampled_from([0.5, 1.0, 2.0, 6.0]))
+        def set_cap(self, dataset: str, epsilon: float) -> None:
+            try:
+                with write(self.site.engine) as conn:
+                    ledger.set_cap(conn, self.site.catalog, self.site.catalog.datasets[dataset], epsilon,
+                                   by="steward", reason="")
+            except GovernanceError as exc:
+                assert exc.code == "cap_below_spent"
+                assert rho_for_epsilon(epsilon, delta) < self.cap[dataset]["spent"]
+                return
+            self.cap[dataset]["total"] = rho_for_epsilon(epsilon, delta)
+
+        @rule(project=st.sampled_from(PROJECTS), dataset=st.sampled_from(DATASETS),
+              epsilon=st.sampled_from([0.1, 0.3, 0.6, 1.0]))
+        def release(self, project: str, dataset: str, epsilon: float) -> None:
+            who = Principal(f"{project}_researcher", "researcher", project)
+            grant = self.grant.get((project, dataset))
+            if grant is None and dataset == "patients":  # L1: the default grant a first release creates
+                grant = {"total": rho_for_epsilon(self.site.catalog.default_l1_epsilon, delta), "spent": 0.0,
+                         "revoked": False}
+            asked = rho_for_epsilon(epsilon, delta)
+            try:
+                release = self.site.query(who, QueryRequest(sql=f"SELECT COUNT(*) FROM {dataset}", epsilon=epsilon))
+            except (BudgetError, GovernanceError, CatalogError) as exc:
+                outcomes[exc.code] += 1
+                if exc.code == "unknown_dataset":
+                    assert grant is None
+                elif exc.code == "grant_revoked":
+                    assert grant is not None and grant["revoked"]
+                else:
+                    assert exc.code == "budget_exhausted", exc.code
+                    assert grant is not None and not grant["revoked"]
+                    left = min(grant["total"] - grant["spent"], self.cap[dataset]["total"] - self.cap[dataset]["spent"])
+                    assert left < asked * (1 + TOLERANCE)
+                return
+            outcomes["released"] += 1
+            cost = release.cost.rho
+            assert grant is not None and not grant["revoked"]
+            assert grant["spent"] + cost <= grant["total"] * (1 + TOLERANCE)
+            assert self.cap[dataset]["spent"] + cost <= self.cap[dataset]["total"] * (1 + TOLERANCE)
+            grant["spent"] += cost
+            self.grant[(project, dataset)] = grant
+            self.cap[dataset]["spent"] += cost
+
+        @invariant()
+        def ledger_within_grants_and_caps_and_as_modelled(self) -> None:
+            if not hasattr(self, "site"):
+                return
+            with self.site.engine.connect() as conn:
+                for g in conn.execute(select(grants)).mappings():
+                    assert g["rho_spent"] <= g["rho_total"] * (1 + TOLERANCE)
+                    model = self.grant[(g["project"], g["dataset"])]
+                    assert g["rho_spent"] == pytest.approx(model["spent"], rel=1e-9, abs=1e-15)
+                for c in conn.execute(select(caps)).mappings():
+                    assert c["rho_spent"] <= c["rho_total"] * (1 + TOLERANCE)
+                    assert c["rho_spent"] == pytest.approx(self.cap[c["dataset"]]["spent"], rel=1e-9, abs=1e-15)
+            verification = audit.verify(self.site.engine)
+            assert verification.ok, verification.problems
+
+        def teardown(self) -> None:
+            if hasattr(self, "site"):
+                self.site.engine.dispose()
+
+    Ledger.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
+    Ledger.TestCase().runTest()
+    # the property is only as good as what it exercised: releases, and refusals of each kind
+    assert min(outcomes[k] for k in ("released", "budget_exhausted", "grant_revoked", "unknown_dataset")) > 0, outcomes
