@@ -21,7 +21,6 @@ from veil.executor.policy import combined, may_review, missing
 from veil.executor.store import applications, reviews, write
 from veil.wire import ApplicationInfo, ApplicationRequest, LevelRule, Review, ReviewRequest
 
-
 SITE_POLICY = Principal("site-policy", "system")
 
 
@@ -79,7 +78,6 @@ def _audit(conn: Connection, who: Principal, decision: str, row: dict, reason: s
 def _approve(conn: Connection, catalog: Catalog, row: dict, request: ApplicationRequest, by: Principal) -> None:
     """Create the grants of an approved application, if every dataset's remaining cap affords them."""
     for name in request.datasets:
-        dataset = catalog.datasets[name]
         held = ledger.grant_row(conn, row["project"], name)
         would_spend = rho_for_epsilon(request.epsilon, catalog.reporting_delta) - (held["rho_spent"] if held else 0.0)
         left = ledger.cap_remaining(conn, name)

@@ -429,3 +429,27 @@ def test_a_synthetic_mock_beyond_the_cap_is_refused(gov: Deployment, capsys: pyt
                        "malformed_request", before)
     with gov.http("researcher") as http:
         assert_refused(gov, http.put("/datasets/patients/mock", json={"kind": "schema"}), 403, "forbidden", before)
+
+
+def test_a_level_floor_on_thresholded_group_counts(site_config: Path, tmp_path: Path) -> None:
+    """The level's min_group_threshold raises OpenDP's threshold: no group below it is released."""
+    from veil.executor.auth import Principal
+    from veil.executor.site import Site
+    from veil.executor.store import write
+    from veil.wire import QueryRequest
+
+    sql = ("SELECT encounter_date, COUNT(*) AS n FROM encounters WHERE encounter_date >= DATE '2024-01-01' "
+           "GROUP BY encounter_date")
+    thresholds = {}
+    for floor in (0, 2000):
+        directory = tmp_path / f"floor{floor}"
+        directory.mkdir()
+        site = Site.open(governance_catalog(site_config, directory, f"[levels.L2]\nmin_group_threshold = {floor}\n"),
+                         f"sqlite:///{directory / 'state.db'}")
+        with write(site.engine) as conn:
+            ledger.set_grant(conn, site.catalog, "p1", site.catalog.dataset("encounters"), 5.0, by="carol")
+        release = site.query(Principal("alice", "researcher", "p1"), QueryRequest(sql=sql, epsilon=0.5, delta=1e-8))
+        assert all(row["n"] >= release.threshold for row in release.rows)
+        thresholds[floor] = release.threshold
+        site.engine.dispose()
+    assert thresholds[0] < 2000 and thresholds[2000] == 2000
