@@ -25,7 +25,12 @@ from opendp._internal import _new_pure_function
 from opendp.combinators import make_adaptive_composition
 from opendp.domains import _lazyframe_from_domain, with_margin
 from opendp.extras.mbi._mst import _make_mst_select
-from opendp.extras.mbi._utilities import get_associated_metric, make_noise_marginals, make_stable_marginals, prior
+from opendp.extras.mbi._utilities import (
+    get_associated_metric,
+    make_noise_marginals,
+    make_stable_marginals,
+    prior,
+)
 from opendp.mod import binary_search_chain
 
 from veil.errors import VeilError
@@ -34,7 +39,7 @@ from veil.executor.catalog import DTYPES, Column, Dataset
 dp.enable_features("contrib")
 
 BINS = 10
-"""Equal-width bins for a bounded numeric or date column (integers with at most EXACT values keep them all)."""
+"""Equal-width bins per bounded number or date (integers with at most EXACT values keep each one)."""
 EXACT = 20
 MIN_ROWS = 100
 DATES = (date(2015, 1, 1), date(2025, 12, 31))
@@ -105,8 +110,9 @@ class _MST(dp.mbi.MST):
             measured = measured.add(*qbl(noisy(t_edges, selected, d_measure)))
             return measured, self.estimator(model.domain, measured.flatten(), potentials=fitted.potentials)
 
-        return make_adaptive_composition(input_domain, input_metric, output_measure, d_in=d_in,
-                                         d_mids=[d_oneway, d_select, d_measure]) >> _new_pure_function(function)
+        steps = make_adaptive_composition(input_domain, input_metric, output_measure, d_in=d_in,
+                                          d_mids=[d_oneway, d_select, d_measure])
+        return steps >> _new_pure_function(function)
 
 
 @dataclass(frozen=True)
@@ -125,17 +131,17 @@ def _days(value: date | str) -> int:
 
 def _categorical(column: Column, keys: list[Any]) -> _Coder:
     def decode(codes: np.ndarray, labels: pl.Series, rng: np.random.Generator) -> pl.Series:
-        values = labels.gather(codes.astype(np.int64))
+        values = labels.gather(codes)
         if column.nullable:
             return values
         fill = pl.Series(keys, dtype=labels.dtype).gather(rng.integers(0, len(keys), len(codes)))
-        return values.zip_with(values.is_not_null(), fill)  # the null key is only for values outside the set
+        return values.zip_with(values.is_not_null(), fill)  # null key: values outside the set
 
     return _Coder(pl.col(column.name), keys, None, decode)
 
 
 def _binned(column: Column, lo: int | float, hi: int | float, integer: bool, expr: pl.Expr) -> _Coder:
-    """Equal-width bins over [lo, hi] (left-open cuts, as OpenDP's `cut`), and a null bin below if nullable."""
+    """Equal-width bins over [lo, hi] (left-open cuts, as in OpenDP's `cut`), a null bin below if nullable."""
     if integer:
         if hi - lo + 1 <= EXACT:
             edges = np.arange(lo - 1, hi + 1)
@@ -171,9 +177,7 @@ def _coder(column: Column) -> _Coder | None:
         return _categorical(column, [False, True])
     if column.dtype == "Date":
         lo, hi = (_days(b) for b in column.bounds or DATES)
-        coder = _binned(column, lo, hi, True, pl.col(column.name).cast(pl.Int32))
-        as_days = coder.decode
-        return _Coder(coder.expr, None, coder.cuts, lambda *a: as_days(*a).cast(pl.Int32).cast(pl.Date))
+        return _binned(column, lo, hi, True, pl.col(column.name).cast(pl.Int32))  # days since 1970, cast back
     if column.is_numeric and column.bounds is not None:
         lo, hi = column.bounds
         if column.is_integer:
@@ -220,7 +224,11 @@ def _sample(model: Any, rows: int, seed: int | None) -> dict[str, np.ndarray]:
 
 
 def synthesize_mock(
-    dataset: Dataset, rho: float, rows: int | None = None, seed: int | None = None, verified_bound: bool = False
+    dataset: Dataset,
+    rho: float,
+    rows: int | None = None,
+    seed: int | None = None,
+    verified_bound: bool = False,
 ) -> SyntheticMock:
     """DP synthetic rows for `dataset` at zCDP loss at most `rho` (OpenDP's MST, patient-level unit).
 
@@ -251,7 +259,8 @@ def synthesize_mock(
         frame = frame.filter(pl.int_range(pl.len()).shuffle().over(dataset.privacy_unit) < k)
     t_plan = dp.t.make_stable_lazyframe(domain, metric, frame.select([c.expr for c in coders.values()]),
                                         MO="FrameDistance<SymmetricDistance>")
-    algorithm = _MST(oneway="unkeyed") if len(coders) > 1 else dp.mbi.Fixed(queries=[dp.mbi.Count(tuple(coders))])
+    one_column = dp.mbi.Fixed(queries=[dp.mbi.Count(tuple(coders))])  # MST needs two columns to pair
+    algorithm = _MST(oneway="unkeyed") if len(coders) > 1 else one_column
     m_table, _, _ = dp.mbi.make_contingency_table(
         t_plan.output_domain, t_plan.output_metric, dp.zero_concentrated_divergence(), t_plan.map(d_in), rho,
         keys={n: c.keys for n, c in coders.items() if c.keys is not None},
@@ -263,7 +272,7 @@ def synthesize_mock(
     if certified > rho:
         raise MockError("loss_not_certified", f"OpenDP certifies rho={certified}, more than the {rho} asked",
                         hint="nothing was released; report this to the site's maintainers")
-    table = measurement(pl.scan_parquet(dataset.path))
+    table = measurement(pl.scan_parquet(dataset.path).select(list(dataset.columns)))
 
     n = rows or min(dataset.max_rows, max(MIN_ROWS, round(float(table.model.total))))
     codes = _sample(table.model, n, seed)
@@ -273,7 +282,8 @@ def synthesize_mock(
         if name == dataset.privacy_unit:
             columns.append(_unit_ids(dataset, n, rng))
         elif name in coders:
-            columns.append(coders[name].decode(np.asarray(codes[name]), table.keys[name], rng).alias(name))
+            indices = np.asarray(codes[name], dtype=np.int64)
+            columns.append(coders[name].decode(indices, table.keys[name], rng).alias(name))
         else:
             columns.append(_schema_only(column, n, rng))
     out = pl.DataFrame(columns).cast({name: DTYPES[c.dtype] for name, c in dataset.columns.items()})

@@ -212,8 +212,8 @@ def build_plan(dataset: Dataset, spec: QuerySpec, verified_bound: bool, threshol
     k = dataset.max_rows_per_unit
     if verified_bound:
         metric, d_in = dp.unit_of(contributions=k)
-    else:
-        metric, d_in = dp.unit_of(contributions=k, identifier=dataset.privacy_unit)
+    else:  # each patient is one identifier; the truncation below keeps at most k of its rows
+        metric, d_in = dp.unit_of(contributions=1, identifier=dataset.privacy_unit)
     frame = _lazyframe_from_domain(domain)
     if spec.where is not None:
         frame = frame.filter(_predicate(dataset, spec.where))

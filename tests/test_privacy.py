@@ -165,3 +165,17 @@ def test_bound_not_held_by_the_file_is_enforced_by_truncation(site_config: Path,
     assert row["n_lower"] <= truncated <= row["n_upper"]
     assert not row["n_lower"] <= frame.height <= row["n_upper"]
     site.engine.dispose()
+
+
+def test_truncation_and_a_verified_bound_protect_the_patient_alike(site: Site) -> None:
+    """k rows per patient, whether verified in the file or enforced by truncation: OpenDP's map gives
+    the same loss at the same noise scale (a patient is one identifier, not k of them)."""
+    dataset = site.catalog.dataset("encounters")
+    spec = parse_sql("SELECT COUNT(*), SUM(length_of_stay_days) FROM encounters")
+    losses = []
+    for verified in (True, False):
+        plan = build_plan(dataset, spec, verified_bound=verified, thresholded=False)
+        measurement = dp.m.make_private_lazyframe(plan.domain, plan.metric, dp.zero_concentrated_divergence(),
+                                                  plan.lazyframe, global_scale=10.0)
+        losses.append(measurement.map(plan.d_in))
+    assert losses[0] == pytest.approx(losses[1])
