@@ -26,6 +26,7 @@ from veil.wire import (
     AuditEntry,
     AuditVerification,
     CapRequest,
+    CatalogEntry,
     DatasetBudget,
     DatasetInfo,
     GrantInfo,
@@ -188,6 +189,12 @@ def create_app(site: Site) -> FastAPI:
         """Choose the dataset's mock (stewards); DP synthetic rows are charged to its lifetime cap."""
         request.state.context = {"dataset": name}
         return site.set_mock(who, name, body)
+
+    @app.get("/catalog", response_model=list[CatalogEntry])
+    def catalog(who: Principal = Depends(principal)) -> list[CatalogEntry]:
+        """Every dataset's name, title and level: what you may apply for (schema comes with a grant)."""
+        return [CatalogEntry(name=d.name, title=d.title, description=d.description, level=d.level)
+                for d in site.catalog.datasets.values()]
 
     @app.get("/levels", response_model=dict[str, LevelRule])
     def levels() -> dict[str, LevelRule]:

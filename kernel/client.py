@@ -16,6 +16,7 @@ from veil.wire import (
     AuditEntry,
     AuditVerification,
     CapRequest,
+    CatalogEntry,
     DatasetBudget,
     DatasetInfo,
     GrantInfo,
@@ -80,6 +81,9 @@ class SiteClient:
         return Release.model_validate(self._call("POST", "/query", json=request.model_dump(exclude_none=True)))
 
     # ---------------------------------------------------------- applications (researchers)
+
+    def catalog(self) -> list[CatalogEntry]:
+        return [CatalogEntry.model_validate(e) for e in self._call("GET", "/catalog")]
 
     def levels(self) -> dict[str, LevelRule]:
         return {k: LevelRule.model_validate(v) for k, v in self._call("GET", "/levels").items()}

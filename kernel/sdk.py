@@ -86,6 +86,10 @@ class Site:
     def budget(self) -> list[GrantInfo]:
         return self.client.grants()
 
+    def catalog(self) -> pl.DataFrame:
+        """Every dataset the site publishes (name, title, level), including those you must apply for."""
+        return pl.DataFrame([e.model_dump() for e in self.client.catalog()])
+
     def apply(self, purpose: str, datasets: Sequence[str], epsilon: float, duration_days: float = 365,
               uses: Sequence[str] = ("query",), delta: float | None = None, ethics_ref: str | None = None
               ) -> ApplicationInfo:

@@ -87,6 +87,13 @@ class Deployment:
         headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
+    def stop(self) -> None:
+        """Stop the executor and let go of clients and connections."""
+        self.executor.stop()
+        for c in self.clients:
+            c.close()
+        self.engine.dispose()
+
     def grant(self, project: str, dataset: str, epsilon: float) -> None:
         with write(self.engine) as conn:
             ledger.set_grant(conn, self.catalog, project, self.catalog.dataset(dataset), epsilon, by="test_steward")
@@ -126,10 +133,7 @@ def deployer(site_config: Path, tmp_path: Path, request: pytest.FixtureRequest) 
 
     yield start
     for d, drop in started:
-        d.executor.stop()
-        for c in d.clients:
-            c.close()
-        d.engine.dispose()
+        d.stop()
         drop()
 
 
@@ -141,10 +145,7 @@ def shared(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: 
     url, drop = make_database(request.param, state)
     d = deploy(site_config, url, state, {"encounters": 50.0, "patients": 50.0})
     yield d
-    d.executor.stop()
-    for c in d.clients:
-        c.close()
-    d.engine.dispose()
+    d.stop()
     drop()
 
 

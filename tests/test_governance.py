@@ -60,10 +60,7 @@ def gov(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: pyt
         (state / f"{who}.token").write_text(token)
     d.token_dir = state  # type: ignore[attr-defined]
     yield d
-    d.executor.stop()
-    for c in d.clients:
-        c.close()
-    d.engine.dispose()
+    d.stop()
     drop()
 
 
@@ -195,6 +192,9 @@ def test_the_cli_runs_as_a_command(gov: Deployment) -> None:
 
 def test_sdk_applies_and_follows_its_application(gov: Deployment) -> None:
     site = ResearcherSite("north", gov.url, gov.tokens["outsider"])
+    published = site.catalog()
+    assert published["name"].to_list() == ["patients", "encounters", "registry"]
+    assert published["level"].to_list() == ["L1", "L2", "L3"] and "columns" not in published.columns
     app = site.apply("Length of stay by department, for planning", ["encounters"], epsilon=0.5,
                      duration_days=10)
     assert app.status == "pending" and app.request.epsilon == 0.5

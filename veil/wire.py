@@ -241,6 +241,15 @@ class LevelRule(_Strict):
         default=None, description="a budget every project gets without applying (L1); None: apply first")
 
 
+class CatalogEntry(_Strict):
+    """A dataset as the site's published catalog names it: what one may apply for (no schema, no rows)."""
+
+    name: str
+    title: str
+    description: str
+    level: str
+
+
 class ApplicationRequest(_Strict):
     """A project's request for access: what for, which datasets, how much budget (per dataset), how long."""
 
