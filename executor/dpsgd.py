@@ -1,0 +1,369 @@
+"""The DP-SGD engine: one training job on in-memory tensors with Opacus.
+
+The noise multiplier is calibrated once, up front, for every planned step (PRV accountant, RDP where
+PRV fails) and checked against the target. Each step draws a Poisson batch straight from the tensors
+(`rand(n) < q`, the sampling the accountant assumes), clips per-sample gradients with ghost clipping
+(or hooks, for comparison) and adds Gaussian noise; a live accountant records each step, so a
+cancelled job reports what its steps actually spent. Only the weights (safetensors), the (epsilon,
+delta) spent and private held-out counts come out; the counts are not for release as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from pydantic import ValidationError
+from torch import nn
+
+from veil.errors import QueryError
+from veil.executor import models
+from veil.executor.features import FeatureLayout
+from veil.modelspec import ModelSpec, TrainSpec
+
+ACCOUNTANTS = ("prv", "rdp")
+"""Preferred first: PRV is tighter, but fails on some parameters (Opacus issues #591, #601)."""
+ACCOUNTANT_FAILURES = (ValueError, ArithmeticError, IndexError, RuntimeError)
+MAX_STEPS = 1_000_000
+EVAL_CHUNK = 65_536
+
+# Opacus' hooks make PyTorch warn on every backward pass that the input needs no gradient: expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a job stands: `epsilon` is what the accountant says the steps taken so far spent."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Raw counts on held-out rows. PRIVATE, NOT FOR RELEASE: they are statistics of private data and
+    may leave the executor only through a DP mechanism. `squared_error` sums over rows in scaled label
+    units with predictions clipped to [-1, 1], so each row adds at most 4."""
+
+    n: int
+    correct: int | None = None
+    squared_error: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a job produced. `weights`, `epsilon` and `delta` may be released; `evaluation` may not."""
+
+    weights: bytes
+    epsilon: float
+    delta: float
+    steps: int
+    planned_steps: int
+    sample_rate: float
+    noise_multiplier: float
+    accountant: str
+    grad_sample_mode: str
+    device: str
+    cancelled: bool
+    train_seconds: float
+    evaluation: Evaluation | None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The noise multiplier for a whole job and the epsilon the accountant gives all its steps."""
+
+    noise_multiplier: float
+    accountant: str
+    epsilon: float
+
+
+@functools.lru_cache(maxsize=128)
+def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> Calibration:
+    """Opacus' smallest noise multiplier with which `steps` Poisson-sampled steps spend at most
+    (epsilon, delta): PRV accountant first, RDP where PRV fails, the result checked either way."""
+    for mechanism in ACCOUNTANTS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sigma = get_noise_multiplier(
+                    target_epsilon=epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=mechanism,
+                )
+            spent = accountant_epsilon([(sigma, sample_rate, steps)], mechanism, delta)
+        except ACCOUNTANT_FAILURES:
+            continue
+        if spent <= epsilon:
+            return Calibration(noise_multiplier=sigma, accountant=mechanism, epsilon=spent)
+    raise QueryError(
+        "budget_too_small",
+        f"epsilon {epsilon} cannot cover {steps} steps at sampling rate {sample_rate:.3g}",
+        "raise epsilon, or train for fewer epochs or with a larger batch_size",
+    )
+
+
+def accountant_epsilon(history: list[tuple[float, float, int]], mechanism: str, delta: float) -> float:
+    """Epsilon that Opacus' `mechanism` accountant gives a history of (sigma, sampling rate, steps)."""
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
+
+
+def train(
+    model_spec: ModelSpec | Mapping[str, Any],
+    train_spec: TrainSpec | Mapping[str, Any],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    *,
+    layout: FeatureLayout | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
+    audit_noise_scale: float = 1.0,
+) -> TrainingOutcome:
+    """Train `model_spec` on (x_train, y_train) with DP-SGD to spend at most the spec's (epsilon, delta).
+
+    `layout` describes the columns of x (default: all numeric, two classes or one regression output).
+    `progress` is called after every epoch and on cancellation; setting `cancel` stops before the next
+    step. `device` defaults to CUDA when available. `seed` (tests and benchmarks only; never from a
+    request) makes the run reproducible; otherwise the randomness is seeded from the OS.
+    `audit_noise_scale` exists only for the empirical privacy audit: it multiplies the noise actually
+    added while the accountant keeps the calibrated multiplier, so anything but 1 breaks the guarantee.
+    """
+    spec = models.parse_model_spec(model_spec)
+    hyper = _parse_train_spec(train_spec)
+    n = len(x_train)
+    if layout is None:
+        outputs = 2 if spec.task == "classification" else 1
+        layout = FeatureLayout.numeric_only(x_train.shape[1] if x_train.ndim == 2 else 0, outputs=outputs)
+    _check_shapes(x_train, y_train, layout, "train")
+    if x_test is not None or y_test is not None:
+        if x_test is None or y_test is None:
+            raise QueryError("bad_train_spec", "give both x_test and y_test, or neither")
+        _check_shapes(x_test, y_test, layout, "test")
+    if hyper.batch_size >= n:
+        raise QueryError(
+            "bad_train_spec",
+            f"batch_size {hyper.batch_size} must be smaller than the number of training rows",
+            "lower batch_size",
+        )
+    sample_rate = hyper.batch_size / n
+    per_epoch = max(1, round(n / hyper.batch_size))
+    planned = hyper.epochs * per_epoch
+    if planned > MAX_STEPS:
+        raise QueryError(
+            "bad_train_spec",
+            f"{planned:,} steps planned; at most {MAX_STEPS:,}",
+            "raise batch_size or epochs",
+        )
+    plan = calibrate(hyper.epsilon, hyper.delta, sample_rate, planned)
+    dev = torch.device(device) if device is not None else _default_device()
+    seed = secrets.randbits(62) if seed is None else seed
+    forked = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        module = models.build_model(spec, layout).to(dev)
+        run = _Run(module, spec, hyper, plan, sample_rate, grad_sample_mode, audit_noise_scale, dev, seed)
+        started = time.perf_counter()
+        y = y_train.to(dev, torch.float32 if run.regression else torch.int64)
+        steps = run.fit(x_train.to(dev, torch.float32), y, per_epoch, progress, cancel)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - started
+        recorded, spent = run.spent()
+        if steps == planned and not recorded <= hyper.epsilon:  # fail closed
+            raise RuntimeError(f"the accountant reports epsilon {recorded}, above the target {hyper.epsilon}")
+        evaluation = None
+        if x_test is not None and y_test is not None:
+            evaluation = _evaluate(module, spec.task, x_test, y_test, dev)
+    weights = models.weights_to_bytes(
+        module,
+        {
+            "model_spec": spec.model_dump(mode="json"),
+            "layout": {
+                "numeric": layout.numeric,
+                "categorical": layout.categorical,
+                "outputs": layout.outputs,
+            },
+            "epsilon": spent,
+            "delta": hyper.delta,
+        },
+    )
+    return TrainingOutcome(
+        weights=weights,
+        epsilon=spent,
+        delta=hyper.delta,
+        steps=steps,
+        planned_steps=planned,
+        sample_rate=sample_rate,
+        noise_multiplier=plan.noise_multiplier,
+        accountant=plan.accountant,
+        grad_sample_mode=grad_sample_mode,
+        device=str(dev),
+        cancelled=steps < planned,
+        train_seconds=seconds,
+        evaluation=evaluation,
+    )
+
+
+class _Run:
+    """The Opacus objects of one job: wrapped module, DP optimizer, criterion and live accountant."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: ModelSpec,
+        hyper: TrainSpec,
+        plan: Calibration,
+        sample_rate: float,
+        grad_sample_mode: str,
+        audit_noise_scale: float,
+        dev: torch.device,
+        seed: int,
+    ) -> None:
+        self.plan, self.sample_rate, self.delta, self.epochs = plan, sample_rate, hyper.delta, hyper.epochs
+        self.regression = spec.task == "regression"
+        ghost = grad_sample_mode == "ghost"
+        extra = {"max_grad_norm": hyper.max_grad_norm} if ghost else {}
+        self.model = prepare_module(
+            module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+        )
+        self.model.forbid_grad_accumulation()
+        base = (torch.optim.Adam if hyper.optimizer == "adam" else torch.optim.SGD)(
+            self.model.parameters(), lr=hyper.learning_rate, weight_decay=hyper.weight_decay
+        )
+        self.noise = torch.Generator(dev).manual_seed(seed + 1)
+        self.sampling = torch.Generator(dev).manual_seed(seed + 2)
+        self.optimizer = get_optimizer_class(
+            clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode
+        )(
+            base,
+            noise_multiplier=plan.noise_multiplier * audit_noise_scale,
+            max_grad_norm=hyper.max_grad_norm,
+            expected_batch_size=hyper.batch_size,
+            loss_reduction="mean",
+            generator=self.noise,
+        )
+        self.accountant = create_accountant(plan.accountant)
+        # Records the calibrated multiplier, which is the one applied unless an audit breaks it on purpose.
+        self.optimizer.attach_step_hook(
+            lambda _: self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=sample_rate)
+        )
+        loss = nn.MSELoss() if self.regression else nn.CrossEntropyLoss()
+        self.criterion = (
+            DPLossFastGradientClipping(self.model, self.optimizer, loss, "mean") if ghost else loss
+        )
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        per_epoch: int,
+        progress: Callable[[Progress], None] | None,
+        cancel: threading.Event | None,
+    ) -> int:
+        """Run the planned steps (or until cancelled); returns the number of steps taken."""
+        n, steps, planned = len(x), 0, self.epochs * per_epoch
+        self.model.train()
+        for epoch in range(1, self.epochs + 1):
+            for _ in range(per_epoch):
+                if cancel is not None and cancel.is_set():
+                    if progress is not None:
+                        progress(Progress(epoch, self.epochs, steps, planned, self.spent()[1]))
+                    return steps
+                batch = torch.rand(n, generator=self.sampling, device=x.device) < self.sample_rate
+                xb, yb, weight = x[batch], y[batch], 1.0
+                if (
+                    len(xb) == 0
+                ):  # still a step, noise only, as the accountant assumes: a zero-weight dummy row
+                    xb, yb, weight = torch.zeros_like(x[:1]), torch.zeros_like(y[:1]), 0.0
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self.model(xb)
+                (self.criterion(out.squeeze(1) if self.regression else out, yb) * weight).backward()
+                self.optimizer.step()
+                steps += 1
+            if progress is not None:
+                progress(Progress(epoch, self.epochs, steps, planned, self.spent()[1]))
+        return steps
+
+    def spent(self) -> tuple[float, float]:
+        """(what the accountant gives the steps taken so far, that capped by the plan's epsilon): an early
+        stop is post-processing of the planned run, so the plan bounds it even where PRV fails and RDP,
+        looser, answers instead."""
+        history = self.accountant.history
+        if not history:
+            return 0.0, 0.0
+        try:
+            epsilon = accountant_epsilon(history, self.plan.accountant, self.delta)
+        except ACCOUNTANT_FAILURES:
+            epsilon = accountant_epsilon(history, "rdp", self.delta)
+        return epsilon, min(epsilon, self.plan.epsilon) if math.isfinite(epsilon) else self.plan.epsilon
+
+
+def _parse_train_spec(spec: TrainSpec | Mapping[str, Any]) -> TrainSpec:
+    if isinstance(spec, TrainSpec):
+        return spec
+    try:
+        return TrainSpec.model_validate(spec)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
+        )
+        raise QueryError("bad_train_spec", f"invalid training spec: {problems}") from None
+
+
+def _check_shapes(x: torch.Tensor, y: torch.Tensor, layout: FeatureLayout, which: str) -> None:
+    if x.ndim != 2 or x.shape[1] != layout.width or y.shape != (x.shape[0],):
+        raise QueryError(
+            "bad_train_spec",
+            f"{which} tensors: x must be (rows, {layout.width}) and y (rows,), got {tuple(x.shape)} "
+            f"and {tuple(y.shape)}",
+        )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def _evaluate(
+    module: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, dev: torch.device
+) -> Evaluation:
+    """Private held-out counts (see `Evaluation`)."""
+    module.eval()
+    correct, squared = 0, 0.0
+    for start in range(0, len(x), EVAL_CHUNK):
+        out = module(x[start : start + EVAL_CHUNK].to(dev))
+        yb = y[start : start + EVAL_CHUNK].to(dev)
+        if task == "classification":
+            correct += int((out.argmax(dim=1) == yb).sum())
+        else:
+            squared += float(((out.squeeze(1).clamp(-1.0, 1.0) - yb) ** 2).sum())
+    if task == "classification":
+        return Evaluation(n=len(x), correct=correct)
+    return Evaluation(n=len(x), squared_error=squared)
