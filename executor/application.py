@@ -80,7 +80,7 @@ def _approve(conn: Connection, catalog: Catalog, row: dict, request: Application
     for name in request.datasets:
         held = ledger.grant_row(conn, row["project"], name)
         would_spend = rho_for_epsilon(request.epsilon, catalog.reporting_delta) - (held["rho_spent"] if held else 0.0)
-        left = ledger.cap_remaining(conn, name)
+        left = ledger.cap_remaining(conn, name, catalog.reporting_delta)
         if would_spend > left * (1 + 1e-9):
             raise GovernanceError(
                 "cap_exceeded", f"approving epsilon {request.epsilon:g} on '{name}' exceeds what its lifetime cap "

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, bindparam, func, insert, select, upda
 from veil.executor.store import GENESIS, audit, audit_head, caps, grants
 from veil.wire import AuditEntry
 
-FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "delta",
+FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "epsilon", "delta",
           "result_digest", "decision", "reason", "prev_hash")
 
 
@@ -52,6 +52,7 @@ def append(
     query: str | None = None,
     rho: float = 0.0,
     delta: float = 0.0,
+    epsilon: float = 0.0,
     result_digest: str | None = None,
     reason: str | None = None,
 ) -> AuditEntry:
@@ -59,7 +60,7 @@ def append(
     head = conn.execute(_HEAD).one()
     entry: dict[str, Any] = dict(
         seq=head.seq + 1, ts=now(), principal=principal, role=role, project=project, action=action,
-        dataset=dataset, query=query, rho=float(rho), delta=float(delta), result_digest=result_digest,
+        dataset=dataset, query=query, rho=float(rho), epsilon=float(epsilon), delta=float(delta), result_digest=result_digest,
         decision=decision, reason=reason, prev_hash=head.hash,
     )
     entry["hash"] = entry_hash(entry)
@@ -90,6 +91,12 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
+CHARGES = ("released", "reserved", "settled")
+"""Decisions that move the ledger: a release, and a training job's reservation and settlement."""
+SPENT = ("rho", "delta", "epsilon")
+LEDGER_COLUMNS = ("rho_spent", "delta_spent", "approx_epsilon_spent")
+
+
 def verify(engine: Engine) -> Verification:
     """Walk the chain from the genesis hash; compare the head and the ledger with what it records."""
     result = Verification()
@@ -105,31 +112,32 @@ def verify(engine: Engine) -> Verification:
                 result.problems.append(f"entry {entry['seq']}: does not follow the previous entry (deleted, inserted or reordered)")
             if entry_hash(entry) != entry["hash"]:
                 result.problems.append(f"entry {entry['seq']}: its content does not match its hash (edited)")
-            if entry["decision"] == "released":
-                s = spent.setdefault((entry["project"], entry["dataset"]), [0.0, 0.0])
-                s[0] += entry["rho"]
-                s[1] += entry["delta"]
+            if entry["decision"] in CHARGES:
+                totals = spent.setdefault((entry["project"], entry["dataset"]), [0.0, 0.0, 0.0])
+                for i, name in enumerate(SPENT):
+                    totals[i] += entry[name]
             expected_prev, expected_seq = entry["hash"], entry["seq"] + 1
         head = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).one()
         if (head.seq, head.hash) != (expected_seq - 1, expected_prev):
             result.problems.append(f"the log ends at entry {expected_seq - 1} but its head says {head.seq} (truncated)")
         for g in conn.execute(select(grants)).mappings():
-            rho, delta = spent.get((g["project"], g["dataset"]), [0.0, 0.0])
-            if not (_close(g["rho_spent"], rho) and _close(g["delta_spent"], delta)):
-                result.problems.append(
-                    f"grant {g['project']}/{g['dataset']}: ledger says rho {g['rho_spent']:.6g}, "
-                    f"the audit log's releases add up to {rho:.6g}")
+            logged = spent.get((g["project"], g["dataset"]), [0.0, 0.0, 0.0])
+            _compare(result, f"grant {g['project']}/{g['dataset']}", g, logged)
         per_dataset: dict[str, list[float]] = {}
-        for (_, ds), (rho, delta) in spent.items():
-            acc = per_dataset.setdefault(ds, [0.0, 0.0])
-            acc[0] += rho
-            acc[1] += delta
+        for (_, ds), totals in spent.items():
+            acc = per_dataset.setdefault(ds, [0.0, 0.0, 0.0])
+            for i, value in enumerate(totals):
+                acc[i] += value
         for c in conn.execute(select(caps)).mappings():
-            rho, delta = per_dataset.get(c["dataset"], [0.0, 0.0])
-            if not (_close(c["rho_spent"], rho) and _close(c["delta_spent"], delta)):
-                result.problems.append(
-                    f"dataset cap {c['dataset']}: ledger says rho {c['rho_spent']:.6g}, releases add up to {rho:.6g}")
+            _compare(result, f"dataset cap {c['dataset']}", c, per_dataset.get(c["dataset"], [0.0, 0.0, 0.0]))
     return result
+
+
+def _compare(result: Verification, what: str, row: Any, logged: list[float]) -> None:
+    for column, name, value in zip(LEDGER_COLUMNS, SPENT, logged):
+        if not _close(row[column], value):
+            result.problems.append(f"{what}: ledger says {name} {row[column]:.6g}, "
+                                   f"the audit log's releases add up to {value:.6g}")
 
 
 def entries(engine: Engine, since: int = 0, limit: int | None = None) -> list[AuditEntry]:

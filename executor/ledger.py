@@ -1,6 +1,9 @@
 """The privacy-budget ledger: a grant per (project, dataset) and a lifetime cap per dataset.
 
-Budgets are set in epsilon at the site's reporting delta and kept in rho (zCDP adds up); a
+Budgets are set in epsilon at the site's reporting delta and kept in rho (zCDP adds up); releases
+that are accounted in (epsilon, delta) instead (DP-SGD's accountant) add up beside it, and the two
+compose basically: epsilon_of(rho spent) + the (epsilon, delta) epsilons spent stays within the
+granted epsilon, and every delta spent within the grant's delta. A
 grant's own `delta` is a separate budget for thresholding, which adds to the reporting delta. A charge
 is checked against both the grant and the cap and recorded in the same write transaction as its
 audit entry, so concurrent requests cannot overspend and a crash cannot split them.
@@ -35,7 +38,7 @@ def sync_caps(engine: Engine, catalog: Catalog) -> None:
 def set_grant(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, epsilon: float, by: str,
               role: str = "steward", *, delta: float | None = None, expires_at: str | None = None,
               application_id: int | None = None, uses: tuple[str, ...] = ("query",)) -> AuditEntry:
-    """Create a grant, or give an existing one a new total (never below what it spent); audited.
+    """Create a grant, or give an existing one a new total (never below what it spent, in rho or epsilon); audited.
 
     Budgets are in epsilon at the site's reporting delta; `delta` is the separate budget for
     thresholded GROUP BY (default: the reporting delta). A revoked grant set again is active again."""
@@ -48,8 +51,9 @@ def set_grant(conn: Connection, catalog: Catalog, project: str, dataset: Dataset
         conn.execute(insert(grants).values(project=project, dataset=dataset.name, rho_total=rho, rho_spent=0.0,
                                            delta_spent=0.0, created_by=by, created_at=audit.now(), **values))
     else:
-        conn.execute(update(grants).where(grants.c.id == existing["id"]).values(
-            rho_total=max(rho, existing["rho_spent"]), **values))
+        spent = epsilon_spent(existing, catalog.reporting_delta)
+        floor = max(existing["rho_spent"], rho_for_epsilon(spent, catalog.reporting_delta) if spent > 0 else 0.0)
+        conn.execute(update(grants).where(grants.c.id == existing["id"]).values(rho_total=max(rho, floor), **values))
     until = f" until {expires_at[:10]}" if expires_at else ""
     return audit.append(conn, principal=by, role=role, action="grant", decision="granted", project=project,
                         dataset=dataset.name, reason=f"epsilon={epsilon:g} at delta={catalog.reporting_delta:g}"
@@ -74,9 +78,9 @@ def set_cap(conn: Connection, catalog: Catalog, dataset: Dataset, epsilon: float
             ) -> AuditEntry:
     """Change a dataset's lifetime cap; never below what it has spent. Audited; outlives catalog edits."""
     rho = rho_for_epsilon(epsilon, catalog.reporting_delta)
-    cap = conn.execute(_CAP, {"dataset": dataset.name}).mappings().one()
-    if rho < cap["rho_spent"]:
-        spent = epsilon_of(cap["rho_spent"], catalog.reporting_delta)
+    cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
+    spent = epsilon_spent(cap, catalog.reporting_delta)
+    if rho < cap["rho_spent"] or epsilon < spent:
         raise GovernanceError("cap_below_spent", f"'{dataset.name}' has already spent epsilon {spent:.4g}; "
                               f"a cap of {epsilon:g} would be below it",
                               hint=f"set a cap of at least {spent:.4g}, or revoke grants to stop further use")
@@ -90,9 +94,11 @@ def set_cap(conn: Connection, catalog: Catalog, dataset: Dataset, epsilon: float
 _GRANT = select(grants).where(grants.c.project == bindparam("project"), grants.c.dataset == bindparam("dataset"))
 _CAP = select(caps).where(caps.c.dataset == bindparam("dataset"))
 _SPEND_GRANT = update(grants).where(grants.c.id == bindparam("grant_id")).values(
-    rho_spent=grants.c.rho_spent + bindparam("cost_rho"), delta_spent=grants.c.delta_spent + bindparam("cost_delta"))
+    rho_spent=grants.c.rho_spent + bindparam("cost_rho"), delta_spent=grants.c.delta_spent + bindparam("cost_delta"),
+    approx_epsilon_spent=grants.c.approx_epsilon_spent + bindparam("cost_epsilon"))
 _SPEND_CAP = update(caps).where(caps.c.dataset == bindparam("cap_dataset")).values(
-    rho_spent=caps.c.rho_spent + bindparam("cost_rho"), delta_spent=caps.c.delta_spent + bindparam("cost_delta"))
+    rho_spent=caps.c.rho_spent + bindparam("cost_rho"), delta_spent=caps.c.delta_spent + bindparam("cost_delta"),
+    approx_epsilon_spent=caps.c.approx_epsilon_spent + bindparam("cost_epsilon"))
 # statements built once: the charge path runs them on every release
 
 
@@ -127,17 +133,40 @@ def grant_status(row: dict, now: str) -> str:
 
 def grant_info(row: dict, reporting_delta: float, now: str | None = None) -> GrantInfo:
     """A grant as people read it; `epsilon_remaining` is the largest epsilon one more release could have."""
-    remaining = max(0.0, row["rho_total"] - row["rho_spent"])
+    remaining = rho_left(row, reporting_delta)
     return GrantInfo(
         id=row["id"], project=row["project"], dataset=row["dataset"],
         status=grant_status(row, now or audit.now()), expires_at=row["expires_at"],  # type: ignore[arg-type]
         application_id=row["application_id"], uses=row["uses"].split(","),
         epsilon=row["epsilon"], delta=row["delta"],
         rho_total=row["rho_total"], rho_spent=row["rho_spent"], rho_remaining=remaining,
-        epsilon_spent=epsilon_of(row["rho_spent"], reporting_delta),
+        epsilon_spent=epsilon_spent(row, reporting_delta),
         epsilon_remaining=epsilon_of(remaining, reporting_delta),
         delta_spent=row["delta_spent"],
     )
+
+
+def epsilon_spent(row: dict, reporting_delta: float) -> float:
+    """What a grant or cap has spent, in epsilon: its zCDP releases converted, plus its (epsilon, delta) ones."""
+    return epsilon_of(row["rho_spent"], reporting_delta) + row["approx_epsilon_spent"]
+
+
+def rho_left(row: dict, reporting_delta: float) -> float:
+    """The largest rho one more zCDP release may cost under a grant or cap (after any DP-SGD spending)."""
+    if row["approx_epsilon_spent"] == 0.0:
+        return max(0.0, row["rho_total"] - row["rho_spent"])
+    epsilon = epsilon_of(row["rho_total"], reporting_delta) - row["approx_epsilon_spent"]
+    return max(0.0, rho_for_epsilon(epsilon, reporting_delta) - row["rho_spent"]) if epsilon > 0 else 0.0
+
+
+def affords(row: dict, rho: float, delta: float, epsilon: float, reporting_delta: float) -> bool:
+    """Whether a grant or cap can take one more release costing rho (zCDP) or epsilon (approximate DP), and delta."""
+    if row["delta_spent"] + delta > row["delta"]:
+        return False
+    if epsilon == 0.0 and row["approx_epsilon_spent"] == 0.0:
+        return row["rho_spent"] + rho <= row["rho_total"]
+    spent = epsilon_of(row["rho_spent"] + rho, reporting_delta) + row["approx_epsilon_spent"] + epsilon
+    return spent <= epsilon_of(row["rho_total"], reporting_delta)
 
 
 def list_grants(engine: Engine, project: str | None, reporting_delta: float) -> list[GrantInfo]:
@@ -168,25 +197,24 @@ def budgets(engine: Engine, catalog: Catalog) -> list[DatasetBudget]:
     for ds in catalog.datasets.values():
         cap = cap_rows[ds.name]
         mine = [g for g in all_grants if g.dataset == ds.name]
-        remaining = max(0.0, cap["rho_total"] - cap["rho_spent"])
+        remaining = rho_left(cap, delta)
         out.append(DatasetBudget(
             dataset=ds.name, level=ds.level, cap_epsilon=cap["epsilon"], cap_rho=cap["rho_total"],
-            spent_rho=cap["rho_spent"], spent_epsilon=epsilon_of(cap["rho_spent"], delta),
+            spent_rho=cap["rho_spent"], spent_epsilon=epsilon_spent(cap, delta),
             remaining_rho=remaining, remaining_epsilon=epsilon_of(remaining, delta),
             granted_rho=sum(g.rho_remaining for g in mine if g.status == "active"), grants=mine,
         ))
     return out
 
 
-def cap_remaining(conn: Connection, dataset: str) -> float:
+def cap_remaining(conn: Connection, dataset: str, reporting_delta: float) -> float:
     """What the dataset's lifetime cap has left, in rho."""
-    cap = conn.execute(_CAP, {"dataset": dataset}).mappings().one()
-    return max(0.0, cap["rho_total"] - cap["rho_spent"])
+    return rho_left(dict(conn.execute(_CAP, {"dataset": dataset}).mappings().one()), reporting_delta)
 
 
-def _remaining(grant: dict, cap: dict) -> dict[str, float]:
+def _remaining(grant: dict, cap: dict, reporting_delta: float) -> dict[str, float]:
     return {
-        "rho": max(0.0, min(grant["rho_total"] - grant["rho_spent"], cap["rho_total"] - cap["rho_spent"])),
+        "rho": min(rho_left(grant, reporting_delta), rho_left(cap, reporting_delta)),
         "delta": max(0.0, min(grant["delta"] - grant["delta_spent"], cap["delta"] - cap["delta_spent"])),
         "rho_granted": grant["rho_total"],
         "epsilon_granted": grant["epsilon"],
@@ -210,8 +238,9 @@ def _usable(grant: dict, project: str, dataset: Dataset, use: str) -> None:
 
 
 def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float,
-          use: str = "query") -> dict | None:
-    """Refuse (BudgetError, with what remains) unless the grant and the cap can both afford the cost.
+          use: str = "query", epsilon: float = 0.0) -> dict | None:
+    """Refuse (BudgetError, with what remains) unless the grant and the cap can both afford the cost:
+    rho for a zCDP release, or epsilon for one accounted in (epsilon, delta), and delta.
 
     Returns the grant row, or None for a dataset whose level gives a default grant not created yet."""
     found = grant_row(conn, project, dataset.name)
@@ -221,16 +250,17 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
         if default is None:
             raise _no_grant(project, dataset)
         grant = dict(rho_total=rho_for_epsilon(default, catalog.reporting_delta), rho_spent=0.0, revoked=False,
-                     delta=catalog.reporting_delta, delta_spent=0.0, epsilon=default, expires_at=None, uses="query")
+                     delta=catalog.reporting_delta, delta_spent=0.0, approx_epsilon_spent=0.0, epsilon=default,
+                     expires_at=None, uses="query")
     _usable(grant, project, dataset, use)
     cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
-    grant_ok = grant["rho_spent"] + rho <= grant["rho_total"] and grant["delta_spent"] + delta <= grant["delta"]
-    cap_ok = cap["rho_spent"] + rho <= cap["rho_total"] and cap["delta_spent"] + delta <= cap["delta"]
-    if not (grant_ok and cap_ok):
-        left = _remaining(grant, cap)
+    grant_ok = affords(grant, rho, delta, epsilon, catalog.reporting_delta)
+    if not (grant_ok and affords(cap, rho, delta, epsilon, catalog.reporting_delta)):
+        left = _remaining(grant, cap, catalog.reporting_delta)
         which = f"project '{project}''s grant" if not grant_ok else "the dataset's lifetime cap"
-        asked = f"rho={rho:.4g}" + (f", delta={delta:.2g}" if delta else "")
-        left_text = f"rho={left['rho']:.4g}" + (f", delta={left['delta']:.2g}" if delta else "")
+        asked = (f"epsilon={epsilon:.4g}" if epsilon else f"rho={rho:.4g}") + (f", delta={delta:.2g}" if delta else "")
+        left_text = f"rho={left['rho']:.4g} (epsilon {epsilon_of(left['rho'], catalog.reporting_delta):.4g})" + (
+            f", delta={left['delta']:.2g}" if delta else "")
         raise BudgetError(
             "budget_exhausted",
             f"this release costs {asked} but {which} on '{dataset.name}' has {left_text} left",
@@ -242,30 +272,35 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
 
 
 def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float,
-           use: str = "query") -> None:
-    """Check and add the cost to the grant and the cap, inside the caller's write transaction."""
-    grant = check(conn, catalog, project, dataset, rho, delta, use)
+           use: str = "query", epsilon: float = 0.0) -> None:
+    """Check and add the cost to the grant and the cap, inside the caller's write transaction.
+
+    A negative epsilon with zero rho and delta is a refund (a training job settling below its reservation)."""
+    refund = epsilon < 0.0
+    grant = grant_row(conn, project, dataset.name) if refund else check(conn, catalog, project, dataset, rho, delta,
+                                                                         use, epsilon)
     if grant is None:  # first use of a dataset with a default grant (L1): created now, audited like any grant
         default = catalog.rule(dataset).default_grant_epsilon
         assert default is not None
         set_grant(conn, catalog, project, dataset, default, by="site-default", role="system")
         grant = grant_row(conn, project, dataset.name)
         assert grant is not None
-    params = {"grant_id": grant["id"], "cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta}
+    params = {"grant_id": grant["id"], "cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta,
+              "cost_epsilon": epsilon}
     conn.execute(_SPEND_GRANT, params)
     conn.execute(_SPEND_CAP, params)
 
 
-def check_cap(conn: Connection, dataset: Dataset, rho: float, delta: float) -> None:
+def check_cap(conn: Connection, dataset: Dataset, rho: float, delta: float, reporting_delta: float) -> None:
     """Refuse (BudgetError) unless the dataset's lifetime cap alone can afford the cost."""
-    cap = conn.execute(_CAP, {"dataset": dataset.name}).mappings().one()
-    if cap["rho_spent"] + rho > cap["rho_total"] or cap["delta_spent"] + delta > cap["delta"]:
+    cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
+    if not affords(cap, rho, delta, 0.0, reporting_delta):
         raise BudgetError("budget_exhausted", f"this costs rho={rho:.4g} but the lifetime cap of "
-                          f"'{dataset.name}' has rho={max(0.0, cap['rho_total'] - cap['rho_spent']):.4g} left",
+                          f"'{dataset.name}' has rho={rho_left(cap, reporting_delta):.4g} left",
                           hint="use a smaller epsilon, or raise the cap with 'veil steward budget DATASET --cap'")
 
 
-def charge_cap(conn: Connection, dataset: Dataset, rho: float, delta: float) -> None:
+def charge_cap(conn: Connection, dataset: Dataset, rho: float, delta: float, reporting_delta: float) -> None:
     """Charge a release that belongs to no project (a steward's DP synthetic mock) to the cap alone."""
-    check_cap(conn, dataset, rho, delta)
-    conn.execute(_SPEND_CAP, {"cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta})
+    check_cap(conn, dataset, rho, delta, reporting_delta)
+    conn.execute(_SPEND_CAP, {"cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta, "cost_epsilon": 0.0})

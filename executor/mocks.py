@@ -42,7 +42,7 @@ def set_mock(engine: Engine, catalog: Catalog, dataset: Dataset, request: MockRe
     assert request.epsilon is not None
     rho = rho_for_epsilon(request.epsilon, catalog.reporting_delta)
     with engine.connect() as conn:  # fail early, before fitting anything
-        ledger.check_cap(conn, dataset, rho, 0.0)
+        ledger.check_cap(conn, dataset, rho, 0.0, catalog.reporting_delta)
     synthetic = synthesize_mock(dataset, rho, rows=request.rows, verified_bound=verified_bound)
     buffer = io.BytesIO()
     synthetic.frame.write_parquet(buffer)
@@ -51,7 +51,7 @@ def set_mock(engine: Engine, catalog: Catalog, dataset: Dataset, request: MockRe
     unfitted = f"; not fitted (schema-only): {', '.join(synthetic.columns_not_fitted)}" \
         if synthetic.columns_not_fitted else ""
     with write(engine) as conn:
-        ledger.charge_cap(conn, dataset, synthetic.rho, synthetic.delta)
+        ledger.charge_cap(conn, dataset, synthetic.rho, synthetic.delta, catalog.reporting_delta)
         entry = audit.append(conn, principal=by, role="steward", action="mock", decision="released",
                              dataset=dataset.name, rho=synthetic.rho, delta=synthetic.delta,
                              result_digest=hashlib.sha256(data).hexdigest(),

@@ -84,6 +84,7 @@ grants = Table(
     Column("rho_total", Float(53), nullable=False),
     Column("rho_spent", Float(53), nullable=False, default=0.0),
     Column("delta_spent", Float(53), nullable=False, default=0.0),
+    Column("approx_epsilon_spent", Float(53), nullable=False, default=0.0),  # DP-SGD, in (epsilon, delta)
     Column("created_by", String(128), nullable=False),
     Column("created_at", String(40), nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
@@ -101,6 +102,7 @@ caps = Table(
     Column("rho_total", Float(53), nullable=False),
     Column("rho_spent", Float(53), nullable=False, default=0.0),
     Column("delta_spent", Float(53), nullable=False, default=0.0),
+    Column("approx_epsilon_spent", Float(53), nullable=False, default=0.0),
     Column("set_by", String(128), nullable=False, default="catalog"),  # a steward's change outlives the catalog's
 )
 
@@ -127,6 +129,7 @@ audit = Table(
     Column("dataset", String(64)),
     Column("query", Text),
     Column("rho", Float(53), nullable=False),
+    Column("epsilon", Float(53), nullable=False, default=0.0),  # a release accounted in (epsilon, delta)
     Column("delta", Float(53), nullable=False),
     Column("result_digest", String(64)),
     Column("decision", String(16), nullable=False),

@@ -379,6 +379,7 @@ class AuditEntry(_Strict):
     dataset: str | None
     query: str | None
     rho: float
+    epsilon: float = Field(default=0.0, description="a release accounted in (epsilon, delta), e.g. DP-SGD")
     delta: float
     result_digest: str | None
     decision: str
