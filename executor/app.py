@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +31,7 @@ from veil.wire import (
     DatasetInfo,
     GrantInfo,
     Health,
+    JobInfo,
     LevelRule,
     MockInfo,
     MockRequest,
@@ -39,6 +40,7 @@ from veil.wire import (
     Release,
     ReviewRequest,
     RevokeRequest,
+    TrainRequest,
     WhoAmI,
 )
 
@@ -189,6 +191,27 @@ def create_app(site: Site) -> FastAPI:
         """Choose the dataset's mock (stewards); DP synthetic rows are charged to its lifetime cap."""
         request.state.context = {"dataset": name}
         return site.set_mock(who, name, body)
+
+    @app.post("/jobs", response_model=JobInfo, status_code=201)
+    def train(body: TrainRequest, request: Request, who: Principal = Depends(principal)) -> JobInfo:
+        """Start a DP-SGD training job; its budget is reserved now and settled to what the accountant spends."""
+        request.state.context = {"dataset": body.dataset}
+        return site.train(who, body)
+
+    @app.get("/jobs/{job_id}", response_model=JobInfo)
+    def job(job_id: int, who: Principal = Depends(principal)) -> JobInfo:
+        """A job's state, progress (share of steps, epoch, epsilon spent so far) and, when done, its DP evaluation."""
+        return site.job(who, job_id)
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobInfo)
+    def cancel_job(job_id: int, who: Principal = Depends(principal)) -> JobInfo:
+        return site.cancel_job(who, job_id)
+
+    @app.get("/jobs/{job_id}/weights", response_class=Response,
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    def job_weights(job_id: int, who: Principal = Depends(principal)) -> Response:
+        """The trained weights as safetensors (never a pickle)."""
+        return Response(site.job_weights(who, job_id), media_type="application/octet-stream")
 
     @app.get("/catalog", response_model=list[CatalogEntry])
     def catalog(who: Principal = Depends(principal)) -> list[CatalogEntry]:

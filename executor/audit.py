@@ -56,11 +56,12 @@ def append(
     result_digest: str | None = None,
     reason: str | None = None,
 ) -> AuditEntry:
-    """Append one entry inside the caller's write transaction and return it (hash = receipt)."""
+    """Append one entry inside the caller's write transaction and return it (hash = receipt).
+    (`+ 0.0` turns -0.0 into 0.0: the database keeps no sign on zero, and the hash must match what it keeps.)"""
     head = conn.execute(_HEAD).one()
     entry: dict[str, Any] = dict(
         seq=head.seq + 1, ts=now(), principal=principal, role=role, project=project, action=action,
-        dataset=dataset, query=query, rho=float(rho), epsilon=float(epsilon), delta=float(delta), result_digest=result_digest,
+        dataset=dataset, query=query, rho=float(rho) + 0.0, epsilon=float(epsilon) + 0.0, delta=float(delta) + 0.0, result_digest=result_digest,
         decision=decision, reason=reason, prev_hash=head.hash,
     )
     entry["hash"] = entry_hash(entry)

@@ -72,6 +72,7 @@ class Dataset:
     max_rows: int
     lifetime_epsilon: float
     columns: dict[str, Column] = field(default_factory=dict)
+    lifetime_delta: float = 1e-4
 
     def column(self, name: str) -> Column:
         """The column called `name`, or a CatalogError listing the columns that exist."""
@@ -188,6 +189,7 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         max_rows_per_unit=max_per_unit,
         max_rows=int(_require(raw, "max_rows", where)),
         lifetime_epsilon=float(_require(raw, "lifetime_epsilon", where)),
+        lifetime_delta=float(raw.get("lifetime_delta", 1e-4)),
         columns=columns,
     )
 

@@ -145,6 +145,7 @@ def train(
     seed: int | None = None,
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
     audit_noise_scale: float = 1.0,
+    public_rows: int | None = None,
 ) -> TrainingOutcome:
     """Train `model_spec` on (x_train, y_train) with DP-SGD to spend at most the spec's (epsilon, delta).
 
@@ -154,10 +155,12 @@ def train(
     request) makes the run reproducible; otherwise the randomness is seeded from the OS.
     `audit_noise_scale` exists only for the empirical privacy audit: it multiplies the noise actually
     added while the accountant keeps the calibrated multiplier, so anything but 1 breaks the guarantee.
+    `public_rows` (a DP count of the training rows) sets the sampling rate and the number of steps, so
+    that neither reveals the private row count; Poisson sampling at that rate is what is accounted.
     """
     spec = models.parse_model_spec(model_spec)
     hyper = _parse_train_spec(train_spec)
-    n = len(x_train)
+    n = len(x_train) if public_rows is None else max(1, public_rows)
     if layout is None:
         outputs = 2 if spec.task == "classification" else 1
         layout = FeatureLayout.numeric_only(x_train.shape[1] if x_train.ndim == 2 else 0, outputs=outputs)

@@ -85,7 +85,7 @@ def encode(
     x_exprs = [_scaled(c, b) for c, b in numeric.items()]
     x_exprs += [_codes(c, cats).cast(pl.Float32) for c, cats in categorical.items()]
     out = frame.select(*x_exprs, y_expr)
-    x = torch.tensor(out.drop("__y").to_numpy().reshape(len(out), -1), dtype=torch.float32)
+    x = torch.tensor(out.drop("__y").to_numpy().reshape(len(out), out.width - 1), dtype=torch.float32)
     y = torch.tensor(out.get_column("__y").to_numpy(), dtype=torch.int64 if classes else torch.float32)
     layout = FeatureLayout(
         numeric=tuple(numeric),

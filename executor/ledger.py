@@ -26,7 +26,7 @@ def sync_caps(engine: Engine, catalog: Catalog) -> None:
     with write(engine) as conn:
         for ds in catalog.datasets.values():
             rho = rho_for_epsilon(ds.lifetime_epsilon, catalog.reporting_delta)
-            values = dict(epsilon=ds.lifetime_epsilon, delta=catalog.reporting_delta, rho_total=rho)
+            values = dict(epsilon=ds.lifetime_epsilon, delta=ds.lifetime_delta, rho_total=rho)
             row = conn.execute(select(caps.c.set_by).where(caps.c.dataset == ds.name)).first()
             if row is None:
                 conn.execute(insert(caps).values(dataset=ds.name, rho_spent=0.0, delta_spent=0.0, set_by="catalog",
@@ -273,12 +273,8 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
 
 def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rho: float, delta: float,
            use: str = "query", epsilon: float = 0.0) -> None:
-    """Check and add the cost to the grant and the cap, inside the caller's write transaction.
-
-    A negative epsilon with zero rho and delta is a refund (a training job settling below its reservation)."""
-    refund = epsilon < 0.0
-    grant = grant_row(conn, project, dataset.name) if refund else check(conn, catalog, project, dataset, rho, delta,
-                                                                         use, epsilon)
+    """Check and add the cost to the grant and the cap, inside the caller's write transaction."""
+    grant = check(conn, catalog, project, dataset, rho, delta, use, epsilon)
     if grant is None:  # first use of a dataset with a default grant (L1): created now, audited like any grant
         default = catalog.rule(dataset).default_grant_epsilon
         assert default is not None
@@ -287,6 +283,16 @@ def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, r
         assert grant is not None
     params = {"grant_id": grant["id"], "cap_dataset": dataset.name, "cost_rho": rho, "cost_delta": delta,
               "cost_epsilon": epsilon}
+    conn.execute(_SPEND_GRANT, params)
+    conn.execute(_SPEND_CAP, params)
+
+
+def refund(conn: Connection, project: str, dataset: str, epsilon: float, delta: float) -> None:
+    """Give back the (epsilon, delta) a training job reserved and did not spend, when it is settled."""
+    grant = grant_row(conn, project, dataset)
+    assert grant is not None, "a reservation always has a grant"
+    params = {"grant_id": grant["id"], "cap_dataset": dataset, "cost_rho": 0.0, "cost_delta": -delta,
+              "cost_epsilon": -epsilon}
     conn.execute(_SPEND_GRANT, params)
     conn.execute(_SPEND_CAP, params)
 

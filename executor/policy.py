@@ -17,7 +17,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "L1": dict(reviewers=0, max_epsilon_per_release=1.0, min_group_threshold=10),
     "L2": dict(reviewers=1, max_epsilon_per_release=1.0, min_group_threshold=10),
     "L3": dict(reviewers=2, offices=["data_center", "data_committee"], ethics_required=True,
-               max_epsilon_per_release=0.5, min_group_threshold=20),
+               max_epsilon_per_release=0.5, min_group_threshold=20, max_epsilon_per_model=4.0),
 }
 
 
@@ -53,6 +53,7 @@ def combined(rules: list[LevelRule]) -> LevelRule:
         offices=offices,  # type: ignore[arg-type]
         ethics_required=any(r.ethics_required for r in rules),
         max_epsilon_per_release=min(r.max_epsilon_per_release for r in rules),
+        max_epsilon_per_model=min(r.max_epsilon_per_model for r in rules),
         min_group_threshold=max(r.min_group_threshold for r in rules),
         training=all(r.training for r in rules),
         default_grant_epsilon=None,

@@ -18,6 +18,7 @@ from veil.executor.plan import build_plan
 from veil.executor.prepared import Prepared, PreparedQueries
 from veil.executor.release import can_stream, describe, run
 from veil.executor.store import open_store, write
+from veil.executor.training import Trainer
 from veil.executor.unit_bound import most_rows_per_unit
 from veil.sql import canonical_sql, parse_sql
 from veil.wire import (
@@ -29,12 +30,14 @@ from veil.wire import (
     DatasetBudget,
     DatasetInfo,
     GrantInfo,
+    JobInfo,
     MockInfo,
     MockRequest,
     QueryRequest,
     QuerySpec,
     Release,
     ReviewRequest,
+    TrainRequest,
 )
 
 
@@ -55,6 +58,10 @@ class Site:
     prepared: PreparedQueries = field(default_factory=PreparedQueries)
     _bounds: dict[str, _BoundCheck] = field(default_factory=dict)
     _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
+    trainer: Trainer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trainer = Trainer(self.engine, self.catalog)
 
     @classmethod
     def open(cls, catalog_path: str | Path, database_url: str | None = None) -> Site:
@@ -64,6 +71,7 @@ class Site:
             check_data_matches(ds)
         site = cls(catalog, open_store(database_url or catalog.database_url))
         ledger.sync_caps(site.engine, catalog)
+        site.trainer.recover()
         for ds in catalog.datasets.values():
             site.bound_holds(ds)
         return site
@@ -220,6 +228,22 @@ class Site:
     def mock(self, who: Principal, dataset: str) -> MockInfo:
         """The dataset's mock for mock mode (to anyone who may see the dataset): it is public or DP already."""
         return mocks.get_mock(self.engine, self.dataset_for(who, dataset).name)
+
+    def train(self, who: Principal, request: TrainRequest) -> JobInfo:
+        """Start a DP-SGD job (budget reserved now, settled when it ends); poll it with `job`."""
+        require(who, "researcher")
+        return self.trainer.start(who, self.dataset_for(who, request.dataset), request)
+
+    def job(self, who: Principal, job_id: int) -> JobInfo:
+        return self.trainer.info(who, job_id)
+
+    def cancel_job(self, who: Principal, job_id: int) -> JobInfo:
+        require(who, "researcher")
+        return self.trainer.cancel(who, job_id)
+
+    def job_weights(self, who: Principal, job_id: int) -> bytes:
+        require(who, "researcher")
+        return self.trainer.weights(who, job_id)
 
     def audit_log(self, who: Principal, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
         require(who, "steward", "admin")

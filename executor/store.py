@@ -118,6 +118,27 @@ mocks = Table(
     Column("receipt", String(64)),
 )
 
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(64), nullable=False),
+    Column("principal", String(128), nullable=False),
+    Column("dataset", String(64), nullable=False),
+    Column("request", Text, nullable=False),  # the TrainRequest as JSON
+    Column("state", String(16), nullable=False),  # running, done, cancelled, failed
+    Column("progress", Float(53), nullable=False, default=0.0),
+    Column("epoch", Integer, nullable=False, default=0),
+    Column("epsilon", Float(53), nullable=False, default=0.0),  # the accountant's, for the steps taken
+    Column("rows", Integer),  # DP count of the training rows
+    Column("cancel", Boolean, nullable=False, default=False),
+    Column("evaluation", Text),  # the DP evaluation release as JSON
+    Column("weights", LargeBinary),  # safetensors
+    Column("error", Text),
+    Column("receipt", String(64)),
+    Column("created_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+)
+
 audit = Table(
     "audit", metadata,
     Column("seq", Integer, primary_key=True, autoincrement=False),

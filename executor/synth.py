@@ -305,15 +305,17 @@ def _toml(value: Any) -> str:
     return "[" + ", ".join(_toml(v) for v in value) + "]"
 
 
-def _table(header: str, items: dict[str, Any]) -> str:
+def toml_table(header: str, items: dict[str, Any]) -> str:
+    """One TOML table; keys whose value is None are left out."""
     lines = [f"[{header}]"] + [f"{k} = {_toml(v)}" for k, v in items.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
-def _dataset_toml(name: str, meta: dict[str, Any], columns: list[ColumnSpec]) -> str:
-    parts = [_table(f"datasets.{name}", meta)]
+def dataset_toml(name: str, meta: dict[str, Any], columns: list[ColumnSpec]) -> str:
+    """A catalog's `[datasets.NAME]` table and one table per column with its public metadata."""
+    parts = [toml_table(f"datasets.{name}", meta)]
     for c in columns:
-        parts.append(_table(f"datasets.{name}.columns.{c.name}", {
+        parts.append(toml_table(f"datasets.{name}.columns.{c.name}", {
             "dtype": c.dtype, "description": c.description,
             "bounds": list(c.bounds) if c.bounds else None, "categories": c.categories,
             "nullable": True if c.nullable else None,
@@ -327,15 +329,15 @@ def write_catalog(site_dir: Path, site_name: str, title: str, n_patients_bound: 
     patient_cols = [replace(c, categories=list(regions)) if c.name == "region" else c
                     for c in PATIENT_COLUMNS]
     text = "\n".join([
-        _table("site", {"name": site_name, "title": title, "database": "sqlite:///veil.db",
+        toml_table("site", {"name": site_name, "title": title, "database": "sqlite:///veil.db",
                         "reporting_delta": 1e-6, "default_l1_epsilon": 2.0}),
-        _dataset_toml("patients", {
+        dataset_toml("patients", {
             "title": "Patients",
             "description": "One row per enrolled patient: demographics and rare-disease diagnosis.",
             "path": "patients.parquet", "level": "L1", "privacy_unit": "patient_id",
             "max_rows_per_unit": 1, "max_rows": n_patients_bound, "lifetime_epsilon": 10.0,
         }, patient_cols),
-        _dataset_toml("encounters", {
+        dataset_toml("encounters", {
             "title": "Encounters",
             "description": "One row per hospital encounter: department, diagnosis, labs, stay and outcome.",
             "path": "encounters.parquet", "level": "L2", "privacy_unit": "patient_id",

@@ -11,6 +11,9 @@ from veil.kernel.errors import (
     VeilSiteUnavailable,
 )
 from veil.kernel.study import Study, load_study
+from veil.kernel.training import TrainedModel, VeilTrainingFailed
+from veil.modelspec import ModelSpec
 
-__all__ = ["Study", "VeilAuthError", "VeilBudgetError", "VeilConfigError", "VeilError", "VeilPolicyError",
-           "VeilRequestError", "VeilSiteUnavailable", "col", "count", "load_study"]
+__all__ = ["ModelSpec", "Study", "TrainedModel", "VeilAuthError", "VeilBudgetError", "VeilConfigError", "VeilError",
+           "VeilPolicyError", "VeilRequestError", "VeilSiteUnavailable", "VeilTrainingFailed", "col", "count",
+           "load_study"]

@@ -21,6 +21,7 @@ from veil.wire import (
     DatasetInfo,
     GrantInfo,
     Health,
+    JobInfo,
     LevelRule,
     MockInfo,
     MockRequest,
@@ -30,6 +31,7 @@ from veil.wire import (
     Release,
     ReviewRequest,
     RevokeRequest,
+    TrainRequest,
     WhoAmI,
 )
 
@@ -51,14 +53,17 @@ class SiteClient:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise VeilSiteUnavailable(self.name, str(self._http.base_url), exc) from exc
         if response.status_code >= 400:
             raise refusal_error(self.name, response.status_code, Refusal.model_validate(response.json()))
-        return response.json()
+        return response
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
 
     def receipt(self, receipt: str) -> AuditEntry:
         return AuditEntry.model_validate(self._call("GET", f"/receipts/{receipt}"))
@@ -135,3 +140,18 @@ class SiteClient:
 
     def verify_audit(self) -> AuditVerification:
         return AuditVerification.model_validate(self._call("GET", "/audit/verify"))
+
+    # ---------------------------------------------------------- training
+
+    def train(self, request: TrainRequest) -> JobInfo:
+        return JobInfo.model_validate(self._call("POST", "/jobs", json=request.model_dump(mode="json")))
+
+    def job(self, job_id: int) -> JobInfo:
+        return JobInfo.model_validate(self._call("GET", f"/jobs/{job_id}"))
+
+    def cancel_job(self, job_id: int) -> JobInfo:
+        return JobInfo.model_validate(self._call("POST", f"/jobs/{job_id}/cancel"))
+
+    def job_weights(self, job_id: int) -> bytes:
+        """The trained weights, as safetensors bytes."""
+        return self._send("GET", f"/jobs/{job_id}/weights").content

@@ -15,8 +15,10 @@ from veil.kernel.combine import combine, site_aggregates, site_confidence
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable
 from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
+from veil.kernel.training import TrainedModel, run_job
+from veil.modelspec import ModelSpec, TrainSpec
 from veil.sql import parse_sql
-from veil.wire import ApplicationInfo, ApplicationRequest, DatasetInfo, GrantInfo, QuerySpec
+from veil.wire import ApplicationInfo, ApplicationRequest, DatasetInfo, GrantInfo, QuerySpec, TrainRequest
 
 DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
           "Boolean": pl.Boolean}
@@ -85,6 +87,22 @@ class Site:
 
     def budget(self) -> list[GrantInfo]:
         return self.client.grants()
+
+    def train(self, dataset: str, features: Sequence[str], label: str, epsilon: float, delta: float = 1e-5,
+              model: ModelSpec | None = None, epochs: int = 20, batch_size: int = 64, learning_rate: float = 1.0,
+              optimizer: str = "sgd", max_grad_norm: float = 1.0, holdout: float = 0.2,
+              evaluation_epsilon: float = 0.5, progress: bool = True) -> TrainedModel:
+        """Train a model with DP-SGD where the data lives; Ctrl-C cancels (only spent steps are charged).
+
+        `model` defaults to logistic regression (`ModelSpec.mlp([64, 64])` for an MLP). The result holds the
+        weights (`.module()`), the accountant's (epsilon, delta) and a DP evaluation on held-out patients."""
+        request = TrainRequest(
+            dataset=dataset, features=list(features), label=label, model=model or ModelSpec.logistic(),
+            train=TrainSpec(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size,
+                            learning_rate=learning_rate, optimizer=optimizer,  # type: ignore[arg-type]
+                            max_grad_norm=max_grad_norm),
+            holdout=holdout, evaluation_epsilon=evaluation_epsilon)
+        return run_job(self.client, request, progress=progress)
 
     def catalog(self) -> pl.DataFrame:
         """Every dataset the site publishes (name, title, level), including those you must apply for."""

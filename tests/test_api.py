@@ -700,7 +700,7 @@ def test_exhausted_grant_is_refused_with_what_remains(deployer: Callable[..., De
         assert refusal.remaining["rho"] == pytest.approx(grant.rho_remaining, rel=1e-9)
         assert refusal.remaining["epsilon_granted"] == 0.5
         assert refusal.remaining["rho_granted"] == pytest.approx(grant.rho_total)
-        assert f"rho={refusal.remaining['rho']:.4g} left" in refusal.message
+        assert f"rho={refusal.remaining['rho']:.4g} (epsilon" in refusal.message
         assert PROJECT in refusal.message
         assert grants_of(researcher)[(PROJECT, "encounters")] == grant
         # What remains is spendable: a release within it still goes through.

@@ -5,7 +5,6 @@ the bounds its documentation publishes (public metadata, not a scaler fitted on 
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from torch import nn
 from veil.errors import QueryError
 from veil.executor import dpsgd, features, models
 from veil.executor.features import FeatureLayout
+from veil.executor.public_data import published_bounds
 from veil.modelspec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -28,13 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 # Logistic regression on 455 training rows: batch 128 (Poisson), 20 epochs, plain SGD.
 HYPER = {"delta": 1e-5, "epochs": 20, "batch_size": 128, "learning_rate": 2.0, "optimizer": "sgd"}
 LABEL = "benign"  # scikit-learn's target: 1 = benign
-
-
-def published_bounds(descr: str) -> dict[str, tuple[float, float]]:
-    """Each feature's (min, max) from the 'Summary Statistics' table of the dataset's DESCR text."""
-    naming = {"mean": "mean {}", "standard error": "{} error", "worst": "worst {}"}
-    rows = re.findall(r"^([a-z ]+) \((mean|standard error|worst)\):\s+([\d.]+)\s+([\d.]+)\s*$", descr, re.M)
-    return {naming[kind].format(name): (float(lo), float(hi)) for name, kind, lo, hi in rows}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from veil.wire import Name
+from veil.names import Name
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"]
 """Element-wise activations; none has parameters, so any of them trains under DP-SGD."""

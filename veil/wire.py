@@ -7,14 +7,14 @@ a *request* (a query), a *release* (a DP result with its accuracy and cost) or a
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
-"""Dataset and column names: letters, digits and underscores. Rules out path traversal by construction."""
+from veil.modelspec import ModelSpec, TrainSpec
+from veil.names import NAME_PATTERN as NAME_PATTERN  # re-exported: both sides import it from the contract
+from veil.names import Name
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Scalar = Union[bool, int, float, str]
 
 
@@ -237,6 +237,7 @@ class LevelRule(_Strict):
     max_epsilon_per_release: float = Field(gt=0)
     min_group_threshold: int = Field(ge=0, description="least count a thresholded group may be released at")
     training: bool = True
+    max_epsilon_per_model: float = Field(default=8.0, gt=0, description="most a training job may spend")
     default_grant_epsilon: float | None = Field(
         default=None, description="a budget every project gets without applying (L1); None: apply first")
 
@@ -359,6 +360,46 @@ class MockInfo(_Strict):
     created_at: str
     receipt: str | None
     data: dict[str, list[Any]] | None = Field(default=None, description="synthetic columns; dates as ISO text")
+
+
+# ---------------------------------------------------------------- training
+
+
+class TrainRequest(_Strict):
+    """A DP-SGD job: which columns (scaled by their public bounds or categories), which model, which target.
+
+    The label needs public categories (classification) or public bounds (regression). A share of the
+    rows is held out; accuracy on it comes back as a DP release costing `evaluation_epsilon`, and a DP
+    count of the training rows (same cost) sets the sampling rate so that it reveals nothing more."""
+
+    dataset: Name
+    features: list[Name] = Field(min_length=1, max_length=200)
+    label: Name
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec
+    holdout: float = Field(default=0.2, ge=0.05, le=0.5)
+    evaluation_epsilon: float = Field(default=0.1, gt=0.0, le=1.0)
+
+
+class JobInfo(_Strict):
+    """A training job as its researcher sees it; only DP quantities and the public plan appear in it."""
+
+    id: int
+    project: str
+    dataset: str
+    state: Literal["running", "done", "cancelled", "failed"]
+    progress: float = Field(description="share of the planned steps taken")
+    epoch: int
+    epochs: int
+    epsilon: float = Field(description="what the accountant says the steps taken so far spent")
+    target_epsilon: float
+    delta: float
+    rows: int | None = Field(default=None, description="DP count of the training rows")
+    evaluation: Release | None = None
+    error: str | None = None
+    receipt: str | None = None
+    created_at: str
+    updated_at: str
 
 
 class AuditVerification(_Strict):

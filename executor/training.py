@@ -1,0 +1,269 @@
+"""Training jobs at a site: the policy check, a budget reservation, DP-SGD in a worker thread, and a
+settlement to what the accountant spent, with DP releases about the data it used.
+
+Only DP quantities leave: the weights (safetensors), the accountant's (epsilon, delta), a DP count of
+the training rows (it also sets the sampling rate, so the private count shows nowhere) and a DP
+accuracy (or squared error) on held-out patients. Before the data is touched the job reserves its
+target (epsilon, delta) and the rho of its two DP releases, in one transaction with its audit entry;
+when it ends (done, cancelled or failed) it is settled to what the accountant spent. A job cut off by
+a crash is settled when the executor starts again, to the accountant's last recorded epsilon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from sqlalchemy import Engine, insert, select, update
+
+from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
+from veil.executor import audit, dpsgd, ledger, models
+from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.executor.auth import Principal
+from veil.executor.calibrate import certify
+from veil.executor.catalog import Catalog, Column, Dataset
+from veil.executor.features import Encoded, encode
+from veil.executor.plan import build_plan
+from veil.executor.release import describe, run
+from veil.executor.store import jobs, write
+from veil.sql import parse_sql
+from veil.wire import Cost, JobInfo, Release, TrainRequest
+
+log = logging.getLogger("veil.executor.training")
+CONFIDENCE = 0.95
+
+
+class Trainer:
+    """The training jobs of one site; each runs in its own thread of the executor process."""
+
+    def __init__(self, engine: Engine, catalog: Catalog) -> None:
+        self.engine, self.catalog = engine, catalog
+        self._cancels: dict[int, threading.Event] = {}
+
+    # ------------------------------------------------------------ requests
+
+    def start(self, who: Principal, dataset: Dataset, request: TrainRequest) -> JobInfo:
+        """Check the request against policy and public metadata, reserve the budget, start the job."""
+        self._check(dataset, request)
+        eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
+        project, target = who.project or "", request.train
+        now = audit.now()
+        with write(self.engine) as conn:
+            ledger.charge(conn, self.catalog, project, dataset, 2 * eval_rho, 0.0, use="training")
+            ledger.charge(conn, self.catalog, project, dataset, 0.0, target.delta, use="training",
+                          epsilon=target.epsilon)
+            job_id = conn.execute(insert(jobs).values(
+                project=project, principal=who.name, dataset=dataset.name, request=request.model_dump_json(),
+                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, created_at=now,
+                updated_at=now)).inserted_primary_key[0]
+            audit.append(conn, principal=who.name, role=who.role, action="train", decision="reserved",
+                         project=project, dataset=dataset.name, query=request.model_dump_json(), rho=2 * eval_rho,
+                         epsilon=target.epsilon, delta=target.delta,
+                         reason=f"job {job_id}: DP-SGD at (epsilon {target.epsilon:g}, delta {target.delta:g}) "
+                                "and two DP releases (training rows, held-out evaluation)")
+        cancel = threading.Event()
+        self._cancels[job_id] = cancel
+        threading.Thread(target=self._run, args=(job_id, who, dataset, request, eval_rho, cancel), daemon=True,
+                         name=f"veil-train-{job_id}").start()
+        return self.info(who, job_id)
+
+    def info(self, who: Principal, job_id: int) -> JobInfo:
+        """A job of the caller's project (stewards see every job)."""
+        row = self._row(who, job_id)
+        request = TrainRequest.model_validate_json(row["request"])
+        evaluation = Release.model_validate_json(row["evaluation"]) if row["evaluation"] else None
+        return JobInfo(id=row["id"], project=row["project"], dataset=row["dataset"], state=row["state"],
+                       progress=row["progress"], epoch=row["epoch"], epochs=request.train.epochs,
+                       epsilon=row["epsilon"], target_epsilon=request.train.epsilon, delta=request.train.delta,
+                       rows=row["rows"], evaluation=evaluation, error=row["error"], receipt=row["receipt"],
+                       created_at=row["created_at"], updated_at=row["updated_at"])
+
+    def cancel(self, who: Principal, job_id: int) -> JobInfo:
+        """Ask a running job to stop before its next step; it is charged what its steps spent."""
+        row = self._row(who, job_id)
+        if row["state"] == "running":
+            with write(self.engine) as conn:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel=True))
+            if job_id in self._cancels:
+                self._cancels[job_id].set()
+        return self.info(who, job_id)
+
+    def weights(self, who: Principal, job_id: int) -> bytes:
+        """The trained weights (safetensors) of a finished or cancelled job."""
+        row = self._row(who, job_id)
+        if row["weights"] is None:
+            raise GovernanceError("no_weights", f"job {job_id} is {row['state']} and has no weights to give",
+                                  hint="wait until it is done (GET /jobs/ID), or read its error", status=409)
+        return bytes(row["weights"])
+
+    def recover(self) -> None:
+        """Settle the jobs a stopped executor left running, to their last recorded accountant epsilon."""
+        with self.engine.connect() as conn:
+            stale = [dict(r) for r in conn.execute(select(jobs).where(jobs.c.state == "running")).mappings()]
+        for row in stale:
+            request = TrainRequest.model_validate_json(row["request"])
+            who = Principal(row["principal"], "researcher", row["project"])
+            self._settle(row["id"], who, row["dataset"], request, "failed", row["epsilon"], row["epsilon"] > 0,
+                         None, None, "the executor stopped while the job ran; charged what its recorded steps spent")
+
+    # ------------------------------------------------------------ the job
+
+    def _check(self, dataset: Dataset, request: TrainRequest) -> None:
+        """Refuse what the level or the public metadata rule out, before anything is reserved or read."""
+        rule = self.catalog.rule(dataset)
+        if not rule.training:
+            raise GovernanceError("training_not_allowed", f"{dataset.level} data may not be used for training "
+                                  "at this site", hint="ask the data stewards; the level's rule forbids it", status=403)
+        if dataset.max_rows_per_unit != 1:
+            raise QueryError("one_row_per_patient", f"'{dataset.name}' has up to {dataset.max_rows_per_unit} rows "
+                             "per patient; DP-SGD here protects one row per patient",
+                             hint="train on a dataset with one row per patient")
+        if request.train.epsilon > rule.max_epsilon_per_model:
+            raise GovernanceError("epsilon_above_level", f"{dataset.level} data allows at most epsilon "
+                                  f"{rule.max_epsilon_per_model:g} per trained model at this site",
+                                  hint=f"ask for epsilon <= {rule.max_epsilon_per_model:g}", status=403)
+        encoded = self._encode(dataset, request, pl.DataFrame(schema=dataset.schema()))  # metadata only
+        models.build_model(request.model, encoded.layout)
+
+    def _encode(self, dataset: Dataset, request: TrainRequest, frame: pl.DataFrame) -> Encoded:
+        numeric, categorical = {}, {}
+        for name in request.features:
+            column = dataset.column(name)
+            if column.categories is not None:
+                categorical[name] = list(column.categories)
+            elif column.bounds is not None and column.is_numeric:
+                numeric[name] = column.bounds
+            else:
+                raise QueryError("unbounded_feature", f"feature '{name}' has neither public bounds nor categories",
+                                 hint="ask the steward to declare them, or leave the column out")
+        label = dataset.column(request.label)
+        classification = request.model.task == "classification"
+        if (label.categories is None) if classification else (label.bounds is None or not label.is_numeric):
+            need = "public categories (classification)" if classification else "public bounds (regression)"
+            raise QueryError("bad_label", f"label '{label.name}' needs {need}",
+                             hint="pick a label the catalog declares so, or change the model's task")
+        return encode(frame, label=label.name, numeric=numeric, categorical=categorical,
+                      classes=list(label.categories) if classification else None,  # type: ignore[arg-type]
+                      label_bounds=None if classification else label.bounds)
+
+    def _run(self, job_id: int, who: Principal, dataset: Dataset, request: TrainRequest, eval_rho: float,
+             cancel: threading.Event) -> None:
+        state, spent, started, rows, evaluation, weights, error = "failed", 0.0, False, None, None, None, None
+        recorded = 0.0  # the accountant's epsilon at the last progress report
+        try:
+            frame = pl.read_parquet(dataset.path, columns=[*request.features, request.label])
+            order = np.random.default_rng(secrets.randbits(64)).permutation(frame.height)
+            cut = int(round(frame.height * request.holdout))
+            holdout, train = frame[order[:cut]], frame[order[cut:]]
+            ones = pl.DataFrame({"one": np.ones(train.height, dtype=np.int32)})
+            count = _release(ones, "SELECT COUNT(*) AS n FROM data", eval_rho, dataset.max_rows,
+                             {"one": Column("one", "Int32", bounds=(0, 1))})
+            rows = max(1, round(count.rows[0]["n"]))
+            self._update(job_id, rows=rows)
+
+            def progress(p: dpsgd.Progress) -> None:
+                nonlocal recorded
+                recorded = p.epsilon
+                self._update(job_id, progress=p.step / p.steps, epoch=p.epoch, epsilon=p.epsilon)
+                if self._cancel_requested(job_id):
+                    cancel.set()
+
+            encoded = self._encode(dataset, request, train)
+            started = True
+            outcome = dpsgd.train(request.model, request.train, encoded.x, encoded.y, layout=encoded.layout,
+                                  progress=progress, cancel=cancel, public_rows=rows)
+            spent, weights = outcome.epsilon, outcome.weights
+            evaluation = self._evaluate(dataset, request, outcome.weights, self._encode(dataset, request, holdout),
+                                        eval_rho, who)
+            state = "cancelled" if outcome.cancelled else "done"
+        except VeilError as exc:  # refused before its first step (checks, calibration): what was recorded
+            error = f"{exc.code}: {exc.message}" + (f" (what to do: {exc.hint})" if exc.hint else "")
+            spent = recorded
+        except Exception as exc:  # noqa: BLE001 - a job's failure is recorded, settled and audited, never lost
+            log.exception("training job %s failed", job_id)
+            error = f"internal error ({type(exc).__name__}); charged what was spent"
+            spent = request.train.epsilon if started else 0.0  # steps may have run uncounted: the whole target
+        started = started and spent > 0
+        self._settle(job_id, who, dataset.name, request, state, spent, started, evaluation, weights, error)
+        self._cancels.pop(job_id, None)
+
+    def _evaluate(self, dataset: Dataset, request: TrainRequest, weights: bytes, holdout: Encoded, rho: float,
+                  who: Principal) -> Release:
+        """A DP accuracy (classification) or mean squared error (regression, scaled label) on held-out rows."""
+        module = models.load_weights(models.build_model(request.model, holdout.layout), weights).eval()
+        with torch.no_grad():
+            out = module(holdout.x)
+        if request.model.task == "classification":
+            score, name, bounds = (out.argmax(dim=1) == holdout.y).to(torch.int32), "accuracy", (0, 1)
+        else:
+            score, name, bounds = (out.squeeze(-1).clamp(-1, 1) - holdout.y) ** 2, "squared_error", (0.0, 4.0)
+        frame = pl.DataFrame({"score": score.numpy()}).cast({"score": pl.Int32 if name == "accuracy" else pl.Float64})
+        sql = f"SELECT COUNT(*) AS n, AVG(score) AS {name} FROM data"
+        dtype = "Int32" if name == "accuracy" else "Float64"
+        output = _release(frame, sql, rho, dataset.max_rows, {"score": Column("score", dtype, bounds=bounds)})
+        cost = Cost(rho=rho, delta=0.0, epsilon=epsilon_of(rho, self.catalog.reporting_delta),
+                    epsilon_delta=self.catalog.reporting_delta)
+        return Release(site=self.catalog.site, dataset=dataset.name, project=who.project or "",
+                       query=f"held-out evaluation: {sql}", confidence=CONFIDENCE, group_by=[],
+                       statistics=output.statistics, rows=output.rows, threshold=None, cost=cost, receipt="",
+                       released_at=audit.now())
+
+    def _settle(self, job_id: int, who: Principal, dataset: str, request: TrainRequest, state: str, spent: float,
+                started: bool, evaluation: Release | None, weights: bytes | None, error: str | None) -> None:
+        target = request.train
+        refund_epsilon = max(0.0, target.epsilon - spent)
+        refund_delta = 0.0 if started else target.delta
+        with write(self.engine) as conn:
+            ledger.refund(conn, who.project or "", dataset, refund_epsilon, refund_delta)
+            entry = audit.append(
+                conn, principal=who.name, role=who.role, action="train", decision="settled", project=who.project,
+                dataset=dataset, epsilon=-refund_epsilon, delta=-refund_delta,
+                result_digest=hashlib.sha256(weights).hexdigest() if weights else None,
+                reason=f"job {job_id} {state}: the accountant spent epsilon {spent:.4g} of {target.epsilon:g}"
+                       + (f"; {error}" if error else ""))
+            if evaluation is not None:
+                evaluation = evaluation.model_copy(update={"receipt": entry.hash})
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                state=state, epsilon=spent, weights=weights, error=error, receipt=entry.hash,
+                evaluation=evaluation.model_dump_json() if evaluation else None, updated_at=audit.now(),
+                **({"progress": 1.0} if state == "done" else {})))
+
+    # ------------------------------------------------------------ rows
+
+    def _row(self, who: Principal, job_id: int) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        if row is None or (who.role == "researcher" and row["project"] != who.project):
+            raise CatalogError("unknown_job", f"there is no training job {job_id} that you may see",
+                               hint="start one with POST /jobs; list yours with GET /jobs", status=404)
+        return dict(row)
+
+    def _update(self, job_id: int, **values: Any) -> None:
+        with write(self.engine) as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=audit.now(), **values))
+
+    def _cancel_requested(self, job_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return bool(conn.execute(select(jobs.c.cancel).where(jobs.c.id == job_id)).scalar_one())
+
+
+def _release(frame: pl.DataFrame, sql: str, rho: float, max_rows: int, columns: dict[str, Column]) -> Any:
+    """A DP release over an in-executor frame (one row per patient), through the query path's own
+    planning, OpenDP calibration and intervals."""
+    with tempfile.TemporaryDirectory(prefix="veil-train-") as tmp:
+        path = Path(tmp) / "data.parquet"
+        frame.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64)).write_parquet(path)
+        dataset = Dataset(name="data", title="data", description="", path=path, level="L1", privacy_unit="row_id",
+                          max_rows_per_unit=1, max_rows=max_rows, lifetime_epsilon=0.0,
+                          columns={"row_id": Column("row_id", "Int64"), **columns})
+        plan = build_plan(dataset, parse_sql(sql), verified_bound=True, thresholded=False)
+        certified = certify(plan, rho, None)
+        return run(dataset, plan, certified, describe(plan, certified, CONFIDENCE), streaming=False)

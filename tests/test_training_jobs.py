@@ -1,0 +1,159 @@
+"""DP-SGD jobs through a real executor: applied for and approved for training, run from the SDK with the
+budget reserved and settled to the accountant's epsilon, cancelled, refused, and cut off by a crash."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import polars as pl
+import pytest
+import torch
+
+from conftest import BACKENDS, Deployment, deploy, make_database
+from veil.executor import audit, ledger
+from veil.executor.features import encode
+from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
+from veil.kernel.errors import VeilBudgetError, VeilPolicyError
+from veil.kernel.sdk import Site as ResearcherSite
+from veil.modelspec import ModelSpec, TrainSpec
+from veil.wire import TrainRequest
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+FRAME, COLUMNS = breast_cancer_frame()
+FEATURES = [c.name for c in COLUMNS if c.bounds is not None]
+SGD = {"epochs": 20, "batch_size": 32, "learning_rate": 2.0, "optimizer": "sgd"}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def hospital(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """One site holding all 569 patients (L2), and study1 approved for queries and training."""
+    root = tmp_path_factory.mktemp("bc")
+    (config,) = write_sites(root, sites=("solo",), shares=(1.0,))
+    url, drop = make_database(request.param, root)
+    d = deploy(config, url, root, grants={})
+    with d.http() as http:
+        app = http.post("/applications", json={
+            "purpose": "A diagnosis-support model from biopsy features", "datasets": [DATASET], "epsilon": 12.0,
+            "delta": 1e-4, "duration_days": 30, "uses": ["query", "training"]}).json()
+    with d.http("steward") as http:
+        assert http.post(f"/applications/{app['id']}/reviews", json={
+            "decision": "approve", "comment": "training approved", "version": 1}).json()["status"] == "approved"
+    yield d
+    d.stop()
+    drop()
+
+
+def spent(d: Deployment) -> dict[str, Any]:
+    grant = next(g for g in ledger.list_grants(d.engine, "study1", 1e-6) if g.dataset == DATASET)
+    with d.engine.connect() as conn:
+        row = ledger.grant_row(conn, "study1", DATASET)
+    assert row is not None
+    return {"rho": grant.rho_spent, "delta": grant.delta_spent, "epsilon": row["approx_epsilon_spent"]}
+
+
+def wait(d: Deployment, job_id: int, until: Any = lambda j: j.state != "running", timeout: float = 120) -> Any:
+    client = d.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.job(job_id)
+        if until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}")
+
+
+def test_a_researcher_trains_at_one_site(hospital: Deployment) -> None:
+    before = spent(hospital)
+    site = ResearcherSite("solo", hospital.url, hospital.tokens["researcher"])
+    model = site.train(DATASET, FEATURES, LABEL, epsilon=2.0, delta=1e-5, evaluation_epsilon=1.0, progress=False,
+                       **SGD)
+    assert model.job.state == "done" and 1.5 < model.epsilon <= 2.0 and model.delta == 1e-5
+    assert model.job.rows is not None and abs(model.job.rows - 455) < 60  # a DP count of the ~455 training rows
+
+    # the weights are safetensors (a JSON header, no pickle) and the model is good on all 569 patients
+    assert model.weights[8:9] == b"{" and b"pickle" not in model.weights[:200]
+    data = encode(FRAME, label=LABEL, numeric={c.name: c.bounds for c in COLUMNS if c.bounds}, classes=CLASSES)
+    with torch.no_grad():
+        accuracy = (model.module()(data.x).argmax(dim=1) == data.y).float().mean().item()
+    assert accuracy >= 0.9, accuracy
+
+    evaluation = model.evaluation
+    assert evaluation is not None
+    row = evaluation.release.rows[0]
+    assert row["accuracy_lower"] <= row["accuracy_upper"] and evaluation.release.cost.epsilon == pytest.approx(1.0)
+    entry = audit.find(hospital.engine, model.job.receipt or "")
+    assert entry is not None and entry.action == "train" and entry.decision == "settled"
+
+    after = spent(hospital)  # the target was reserved, the unspent part refunded: the accountant's epsilon stays
+    assert after["epsilon"] - before["epsilon"] == pytest.approx(model.epsilon, rel=1e-9)
+    assert after["delta"] - before["delta"] == pytest.approx(1e-5)
+    assert after["rho"] > before["rho"]  # the two DP releases (training rows, evaluation)
+    assert audit.verify(hospital.engine).ok
+
+
+def test_a_cancelled_job_is_charged_for_its_steps_only(hospital: Deployment) -> None:
+    before = spent(hospital)
+    client = hospital.client()
+    request = TrainRequest(dataset=DATASET, features=FEATURES, label=LABEL, model=ModelSpec.mlp([64, 64]),
+                           train=TrainSpec(epsilon=4.0, delta=1e-5, epochs=400, batch_size=16, learning_rate=0.5))
+    job = client.train(request)
+    wait(hospital, job.id, until=lambda j: j.epoch >= 2)
+    client.cancel_job(job.id)
+    job = wait(hospital, job.id)
+    assert job.state == "cancelled" and 0 < job.epsilon < 4.0 and job.progress < 0.5
+    assert len(client.job_weights(job.id)) > 1000
+    assert spent(hospital)["epsilon"] - before["epsilon"] == pytest.approx(job.epsilon, rel=1e-9)
+    assert audit.verify(hospital.engine).ok
+
+
+def test_bad_training_requests_are_refused_and_cost_nothing(hospital: Deployment) -> None:
+    site = ResearcherSite("solo", hospital.url, hospital.tokens["researcher"])
+    before, log_before = spent(hospital), audit.count_entries(hospital.engine)
+    train = dict(epsilon=1.0, progress=False, **SGD)
+    with pytest.raises(VeilPolicyError, match="unknown_column"):
+        site.train(DATASET, ["tumour_size"], LABEL, **train)
+    with pytest.raises(VeilPolicyError, match="bad_label.*needs public bounds"):
+        site.train(DATASET, FEATURES, LABEL, model=ModelSpec.linear(), **train)
+    with pytest.raises(VeilPolicyError, match="epsilon_above_level"):
+        site.train(DATASET, FEATURES, LABEL, **{**train, "epsilon": 9.0})
+    with pytest.raises(VeilBudgetError, match="budget_exhausted"):
+        site.train(DATASET, FEATURES, LABEL, **{**train, "epsilon": 1.0, "delta": 5e-3})  # delta beyond the grant
+    with hospital.http() as http:  # a layer the spec language does not have
+        body = {"dataset": DATASET, "features": FEATURES, "label": LABEL, "model": {"layers": [{"type": "batch_norm"}]},
+                "train": {"epsilon": 1.0, "delta": 1e-5, **SGD}}
+        response = http.post("/jobs", json=body)
+        assert response.status_code == 422 and "batch_norm" in response.json()["message"]
+    outsider = ResearcherSite("solo", hospital.url, hospital.tokens["outsider"])
+    with pytest.raises(VeilPolicyError, match="unknown_dataset"):
+        outsider.train(DATASET, FEATURES, LABEL, **train)
+    with pytest.raises(ValueError, match="epochs"):  # checked by the SDK before anything is sent
+        site.train(DATASET, FEATURES, LABEL, **{**train, "epochs": 0})
+    assert spent(hospital) == before
+    assert audit.count_entries(hospital.engine) == log_before + 6  # each refusal audited, nothing else
+
+
+def test_a_job_cut_off_by_a_crash_is_settled_on_restart(hospital: Deployment) -> None:
+    before = spent(hospital)
+    client = hospital.client()
+    request = TrainRequest(dataset=DATASET, features=FEATURES, label=LABEL, model=ModelSpec.mlp([64, 64]),
+                           train=TrainSpec(epsilon=3.0, delta=1e-5, epochs=400, batch_size=16, learning_rate=0.5))
+    job = client.train(request)
+    recorded = wait(hospital, job.id, until=lambda j: j.epoch >= 2)
+    hospital.executor.kill()
+    hospital.executor.start()
+    job = hospital.client().job(job.id)
+    assert job.state == "failed" and "stopped while the job ran" in (job.error or "")
+    assert recorded.epsilon <= job.epsilon < 3.0
+    assert spent(hospital)["epsilon"] - before["epsilon"] == pytest.approx(job.epsilon, rel=1e-9)
+    assert audit.verify(hospital.engine).ok
+    with pytest.raises(VeilPolicyError, match="no_weights"):
+        hospital.client().job_weights(job.id)
+
+
+def test_encoded_labels_match_the_catalog() -> None:
+    """The site's catalog declares the diagnosis classes the engine encodes (public metadata only)."""
+    label = next(c for c in COLUMNS if c.name == LABEL)
+    assert label.categories == CLASSES and set(FRAME[LABEL].unique()) == set(CLASSES)
+    assert isinstance(FRAME, pl.DataFrame) and FRAME.height == 569
