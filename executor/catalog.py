@@ -114,6 +114,7 @@ class Catalog:
     datasets: dict[str, Dataset]
     path: Path
     levels: dict[str, LevelRule] = field(default_factory=dict)
+    max_training_seconds: float = 3600.0
 
     def rule(self, dataset: Dataset) -> LevelRule:
         """The review rule and release bounds of the dataset's privacy level."""
@@ -219,6 +220,7 @@ def load_catalog(path: str | Path) -> Catalog:
         datasets=datasets,
         path=path,
         levels=level_rules(raw.get("levels", {}), default_l1_epsilon),
+        max_training_seconds=float(site.get("max_training_seconds", 3600.0)),
     )
 
 

@@ -47,6 +47,7 @@ class Trainer:
     def __init__(self, engine: Engine, catalog: Catalog) -> None:
         self.engine, self.catalog = engine, catalog
         self._cancels: dict[int, threading.Event] = {}
+        self._timed_out: set[int] = set()
 
     # ------------------------------------------------------------ requests
 
@@ -73,6 +74,9 @@ class Trainer:
         self._cancels[job_id] = cancel
         threading.Thread(target=self._run, args=(job_id, who, dataset, request, eval_rho, cancel), daemon=True,
                          name=f"veil-train-{job_id}").start()
+        timer = threading.Timer(self.catalog.max_training_seconds, self._time_out, args=(job_id, cancel))
+        timer.daemon = True
+        timer.start()
         return self.info(who, job_id)
 
     def info(self, who: Principal, job_id: int) -> JobInfo:
@@ -95,6 +99,12 @@ class Trainer:
             if job_id in self._cancels:
                 self._cancels[job_id].set()
         return self.info(who, job_id)
+
+    def _time_out(self, job_id: int, cancel: threading.Event) -> None:
+        """Stop a job at the site's time limit (it then ends as cancelled, charged for its steps)."""
+        if not cancel.is_set() and job_id in self._cancels:
+            self._timed_out.add(job_id)
+            cancel.set()
 
     def weights(self, who: Principal, job_id: int) -> bytes:
         """The trained weights (safetensors) of a finished or cancelled job."""
@@ -184,6 +194,9 @@ class Trainer:
             evaluation = self._evaluate(dataset, request, outcome.weights, self._encode(dataset, request, holdout),
                                         eval_rho, who)
             state = "cancelled" if outcome.cancelled else "done"
+            if job_id in self._timed_out:
+                error = (f"time_limit: the job ran past this site's limit of {self.catalog.max_training_seconds:g} s "
+                         "and was stopped; it was charged what its steps spent and its weights are kept")
         except VeilError as exc:  # refused before its first step (checks, calibration): what was recorded
             error = f"{exc.code}: {exc.message}" + (f" (what to do: {exc.hint})" if exc.hint else "")
             spent = recorded
@@ -194,6 +207,7 @@ class Trainer:
         started = started and spent > 0
         self._settle(job_id, who, dataset.name, request, state, spent, started, evaluation, weights, error)
         self._cancels.pop(job_id, None)
+        self._timed_out.discard(job_id)
 
     def _evaluate(self, dataset: Dataset, request: TrainRequest, weights: bytes, holdout: Encoded, rho: float,
                   who: Principal) -> Release:

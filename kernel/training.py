@@ -8,6 +8,7 @@ stop button) cancels the job; the site charges only what its steps spent.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,4 +95,6 @@ def run_job(client: SiteClient, request: TrainRequest, poll: float = 0.5, progre
         bar.close()
     if job.state == "failed":
         raise VeilTrainingFailed(client.name, job)
+    if job.error:  # stopped at the site's time limit: the model of the steps taken comes back
+        warnings.warn(f"site '{client.name}': {job.error}", stacklevel=2)
     return TrainedModel(client.name, job, client.job_weights(job.id))

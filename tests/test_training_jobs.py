@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -15,6 +16,7 @@ from conftest import BACKENDS, Deployment, deploy, make_database
 from veil.executor import audit, ledger
 from veil.executor.features import encode
 from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
+from veil.executor.store import write
 from veil.kernel.errors import VeilBudgetError, VeilPolicyError
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.modelspec import ModelSpec, TrainSpec
@@ -157,3 +159,24 @@ def test_encoded_labels_match_the_catalog() -> None:
     label = next(c for c in COLUMNS if c.name == LABEL)
     assert label.categories == CLASSES and set(FRAME[LABEL].unique()) == set(CLASSES)
     assert isinstance(FRAME, pl.DataFrame) and FRAME.height == 569
+
+
+def test_a_job_past_the_time_limit_is_stopped_and_charged_for_its_steps(tmp_path: Path) -> None:
+    (config,) = write_sites(tmp_path, sites=("quick",), shares=(1.0,))
+    config.write_text(config.read_text().replace("[site]\n", "[site]\nmax_training_seconds = 6.0\n", 1))
+    url, drop = make_database("sqlite", tmp_path)
+    d = deploy(config, url, tmp_path, grants={})
+    try:
+        with write(d.engine) as conn:
+            ledger.set_grant(conn, d.catalog, "study1", d.catalog.dataset(DATASET), 10.0, by="carol", delta=1e-4,
+                             uses=("query", "training"))
+        site = ResearcherSite("quick", d.url, d.tokens["researcher"])
+        with pytest.warns(UserWarning, match="time_limit: the job ran past this site's limit of 6 s"):
+            model = site.train(DATASET, FEATURES, LABEL, epsilon=4.0, model=ModelSpec.mlp([64, 64]), epochs=400,
+                               batch_size=16, learning_rate=0.5, progress=False)
+        assert model.cancelled and 0 <= model.epsilon < 4.0 and len(model.weights) > 1000
+        assert spent(d)["epsilon"] == pytest.approx(model.epsilon, rel=1e-9)
+        assert audit.verify(d.engine).ok
+    finally:
+        d.stop()
+        drop()
