@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from veil import __version__
-from veil.errors import VeilError
+from veil.errors import VeilError, validation_problems
 from veil.executor.auth import Principal, authenticate, identify
 from veil.executor.site import Site
 from veil.wire import (
@@ -135,10 +135,7 @@ def create_app(site: Site) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        error = VeilError("malformed_request", f"the request is not valid: {problems}",
+        error = VeilError("malformed_request", f"the request is not valid: {validation_problems(exc.errors())}",
                           hint="see the request schema at /openapi.json", status=422)
         return await audited_refusal(request, error)
 

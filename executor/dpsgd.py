@@ -29,7 +29,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from pydantic import ValidationError
 from torch import nn
 
-from veil.errors import QueryError
+from veil.errors import QueryError, validation_problems
 from veil.executor import models
 from veil.executor.features import FeatureLayout
 from veil.modelspec import ModelSpec, TrainSpec
@@ -334,10 +334,7 @@ def _parse_train_spec(spec: TrainSpec | Mapping[str, Any]) -> TrainSpec:
     try:
         return TrainSpec.model_validate(spec)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
-        )
-        raise QueryError("bad_train_spec", f"invalid training spec: {problems}") from None
+        raise QueryError("bad_train_spec", f"invalid training spec: {validation_problems(exc.errors())}") from None
 
 
 def _check_shapes(x: torch.Tensor, y: torch.Tensor, layout: FeatureLayout, which: str) -> None:

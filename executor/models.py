@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.nn import functional as F
 
-from veil.errors import QueryError
+from veil.errors import QueryError, validation_problems
 from veil.executor.features import FeatureLayout
 from veil.modelspec import Act, Dropout, GroupNorm, LayerNorm, Linear, ModelSpec
 
@@ -94,10 +94,7 @@ def parse_model_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
     try:
         return ModelSpec.model_validate(spec)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-        )
-        raise QueryError("bad_model_spec", f"invalid model spec: {problems}", HINT) from None
+        raise QueryError("bad_model_spec", f"invalid model spec: {validation_problems(exc.errors())}", HINT) from None
 
 
 def build_model(spec: ModelSpec | Mapping[str, Any], layout: FeatureLayout) -> TabularNet:

@@ -66,6 +66,14 @@ def wait(d: Deployment, job_id: int, until: Any = lambda j: j.state != "running"
     raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}")
 
 
+def long_job(d: Deployment, epsilon: float) -> tuple[Any, Any]:
+    """Start an MLP job of 400 epochs (long enough to stop by hand); return the client and the job."""
+    client = d.client()
+    request = TrainRequest(dataset=DATASET, features=FEATURES, label=LABEL, model=ModelSpec.mlp([64, 64]),
+                           train=TrainSpec(epsilon=epsilon, delta=1e-5, epochs=400, batch_size=16, learning_rate=0.5))
+    return client, client.train(request)
+
+
 def test_a_researcher_trains_at_one_site(hospital: Deployment) -> None:
     before = spent(hospital)
     site = ResearcherSite("solo", hospital.url, hospital.tokens["researcher"])
@@ -97,10 +105,7 @@ def test_a_researcher_trains_at_one_site(hospital: Deployment) -> None:
 
 def test_a_cancelled_job_is_charged_for_its_steps_only(hospital: Deployment) -> None:
     before = spent(hospital)
-    client = hospital.client()
-    request = TrainRequest(dataset=DATASET, features=FEATURES, label=LABEL, model=ModelSpec.mlp([64, 64]),
-                           train=TrainSpec(epsilon=4.0, delta=1e-5, epochs=400, batch_size=16, learning_rate=0.5))
-    job = client.train(request)
+    client, job = long_job(hospital, epsilon=4.0)
     wait(hospital, job.id, until=lambda j: j.epoch >= 2)
     client.cancel_job(job.id)
     job = wait(hospital, job.id)
@@ -138,10 +143,7 @@ def test_bad_training_requests_are_refused_and_cost_nothing(hospital: Deployment
 
 def test_a_job_cut_off_by_a_crash_is_settled_on_restart(hospital: Deployment) -> None:
     before = spent(hospital)
-    client = hospital.client()
-    request = TrainRequest(dataset=DATASET, features=FEATURES, label=LABEL, model=ModelSpec.mlp([64, 64]),
-                           train=TrainSpec(epsilon=3.0, delta=1e-5, epochs=400, batch_size=16, learning_rate=0.5))
-    job = client.train(request)
+    _, job = long_job(hospital, epsilon=3.0)
     recorded = wait(hospital, job.id, until=lambda j: j.epoch >= 2)
     hospital.executor.kill()
     hospital.executor.start()

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class VeilError(Exception):
     """A refusal with a reason and what to do next. Nothing is charged for it."""
@@ -50,3 +53,9 @@ class GovernanceError(VeilError):
     """An application, review, grant or cap change that the site's review rules do not allow."""
 
     status = 409
+
+
+def validation_problems(errors: Sequence[Any], limit: int = 5) -> str:
+    """Pydantic's validation errors in one line: `where: what` for each (at most `limit`)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                     for e in list(errors)[:limit])
