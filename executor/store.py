@@ -131,6 +131,7 @@ jobs = Table(
     Column("epsilon", Float(53), nullable=False, default=0.0),  # the accountant's, for the steps taken
     Column("rows", Integer),  # DP count of the training rows
     Column("cancel", Boolean, nullable=False, default=False),
+    Column("owner", String(160), nullable=False),  # host:pid of the executor process running it
     Column("evaluation", Text),  # the DP evaluation release as JSON
     Column("weights", LargeBinary),  # safetensors
     Column("error", Text),

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -63,7 +65,8 @@ class Trainer:
                           epsilon=target.epsilon)
             job_id = conn.execute(insert(jobs).values(
                 project=project, principal=who.name, dataset=dataset.name, request=request.model_dump_json(),
-                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, created_at=now,
+                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, owner=f"{socket.gethostname()}:{os.getpid()}",
+                created_at=now,
                 updated_at=now)).inserted_primary_key[0]
             audit.append(conn, principal=who.name, role=who.role, action="train", decision="reserved",
                          project=project, dataset=dataset.name, query=request.model_dump_json(), rho=2 * eval_rho,
@@ -115,10 +118,13 @@ class Trainer:
         return bytes(row["weights"])
 
     def recover(self) -> None:
-        """Settle the jobs a stopped executor left running, to their last recorded accountant epsilon."""
+        """Settle the jobs a stopped executor process left running, to their last recorded accountant epsilon.
+        Jobs of executor processes still alive on this host (other workers) are theirs to settle."""
         with self.engine.connect() as conn:
-            stale = [dict(r) for r in conn.execute(select(jobs).where(jobs.c.state == "running")).mappings()]
-        for row in stale:
+            running = [dict(r) for r in conn.execute(select(jobs).where(jobs.c.state == "running")).mappings()]
+        for row in running:
+            if _alive(row["owner"]):
+                continue
             request = TrainRequest.model_validate_json(row["request"])
             who = Principal(row["principal"], "researcher", row["project"])
             self._settle(row["id"], who, row["dataset"], request, "failed", row["epsilon"], row["epsilon"] > 0,
@@ -236,6 +242,8 @@ class Trainer:
         refund_epsilon = max(0.0, target.epsilon - spent)
         refund_delta = 0.0 if started else target.delta
         with write(self.engine) as conn:
+            if conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar_one() != "running":
+                return  # settled already (by a restarted process's recovery): never refund twice
             ledger.refund(conn, who.project or "", dataset, refund_epsilon, refund_delta)
             entry = audit.append(
                 conn, principal=who.name, role=who.role, action="train", decision="settled", project=who.project,
@@ -267,6 +275,20 @@ class Trainer:
     def _cancel_requested(self, job_id: int) -> bool:
         with self.engine.connect() as conn:
             return bool(conn.execute(select(jobs.c.cancel).where(jobs.c.id == job_id)).scalar_one())
+
+
+def _alive(owner: str) -> bool:
+    """Whether the executor process `owner` (host:pid) still runs on this host."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _release(frame: pl.DataFrame, sql: str, rho: float, max_rows: int, columns: dict[str, Column]) -> Any:
