@@ -31,6 +31,7 @@ from sqlalchemy import (
     inspect,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 
 from veil.errors import CatalogError
 
@@ -200,9 +201,12 @@ def open_store(url: str) -> Engine:
         engine = create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True)
     metadata.create_all(engine)
     _check_columns(engine)
-    with write(engine) as conn:
-        if conn.execute(select(audit_head.c.id)).first() is None:
-            conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))
+    try:
+        with write(engine) as conn:
+            if conn.execute(select(audit_head.c.id)).first() is None:
+                conn.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))
+    except IntegrityError:  # another process starting on the same new database wrote it first
+        pass
     return engine
 
 
