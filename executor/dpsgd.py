@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -158,33 +158,12 @@ def train(
     `public_rows` (a DP count of the training rows) sets the sampling rate and the number of steps, so
     that neither reveals the private row count; Poisson sampling at that rate is what is accounted.
     """
-    spec = models.parse_model_spec(model_spec)
-    hyper = _parse_train_spec(train_spec)
-    n = len(x_train) if public_rows is None else max(1, public_rows)
-    if layout is None:
-        outputs = 2 if spec.task == "classification" else 1
-        layout = FeatureLayout.numeric_only(x_train.shape[1] if x_train.ndim == 2 else 0, outputs=outputs)
-    _check_shapes(x_train, y_train, layout, "train")
+    spec, hyper, layout, sample_rate, per_epoch, planned, plan = _setup(
+        model_spec, train_spec, x_train, y_train, layout, public_rows)
     if x_test is not None or y_test is not None:
         if x_test is None or y_test is None:
             raise QueryError("bad_train_spec", "give both x_test and y_test, or neither")
         _check_shapes(x_test, y_test, layout, "test")
-    if hyper.batch_size >= n:
-        raise QueryError(
-            "bad_train_spec",
-            f"batch_size {hyper.batch_size} must be smaller than the number of training rows",
-            "lower batch_size",
-        )
-    sample_rate = hyper.batch_size / n
-    per_epoch = max(1, round(n / hyper.batch_size))
-    planned = hyper.epochs * per_epoch
-    if planned > MAX_STEPS:
-        raise QueryError(
-            "bad_train_spec",
-            f"{planned:,} steps planned; at most {MAX_STEPS:,}",
-            "raise batch_size or epochs",
-        )
-    plan = calibrate(hyper.epsilon, hyper.delta, sample_rate, planned)
     dev = torch.device(device) if device is not None else _default_device()
     seed = secrets.randbits(62) if seed is None else seed
     forked = [dev.index or 0] if dev.type == "cuda" else []
@@ -232,6 +211,111 @@ def train(
         train_seconds=seconds,
         evaluation=evaluation,
     )
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """One resumed stretch of a longer job (a federated round at one site): the model state after it, the
+    accountant's whole history to carry into the next stretch, and the epsilon that whole history spends."""
+
+    state: dict[str, torch.Tensor]
+    history: list[tuple[float, float, int]]
+    epsilon: float
+    delta: float
+    steps: int
+    planned_steps: int
+    sample_rate: float
+    noise_multiplier: float
+    accountant: str
+    cancelled: bool
+    train_seconds: float
+
+
+def train_stretch(
+    model_spec: ModelSpec | Mapping[str, Any],
+    train_spec: TrainSpec | Mapping[str, Any],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    epochs: int,
+    state: Mapping[str, torch.Tensor] | None = None,
+    history: Sequence[tuple[float, float, int]] = (),
+    layout: FeatureLayout | None = None,
+    cancel: threading.Event | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
+    public_rows: int | None = None,
+) -> Stretch:
+    """Continue a job for `epochs` epochs from model `state`, its accountant resumed from `history`.
+
+    `train_spec` describes the whole job: its (epsilon, delta) and `epochs` (all stretches together) fix
+    the noise multiplier, calibrated once for every planned step, so every stretch runs at the same
+    multiplier and one accountant (the carried `history` of (sigma, sampling rate, steps)) covers them
+    all. A stretch whose steps would take that history past epsilon is refused before it starts
+    (`budget_exhausted`). `state` None starts from a fresh model; `seed`, `device`, `public_rows` and
+    `grad_sample_mode` are as in `train`.
+    """
+    spec, hyper, layout, sample_rate, per_epoch, planned, plan = _setup(
+        model_spec, train_spec, x_train, y_train, layout, public_rows)
+    if not 1 <= epochs <= hyper.epochs:
+        raise QueryError("bad_train_spec", f"a stretch runs 1 to {hyper.epochs} epochs, not {epochs}")
+    carried = [(float(s), float(q), int(k)) for s, q, k in history]
+    projected = history_epsilon(
+        [*carried, (plan.noise_multiplier, sample_rate, epochs * per_epoch)], plan.accountant, hyper.delta
+    )
+    if not projected <= hyper.epsilon:  # fail closed, NaN included
+        raise QueryError(
+            "budget_exhausted",
+            f"{epochs * per_epoch} more steps would spend epsilon {projected:.4g} in all, above the target "
+            f"{hyper.epsilon:g} ({history_epsilon(carried, plan.accountant, hyper.delta):.4g} spent so far)",
+            "stop here, or start a new job with a larger budget",
+        )
+    dev = torch.device(device) if device is not None else _default_device()
+    seed = secrets.randbits(62) if seed is None else seed
+    forked = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        module = models.build_model(spec, layout)
+        if state is not None:
+            module.load_state_dict(dict(state), strict=True)
+        module = module.to(dev)
+        stretch = hyper.model_copy(update={"epochs": epochs})
+        run = _Run(module, spec, stretch, plan, sample_rate, grad_sample_mode, 1.0, dev, seed)
+        run.accountant.history = list(carried)  # the same accountant, resumed: its next step extends it
+        started = time.perf_counter()
+        y = y_train.to(dev, torch.float32 if run.regression else torch.int64)
+        steps = run.fit(x_train.to(dev, torch.float32), y, per_epoch, None, cancel)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - started
+    recorded = list(run.accountant.history)
+    spent = history_epsilon(recorded, plan.accountant, hyper.delta)
+    if not spent <= hyper.epsilon:  # fail closed
+        raise RuntimeError(f"the accountant reports epsilon {spent}, above the target {hyper.epsilon}")
+    return Stretch(
+        state={k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()},
+        history=recorded,
+        epsilon=spent,
+        delta=hyper.delta,
+        steps=steps,
+        planned_steps=planned,
+        sample_rate=sample_rate,
+        noise_multiplier=plan.noise_multiplier,
+        accountant=plan.accountant,
+        cancelled=steps < epochs * per_epoch,
+        train_seconds=seconds,
+    )
+
+
+def history_epsilon(history: Sequence[tuple[float, float, int]], mechanism: str, delta: float) -> float:
+    """Epsilon of a whole accountant history: `mechanism` (as calibrated), RDP where PRV fails; 0 if empty."""
+    if not history:
+        return 0.0
+    try:
+        return accountant_epsilon(list(history), mechanism, delta)
+    except ACCOUNTANT_FAILURES:
+        return accountant_epsilon(list(history), "rdp", delta)
 
 
 class _Run:
@@ -326,6 +410,36 @@ class _Run:
         except ACCOUNTANT_FAILURES:
             epsilon = accountant_epsilon(history, "rdp", self.delta)
         return epsilon, min(epsilon, self.plan.epsilon) if math.isfinite(epsilon) else self.plan.epsilon
+
+
+def _setup(model_spec: ModelSpec | Mapping[str, Any], train_spec: TrainSpec | Mapping[str, Any],
+           x_train: torch.Tensor, y_train: torch.Tensor, layout: FeatureLayout | None, public_rows: int | None
+           ) -> tuple[ModelSpec, TrainSpec, FeatureLayout, float, int, int, Calibration]:
+    """Check a job's specs and tensors; its sampling rate, steps per epoch, planned steps and noise."""
+    spec = models.parse_model_spec(model_spec)
+    hyper = _parse_train_spec(train_spec)
+    n = len(x_train) if public_rows is None else max(1, public_rows)
+    if layout is None:
+        outputs = 2 if spec.task == "classification" else 1
+        layout = FeatureLayout.numeric_only(x_train.shape[1] if x_train.ndim == 2 else 0, outputs=outputs)
+    _check_shapes(x_train, y_train, layout, "train")
+    if hyper.batch_size >= n:
+        raise QueryError(
+            "bad_train_spec",
+            f"batch_size {hyper.batch_size} must be smaller than the number of training rows",
+            "lower batch_size",
+        )
+    sample_rate = hyper.batch_size / n
+    per_epoch = max(1, round(n / hyper.batch_size))
+    planned = hyper.epochs * per_epoch
+    if planned > MAX_STEPS:
+        raise QueryError(
+            "bad_train_spec",
+            f"{planned:,} steps planned; at most {MAX_STEPS:,}",
+            "raise batch_size or epochs",
+        )
+    return spec, hyper, layout, sample_rate, per_epoch, planned, calibrate(hyper.epsilon, hyper.delta,
+                                                                             sample_rate, planned)
 
 
 def _parse_train_spec(spec: TrainSpec | Mapping[str, Any]) -> TrainSpec:
