@@ -14,7 +14,6 @@ from veil.wire import (
     ApplicationInfo,
     ApplicationRequest,
     AuditEntry,
-    AuditVerification,
     CapRequest,
     CatalogEntry,
     DatasetBudget,
@@ -22,7 +21,6 @@ from veil.wire import (
     GrantInfo,
     Health,
     JobInfo,
-    LevelRule,
     MockInfo,
     MockRequest,
     QueryRequest,
@@ -90,8 +88,6 @@ class SiteClient:
     def catalog(self) -> list[CatalogEntry]:
         return [CatalogEntry.model_validate(e) for e in self._call("GET", "/catalog")]
 
-    def levels(self) -> dict[str, LevelRule]:
-        return {k: LevelRule.model_validate(v) for k, v in self._call("GET", "/levels").items()}
 
     def apply(self, request: ApplicationRequest) -> ApplicationInfo:
         return ApplicationInfo.model_validate(self._call("POST", "/applications", json=request.model_dump()))
@@ -134,12 +130,7 @@ class SiteClient:
         return MockInfo.model_validate(
             self._call("PUT", f"/datasets/{dataset}/mock", json=request.model_dump(exclude_none=True)))
 
-    def audit(self, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
-        entries = self._call("GET", "/audit", params={"since": since, "limit": limit})
-        return [AuditEntry.model_validate(e) for e in entries]
 
-    def verify_audit(self) -> AuditVerification:
-        return AuditVerification.model_validate(self._call("GET", "/audit/verify"))
 
     # ---------------------------------------------------------- training
 

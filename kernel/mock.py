@@ -18,8 +18,8 @@ import polars as pl
 from veil.wire import ColumnInfo, DatasetInfo, MockInfo, QueryRequest, QuerySpec, Release
 
 MOCK_ROWS = 2000
-_DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
-           "Boolean": pl.Boolean}
+DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
+          "Boolean": pl.Boolean}
 _DATES = (date(2015, 1, 1), date(2025, 12, 31))
 
 
@@ -40,7 +40,7 @@ def _column(info: ColumnInfo, units: np.ndarray, rng: np.random.Generator) -> pl
         values = pl.Series(info.name, rng.random(n) < 0.5)
     else:
         values = pl.Series(info.name, [f"{info.name}_{i % 7}" for i in range(n)])
-    values = values.cast(_DTYPES[info.dtype])
+    values = values.cast(DTYPES[info.dtype])
     if info.nullable:
         values = values.scatter(np.flatnonzero(rng.random(n) < 0.1), None)
     return values
@@ -67,7 +67,7 @@ def synthetic_rows(info: DatasetInfo, mock: MockInfo) -> pl.DataFrame | None:
         return None
     frame = pl.DataFrame(mock.data)
     return frame.with_columns(
-        pl.col(c.name).str.to_date() if c.dtype == "Date" else pl.col(c.name).cast(_DTYPES[c.dtype])
+        pl.col(c.name).str.to_date() if c.dtype == "Date" else pl.col(c.name).cast(DTYPES[c.dtype])
         for c in info.columns
     )
 

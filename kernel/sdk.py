@@ -13,16 +13,12 @@ from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates, site_confidence
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable
-from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
+from veil.kernel.mock import DTYPES, MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
 from veil.modelspec import ModelSpec, TrainSpec
 from veil.sql import parse_sql
 from veil.wire import ApplicationInfo, ApplicationRequest, DatasetInfo, GrantInfo, QuerySpec, TrainRequest
-
-DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
-          "Boolean": pl.Boolean}
-
 
 RELEASE_LISTENERS: list[Callable[[Site, Result], None]] = []
 """Called after every release a Site makes, live or mock (the kernel records and announces them)."""
