@@ -45,6 +45,9 @@ from veil.wire import (
 )
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
+"""Federated rounds and a study's final model carry weights: their endpoints take up to this."""
+WEIGHTS_PATHS = ("/round", "/finish")
 SITE_CONFIG_ENV, DATABASE_URL_ENV = "VEIL_SITE_CONFIG", "VEIL_DATABASE_URL"
 log = logging.getLogger("veil.executor")
 
@@ -52,16 +55,17 @@ log = logging.getLogger("veil.executor")
 class BodyLimit:
     """Pure ASGI middleware: refuse request bodies over `limit` bytes before anything parses them."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, weights_limit: int = MAX_WEIGHTS_BYTES) -> None:
+        self.app, self.limit, self.weights_limit = app, limit, weights_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
+        limit = self.weights_limit if scope["path"].endswith(WEIGHTS_PATHS) else self.limit
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, send, limit)
         chunks, size, more = [], 0, True
         while more:  # read (at most limit + 1 bytes of) the body, then replay it
             message = await receive()
@@ -70,8 +74,8 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.limit:
-                return await self._too_large(scope, send)
+            if size > limit:
+                return await self._too_large(scope, send, limit)
         body = b"".join(chunks)
         replayed = False
 
@@ -84,9 +88,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        error = VeilError("body_too_large", f"the request body exceeds {self.limit} bytes",
-                          hint="send one query per request; a query is a few hundred bytes", status=413)
+    async def _too_large(self, scope: Scope, send: Send, limit: int) -> None:
+        error = VeilError("body_too_large", f"the request body exceeds {limit} bytes",
+                          hint="send one query per request (a few hundred bytes), or a smaller model", status=413)
         site: Site = scope["app"].state.site
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
         who = await run_in_threadpool(identify, site.engine, authorization)
@@ -203,6 +207,22 @@ def create_app(site: Site) -> FastAPI:
     @app.post("/jobs/{job_id}/cancel", response_model=JobInfo)
     def cancel_job(job_id: int, who: Principal = Depends(principal)) -> JobInfo:
         return site.cancel_job(who, job_id)
+
+    @app.post("/jobs/{job_id}/round", response_class=Response,
+              responses={200: {"content": {"application/x-protobuf": {}}}})
+    async def job_round(job_id: int, request: Request, who: Principal = Depends(principal)) -> Response:
+        """One round of a federated study: a Flower train message's content (protobuf RecordDict) in,
+        the site's DP weights and public numbers out, in the same format."""
+        body = await request.body()
+        reply = await run_in_threadpool(site.train_round, who, job_id, body)
+        return Response(reply, media_type="application/x-protobuf")
+
+    @app.post("/jobs/{job_id}/finish", response_model=JobInfo)
+    async def finish_job(job_id: int, request: Request, who: Principal = Depends(principal)) -> JobInfo:
+        """End a site's part of a federated study: with the final weights (safetensors) as the body, a DP
+        evaluation on held-out patients; the budget is settled to what the site's accountant spent."""
+        body = await request.body()
+        return await run_in_threadpool(site.finish_job, who, job_id, body or None)
 
     @app.get("/jobs/{job_id}/weights", response_class=Response,
              responses={200: {"content": {"application/octet-stream": {}}}})

@@ -32,13 +32,13 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
-import polars as pl  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto  # noqa: E402
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
@@ -46,9 +46,13 @@ from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from veil.errors import QueryError  # noqa: E402
 from veil.executor import dpsgd, models  # noqa: E402
-from veil.executor.catalog import load_catalog  # noqa: E402
-from veil.executor.features import FeatureLayout, encode  # noqa: E402
+from veil.executor.features import FeatureLayout  # noqa: E402
 from veil.modelspec import ModelSpec, TrainSpec  # noqa: E402
+
+if TYPE_CHECKING:
+    from veil.executor.auth import Principal
+    from veil.executor.rounds import Rounds
+    from veil.executor.site import Site
 
 ACCOUNTANT_KEY = "veil-accountant"
 """Where a node keeps its accountant in `context.state` (a ConfigRecord)."""
@@ -62,8 +66,7 @@ class StudyPlan(BaseModel):
 
     `train` is one round's local training: `epochs` per round; its (epsilon, delta) are each site's
     target for the whole study, all rounds together (`site_epsilon` may set a site's own). `sample_rate`
-    gives every site the same Poisson sampling rate (its batch grows with its rows). `dataset`,
-    `features` and `label` name what a site reads from its catalog when the node is deployed with one.
+    gives every site the same Poisson sampling rate (its batch grows with its rows).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -74,9 +77,6 @@ class StudyPlan(BaseModel):
     site_epsilon: dict[str, float] = Field(default_factory=dict)
     sample_rate: float | None = Field(default=None, gt=0.0, lt=1.0)
     study: str = "study"
-    dataset: str | None = None
-    features: list[str] = Field(default_factory=list)
-    label: str | None = None
 
     def site_spec(self, site: str, rows: int) -> TrainSpec:
         """The whole study at `site` (of `rows` rows) as one job: every round's epochs, the site's epsilon
@@ -140,32 +140,6 @@ class FederatedResult:
 # ------------------------------------------------------------------ site side
 
 
-def load_site(catalog: str | Path, dataset: str, features: Sequence[str], label: str) -> SiteData:
-    """A site's rows of `dataset`, read from its catalog and encoded by public bounds and categories."""
-    cat = load_catalog(catalog)
-    data = cat.dataset(dataset)
-    numeric: dict[str, tuple[float, float]] = {}
-    categorical: dict[str, list[Any]] = {}
-    for name in features:
-        column = data.column(name)
-        if column.categories is not None:
-            categorical[name] = list(column.categories)
-        elif column.bounds is not None and column.is_numeric:
-            numeric[name] = column.bounds
-        else:
-            raise QueryError(
-                "unbounded_feature", f"feature '{name}' has neither public bounds nor categories"
-            )
-    target = data.column(label)
-    if target.categories is None:
-        raise QueryError("bad_label", f"label '{label}' needs public categories (federated classification)")
-    frame = pl.read_parquet(data.path, columns=[*features, label])
-    encoded = encode(
-        frame, label=label, numeric=numeric, categorical=categorical, classes=list(target.categories)
-    )
-    return SiteData(name=cat.site, x=encoded.x, y=encoded.y, layout=encoded.layout)
-
-
 def site_round(
     site: SiteData,
     plan: StudyPlan,
@@ -224,14 +198,21 @@ def save_history(context: Context, study: str, history: Sequence[tuple[float, fl
 
 
 def client_app(sites: Sequence[SiteData] | None = None, device: str | None = None) -> ClientApp:
-    """The Flower ClientApp a site runs. In simulation node i is `sites[i]`; a deployed SuperNode
-    (node config `catalog=<site.toml>`) reads the plan's dataset from its own catalog instead."""
+    """The Flower ClientApp a site runs. A SuperNode deployed beside an executor (node config
+    `catalog=<site.toml>`) trains the site's part of the study named in the message (`jobs`: site name ->
+    job id) through that executor's ledger; in simulation node i is `sites[i]`, run from a `plan`."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if "jobs" in msg.content["config"]:
+            site = _executor(str(context.node_config["catalog"]))
+            job_id = json.loads(str(msg.content["config"]["jobs"])).get(site.catalog.site)
+            if job_id is None:
+                raise QueryError("not_in_study", f"site {site.catalog.site} has no part in this study")
+            return Message(content=executor_reply(site.rounds, int(job_id), msg.content, None), reply_to=msg)
         plan = StudyPlan.model_validate_json(str(msg.content["config"]["plan"]))
-        site = _site(context, plan, sites)
+        site = _site(context, sites)
         round_ = int(msg.content["config"]["server-round"])
         history = load_history(context, plan.study)
         reply, history = site_round(
@@ -259,25 +240,56 @@ def client_app(sites: Sequence[SiteData] | None = None, device: str | None = Non
     return app
 
 
-def _site(context: Context, plan: StudyPlan, sites: Sequence[SiteData] | None) -> SiteData:
-    if "catalog" in context.node_config:
-        if plan.dataset is None or plan.label is None:
-            raise QueryError("bad_plan", "a deployed site needs the plan's dataset, features and label")
-        return _load_site_cached(
-            str(context.node_config["catalog"]), plan.dataset, tuple(plan.features), plan.label
-        )
+def _site(context: Context, sites: Sequence[SiteData] | None) -> SiteData:
     if sites is None:
         raise QueryError(
             "no_site_data",
-            "this node has neither in-memory site data nor a catalog",
+            "this node has neither in-memory site data nor an executor catalog",
             "start the SuperNode with --node-config \"catalog='/path/to/site.toml'\"",
         )
     return sites[int(context.node_config["partition-id"])]
 
 
-@functools.lru_cache(maxsize=8)
-def _load_site_cached(catalog: str, dataset: str, features: tuple[str, ...], label: str) -> SiteData:
-    return load_site(catalog, dataset, features, label)
+# ------------------------------------------------------------------ a site's executor
+
+
+def executor_reply(rounds: Rounds, job_id: int, content: RecordDict, who: Principal | None) -> RecordDict:
+    """One round at an executor: a train message's content in (global weights, `server-round`), the
+    reply's content out (DP weights, the accountant's epsilon, the site's public weight)."""
+    try:
+        state = content["arrays"].to_torch_state_dict()
+        server_round = int(content["config"]["server-round"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise QueryError("bad_round", "a round message needs 'arrays' (the global weights) and "
+                         "config 'server-round'", "send what Flower's FedAvg sends") from None
+    stretch, weight = rounds.train_round(job_id, state, server_round, who)
+    metrics = MetricRecord({WEIGHT_KEY: float(weight), "epsilon": stretch.epsilon,
+                            "steps": sum(k for _, _, k in stretch.history),
+                            "noise-multiplier": stretch.noise_multiplier, "sample-rate": stretch.sample_rate})
+    return RecordDict({"arrays": ArrayRecord(stretch.state), "metrics": metrics,
+                       "site": ConfigRecord({"name": rounds.catalog.site})})
+
+
+def encode_content(content: RecordDict) -> bytes:
+    """A message's content as protobuf bytes (Flower's own wire format; arrays as .npy, never pickled)."""
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def decode_content(data: bytes) -> RecordDict:
+    """The inverse of `encode_content`; malformed bytes are a clear refusal."""
+    try:
+        return recorddict_from_proto(ProtoRecordDict.FromString(data))
+    except Exception:  # noqa: BLE001 - protobuf and numpy raise many kinds on bad input
+        raise QueryError("bad_round", "the body is not a Flower RecordDict (protobuf)",
+                         "send encode_content(message.content)") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _executor(catalog: str) -> Site:
+    """The site's executor state, opened once per SuperNode ClientApp process (same database)."""
+    from veil.executor.site import Site  # the executor imports this module
+
+    return Site.open(catalog)
 
 
 # ------------------------------------------------------------------ coordinator side
@@ -287,7 +299,8 @@ class SiteFedAvg(FedAvg):
     """FedAvg over all sites, weighted by each site's public weight, that also records every site's
     reported epsilon per round (the coordinator never averages epsilons into one number)."""
 
-    def __init__(self, n_sites: int) -> None:
+    def __init__(self, n_sites: int, on_round: Callable[[int, dict[str, float], list[str]], None] | None = None
+                 ) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,
@@ -298,21 +311,30 @@ class SiteFedAvg(FedAvg):
         self.rounds: list[dict[str, float]] = []
         self.sigmas: dict[str, float] = {}
         self.refusals: list[tuple[int, int, str]] = []
+        self.on_round = on_round
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the sites' DP weights; keep each site's epsilon for this round."""
+        """Average the sites' DP weights; keep each site's epsilon for this round. A site that refused or
+        failed is left out of this round's average (its charges are its own ledger's business)."""
         replies = list(replies)
         seen: dict[str, float] = {}
+        failed: list[str] = []
         for msg in replies:
-            if msg.has_error():  # a refused or failed round: that site's update is left out
+            if msg.has_error():
                 self.refusals.append((server_round, msg.metadata.src_node_id, msg.error.reason))
+                failed.append(msg.error.reason)
                 continue
             name = str(msg.content["site"]["name"])
             seen[name] = float(msg.content["metrics"]["epsilon"])
             self.sigmas[name] = float(msg.content["metrics"]["noise-multiplier"])
         self.rounds.append(seen)
+        if self.on_round is not None:
+            self.on_round(server_round, seen, failed)
+        if not seen:
+            raise QueryError("round_failed", f"no site completed round {server_round}: {'; '.join(failed)}",
+                             "read each site's reason; the rounds before were charged, nothing else")
         return super().aggregate_train(server_round, replies)
 
 
@@ -325,6 +347,59 @@ def initial_state(spec: ModelSpec, layout: FeatureLayout, seed: int | None = Non
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def coordinate(
+    grid: Grid,
+    model: ModelSpec,
+    layout: FeatureLayout,
+    rounds: int,
+    n_sites: int,
+    config: Mapping[str, str],
+    delta: float,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    seed: int | None = None,
+    on_round: Callable[[int, dict[str, float], list[str]], None] | None = None,
+) -> FederatedResult:
+    """The coordinator's work, on any Flower Grid: `rounds` of FedAvg over `n_sites` sites from a fresh
+    model of `model`, every train message carrying `config`. `evaluate` (benchmarks) scores the global
+    model after each round on data the coordinator may see, i.e. public data, never a site's; `on_round`
+    hears each round's per-site epsilons and failures."""
+    started = time.perf_counter()
+    strategy = SiteFedAvg(n_sites, on_round)
+    scores: list[dict[str, float]] = []
+
+    def score(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if evaluate is None or server_round == 0:
+            return None
+        module = models.build_model(model, layout)
+        module.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        scores.append(evaluate(module.eval()))
+        return MetricRecord(scores[-1])
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial_state(model, layout, seed)),
+        num_rounds=rounds,
+        train_config=ConfigRecord(dict(config)),
+        evaluate_fn=score,
+    )
+    state = {k: v.clone() for k, v in result.arrays.to_torch_state_dict().items()}
+    final: dict[str, float] = {}
+    for seen in strategy.rounds:  # a site that dropped out keeps the epsilon of its last round
+        final.update(seen)
+    module = models.build_model(model, layout)
+    module.load_state_dict(state, strict=True)
+    weights = models.weights_to_bytes(module, {
+        "model_spec": model.model_dump(mode="json"),
+        "layout": {"numeric": layout.numeric, "categorical": layout.categorical, "outputs": layout.outputs},
+        "site_epsilon": final,
+        "delta": delta,
+        "rounds": rounds,
+    })
+    return FederatedResult(weights=weights, state=state, site_epsilon=final, rounds=strategy.rounds,
+                           sigmas=strategy.sigmas, refusals=strategy.refusals, evaluation=scores, delta=delta,
+                           seconds=time.perf_counter() - started)
+
+
 def server_app(
     plan: StudyPlan,
     layout: FeatureLayout,
@@ -333,63 +408,13 @@ def server_app(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     seed: int | None = None,
 ) -> ServerApp:
-    """The coordinator's Flower ServerApp: `plan.rounds` of FedAvg over `n_sites` sites; the result is
-    appended to `sink`. `evaluate` (benchmarks) scores the global model after every round on data the
-    coordinator may see, i.e. public data, never a site's."""
+    """The coordinator's Flower ServerApp for in-memory sites (simulation): the result goes to `sink`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        started = time.perf_counter()
-        strategy = SiteFedAvg(n_sites)
-        scores: list[dict[str, float]] = []
-
-        def score(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if evaluate is None or server_round == 0:
-                return None
-            module = models.build_model(plan.model, layout)
-            module.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-            scores.append(evaluate(module.eval()))
-            return MetricRecord(scores[-1])
-
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial_state(plan.model, layout, seed)),
-            num_rounds=plan.rounds,
-            train_config=ConfigRecord({"plan": plan.model_dump_json()}),
-            evaluate_fn=score,
-        )
-        state = {k: v.clone() for k, v in result.arrays.to_torch_state_dict().items()}
-        final = strategy.rounds[-1] if strategy.rounds else {}
-        module = models.build_model(plan.model, layout)
-        module.load_state_dict(state, strict=True)
-        weights = models.weights_to_bytes(
-            module,
-            {
-                "model_spec": plan.model.model_dump(mode="json"),
-                "layout": {
-                    "numeric": layout.numeric,
-                    "categorical": layout.categorical,
-                    "outputs": layout.outputs,
-                },
-                "site_epsilon": final,
-                "delta": plan.train.delta,
-                "rounds": plan.rounds,
-            },
-        )
-        sink.append(
-            FederatedResult(
-                weights=weights,
-                state=state,
-                site_epsilon=final,
-                rounds=strategy.rounds,
-                sigmas=strategy.sigmas,
-                refusals=strategy.refusals,
-                evaluation=scores,
-                delta=plan.train.delta,
-                seconds=time.perf_counter() - started,
-            )
-        )
+        sink.append(coordinate(grid, plan.model, layout, plan.rounds, n_sites, {"plan": plan.model_dump_json()},
+                               plan.train.delta, evaluate, seed))
 
     return app
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
-from veil.executor import application, audit, ledger, mocks
+from veil.executor import application, audit, federated, ledger, mocks
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
 from veil.executor.calibrate import certify, fits
@@ -17,6 +17,7 @@ from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_cat
 from veil.executor.plan import build_plan
 from veil.executor.prepared import Prepared, PreparedQueries
 from veil.executor.release import can_stream, describe, run
+from veil.executor.rounds import Rounds
 from veil.executor.store import open_store, write
 from veil.executor.training import Trainer
 from veil.executor.unit_bound import most_rows_per_unit
@@ -59,9 +60,11 @@ class Site:
     _bounds: dict[str, _BoundCheck] = field(default_factory=dict)
     _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
     trainer: Trainer = field(init=False)
+    rounds: Rounds = field(init=False)
 
     def __post_init__(self) -> None:
         self.trainer = Trainer(self.engine, self.catalog)
+        self.rounds = Rounds(self.trainer)
 
     @classmethod
     def open(cls, catalog_path: str | Path, database_url: str | None = None) -> Site:
@@ -72,6 +75,7 @@ class Site:
         site = cls(catalog, open_store(database_url or catalog.database_url))
         ledger.sync_caps(site.engine, catalog)
         site.trainer.recover()
+        site.rounds.recover()
         for ds in catalog.datasets.values():
             site.bound_holds(ds)
         return site
@@ -232,14 +236,31 @@ class Site:
     def train(self, who: Principal, request: TrainRequest) -> JobInfo:
         """Start a DP-SGD job (budget reserved now, settled when it ends); poll it with `job`."""
         require(who, "researcher")
-        return self.trainer.start(who, self.dataset_for(who, request.dataset), request)
+        dataset = self.dataset_for(who, request.dataset)
+        if request.federated is not None:
+            return self.rounds.join(who, dataset, request)
+        return self.trainer.start(who, dataset, request)
 
     def job(self, who: Principal, job_id: int) -> JobInfo:
         return self.trainer.info(who, job_id)
 
     def cancel_job(self, who: Principal, job_id: int) -> JobInfo:
         require(who, "researcher")
+        if self.job(who, job_id).study is not None:
+            return self.rounds.finish(who, job_id, None)
         return self.trainer.cancel(who, job_id)
+
+    def train_round(self, who: Principal, job_id: int, message: bytes) -> bytes:
+        """One round of a federated study (a Flower message's content, protobuf) for the researcher's
+        coordinator; the reply carries the DP weights and public numbers only."""
+        require(who, "researcher")
+        return federated.encode_content(federated.executor_reply(self.rounds, job_id,
+                                                                 federated.decode_content(message), who))
+
+    def finish_job(self, who: Principal, job_id: int, weights: bytes | None) -> JobInfo:
+        """End a federated part: a DP evaluation of the final `weights`, and the ledger settled."""
+        require(who, "researcher")
+        return self.rounds.finish(who, job_id, weights)
 
     def job_weights(self, who: Principal, job_id: int) -> bytes:
         require(who, "researcher")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -132,7 +133,10 @@ jobs = Table(
     Column("epsilon", Float(53), nullable=False, default=0.0),  # the accountant's, for the steps taken
     Column("rows", Integer),  # DP count of the training rows
     Column("cancel", Boolean, nullable=False, default=False),
-    Column("owner", String(160), nullable=False),  # host:pid of the executor process running it
+    Column("owner", String(160), nullable=False),  # host:pid of the process training it now ('' when idle)
+    Column("round", Integer, nullable=False, default=0),  # federated: the last round trained
+    Column("history", Text),  # federated: the accountant's history [(sigma, q, steps)], kept across rounds
+    Column("split_seed", BigInteger),  # federated: seeds the private holdout split; never leaves the site
     Column("evaluation", Text),  # the DP evaluation release as JSON
     Column("weights", LargeBinary),  # safetensors
     Column("error", Text),

@@ -32,12 +32,12 @@ from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.calibrate import certify
 from veil.executor.catalog import Catalog, Column, Dataset
-from veil.executor.features import Encoded, encode
+from veil.executor.features import Encoded, FeatureLayout, encode
 from veil.executor.plan import build_plan
 from veil.executor.release import describe, run
 from veil.executor.store import jobs, write
 from veil.sql import parse_sql
-from veil.wire import Cost, JobInfo, Release, TrainRequest
+from veil.wire import Cost, JobInfo, Layout, Release, TrainRequest
 
 log = logging.getLogger("veil.executor.training")
 CONFIDENCE = 0.95
@@ -54,25 +54,9 @@ class Trainer:
     # ------------------------------------------------------------ requests
 
     def start(self, who: Principal, dataset: Dataset, request: TrainRequest) -> JobInfo:
-        """Check the request against policy and public metadata, reserve the budget, start the job."""
-        self._check(dataset, request)
-        eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
-        project, target = who.project or "", request.train
-        now = audit.now()
-        with write(self.engine) as conn:
-            ledger.charge(conn, self.catalog, project, dataset, 2 * eval_rho, 0.0, use="training")
-            ledger.charge(conn, self.catalog, project, dataset, 0.0, target.delta, use="training",
-                          epsilon=target.epsilon)
-            job_id = conn.execute(insert(jobs).values(
-                project=project, principal=who.name, dataset=dataset.name, request=request.model_dump_json(),
-                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, owner=f"{socket.gethostname()}:{os.getpid()}",
-                created_at=now,
-                updated_at=now)).inserted_primary_key[0]
-            audit.append(conn, principal=who.name, role=who.role, action="train", decision="reserved",
-                         project=project, dataset=dataset.name, query=request.model_dump_json(), rho=2 * eval_rho,
-                         epsilon=target.epsilon, delta=target.delta,
-                         reason=f"job {job_id}: DP-SGD at (epsilon {target.epsilon:g}, delta {target.delta:g}) "
-                                "and two DP releases (training rows, held-out evaluation)")
+        """Check the request against policy and public metadata, reserve the budget, start the job (a
+        federated part waits for its study's rounds instead; see `rounds.Rounds`)."""
+        job_id, eval_rho = self.reserve(who, dataset, request)
         cancel = threading.Event()
         self._cancels[job_id] = cancel
         threading.Thread(target=self._run, args=(job_id, who, dataset, request, eval_rho, cancel), daemon=True,
@@ -82,20 +66,51 @@ class Trainer:
         timer.start()
         return self.info(who, job_id)
 
+    def reserve(self, who: Principal, dataset: Dataset, request: TrainRequest, **values: Any) -> tuple[int, float]:
+        """Check the request, then reserve its target (epsilon, delta) and the rho of its two DP releases
+        (training rows, held-out evaluation) with a `running` job row and its audit entry, in one
+        transaction; returns the job id and the rho of one release."""
+        self._check(dataset, request)
+        eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
+        project, target = who.project or "", request.train
+        now, values = audit.now(), {"owner": me(), **values}
+        with write(self.engine) as conn:
+            ledger.charge(conn, self.catalog, project, dataset, 2 * eval_rho, 0.0, use="training")
+            ledger.charge(conn, self.catalog, project, dataset, 0.0, target.delta, use="training",
+                          epsilon=target.epsilon)
+            job_id = conn.execute(insert(jobs).values(
+                project=project, principal=who.name, dataset=dataset.name, request=request.model_dump_json(),
+                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, created_at=now,
+                updated_at=now, **values)).inserted_primary_key[0]
+            what = (f"study {request.federated.study}, {request.federated.rounds} rounds"
+                    if request.federated else "DP-SGD")
+            audit.append(conn, principal=who.name, role=who.role, action="train", decision="reserved",
+                         project=project, dataset=dataset.name, query=request.model_dump_json(), rho=2 * eval_rho,
+                         epsilon=target.epsilon, delta=target.delta,
+                         reason=f"job {job_id}: {what} at (epsilon {target.epsilon:g}, delta {target.delta:g}) "
+                                "and two DP releases (training rows, held-out evaluation)")
+        return job_id, eval_rho
+
     def info(self, who: Principal, job_id: int) -> JobInfo:
         """A job of the caller's project (stewards see every job)."""
-        row = self._row(who, job_id)
+        row = self.row(who, job_id)
         request = TrainRequest.model_validate_json(row["request"])
         evaluation = Release.model_validate_json(row["evaluation"]) if row["evaluation"] else None
+        rounds = request.federated.rounds if request.federated else 1
+        layout = self.layout(self.catalog.dataset(row["dataset"]), request)
         return JobInfo(id=row["id"], project=row["project"], dataset=row["dataset"], state=row["state"],
-                       progress=row["progress"], epoch=row["epoch"], epochs=request.train.epochs,
+                       progress=row["progress"], epoch=row["epoch"], epochs=request.train.epochs * rounds,
                        epsilon=row["epsilon"], target_epsilon=request.train.epsilon, delta=request.train.delta,
                        rows=row["rows"], evaluation=evaluation, error=row["error"], receipt=row["receipt"],
-                       created_at=row["created_at"], updated_at=row["updated_at"])
+                       created_at=row["created_at"], updated_at=row["updated_at"],
+                       study=request.federated.study if request.federated else None, round=row["round"],
+                       rounds=rounds, layout=Layout(numeric=list(layout.numeric),
+                                                    categorical=[list(c) for c in layout.categorical],  # type: ignore[misc]
+                                                    outputs=layout.outputs))
 
     def cancel(self, who: Principal, job_id: int) -> JobInfo:
         """Ask a running job to stop before its next step; it is charged what its steps spent."""
-        row = self._row(who, job_id)
+        row = self.row(who, job_id)
         if row["state"] == "running":
             with write(self.engine) as conn:
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel=True))
@@ -111,7 +126,7 @@ class Trainer:
 
     def weights(self, who: Principal, job_id: int) -> bytes:
         """The trained weights (safetensors) of a finished or cancelled job."""
-        row = self._row(who, job_id)
+        row = self.row(who, job_id)
         if row["weights"] is None:
             raise GovernanceError("no_weights", f"job {job_id} is {row['state']} and has no weights to give",
                                   hint="wait until it is done (GET /jobs/ID), or read its error", status=409)
@@ -119,15 +134,16 @@ class Trainer:
 
     def recover(self) -> None:
         """Settle the jobs a stopped executor process left running, to their last recorded accountant epsilon.
-        Jobs of executor processes still alive on this host (other workers) are theirs to settle."""
+        Jobs of executor processes still alive on this host (other workers) are theirs to settle; federated
+        parts outlive processes (see `rounds.Rounds.recover`)."""
         with self.engine.connect() as conn:
             running = [dict(r) for r in conn.execute(select(jobs).where(jobs.c.state == "running")).mappings()]
         for row in running:
-            if _alive(row["owner"]):
-                continue
             request = TrainRequest.model_validate_json(row["request"])
+            if request.federated is not None or alive(row["owner"]):
+                continue
             who = Principal(row["principal"], "researcher", row["project"])
-            self._settle(row["id"], who, row["dataset"], request, "failed", row["epsilon"], row["epsilon"] > 0,
+            self.settle(row["id"], who, row["dataset"], request, "failed", row["epsilon"], row["epsilon"] > 0,
                          None, None, "the executor stopped while the job ran; charged what its recorded steps spent")
 
     # ------------------------------------------------------------ the job
@@ -146,10 +162,13 @@ class Trainer:
             raise GovernanceError("epsilon_above_level", f"{dataset.level} data allows at most epsilon "
                                   f"{rule.max_epsilon_per_model:g} per trained model at this site",
                                   hint=f"ask for epsilon <= {rule.max_epsilon_per_model:g}", status=403)
-        encoded = self._encode(dataset, request, pl.DataFrame(schema=dataset.schema()))  # metadata only
-        models.build_model(request.model, encoded.layout)
+        models.build_model(request.model, self.layout(dataset, request))
 
-    def _encode(self, dataset: Dataset, request: TrainRequest, frame: pl.DataFrame) -> Encoded:
+    def layout(self, dataset: Dataset, request: TrainRequest) -> FeatureLayout:
+        """How the request's features are encoded, from public metadata alone."""
+        return self.encode(dataset, request, pl.DataFrame(schema=dataset.schema())).layout
+
+    def encode(self, dataset: Dataset, request: TrainRequest, frame: pl.DataFrame) -> Encoded:
         numeric, categorical = {}, {}
         for name in request.features:
             column = dataset.column(name)
@@ -175,29 +194,23 @@ class Trainer:
         state, spent, started, rows, evaluation, weights, error = "failed", 0.0, False, None, None, None, None
         recorded = 0.0  # the accountant's epsilon at the last progress report
         try:
-            frame = pl.read_parquet(dataset.path, columns=[*request.features, request.label])
-            order = np.random.default_rng(secrets.randbits(64)).permutation(frame.height)
-            cut = int(round(frame.height * request.holdout))
-            holdout, train = frame[order[:cut]], frame[order[cut:]]
-            ones = pl.DataFrame({"one": np.ones(train.height, dtype=np.int32)})
-            count = _release(ones, "SELECT COUNT(*) AS n FROM data", eval_rho, dataset.max_rows,
-                             {"one": Column("one", "Int32", bounds=(0, 1))})
-            rows = max(1, round(count.rows[0]["n"]))
-            self._update(job_id, rows=rows)
+            train, holdout = split(dataset, request, secrets.randbits(63))
+            rows = dp_rows(train.height, eval_rho, dataset.max_rows)
+            self.update(job_id, rows=rows)
 
             def progress(p: dpsgd.Progress) -> None:
                 nonlocal recorded
                 recorded = p.epsilon
-                self._update(job_id, progress=p.step / p.steps, epoch=p.epoch, epsilon=p.epsilon)
+                self.update(job_id, progress=p.step / p.steps, epoch=p.epoch, epsilon=p.epsilon)
                 if self._cancel_requested(job_id):
                     cancel.set()
 
-            encoded = self._encode(dataset, request, train)
+            encoded = self.encode(dataset, request, train)
             started = True
             outcome = dpsgd.train(request.model, request.train, encoded.x, encoded.y, layout=encoded.layout,
                                   progress=progress, cancel=cancel, public_rows=rows)
             spent, weights = outcome.epsilon, outcome.weights
-            evaluation = self._evaluate(dataset, request, outcome.weights, self._encode(dataset, request, holdout),
+            evaluation = self.evaluate(dataset, request, outcome.weights, self.encode(dataset, request, holdout),
                                         eval_rho, who)
             state = "cancelled" if outcome.cancelled else "done"
             if job_id in self._timed_out:
@@ -211,11 +224,11 @@ class Trainer:
             error = f"internal error ({type(exc).__name__}); charged what was spent"
             spent = request.train.epsilon if started else 0.0  # steps may have run uncounted: the whole target
         started = started and spent > 0
-        self._settle(job_id, who, dataset.name, request, state, spent, started, evaluation, weights, error)
+        self.settle(job_id, who, dataset.name, request, state, spent, started, evaluation, weights, error)
         self._cancels.pop(job_id, None)
         self._timed_out.discard(job_id)
 
-    def _evaluate(self, dataset: Dataset, request: TrainRequest, weights: bytes, holdout: Encoded, rho: float,
+    def evaluate(self, dataset: Dataset, request: TrainRequest, weights: bytes, holdout: Encoded, rho: float,
                   who: Principal) -> Release:
         """A DP accuracy (classification) or mean squared error (regression, scaled label) on held-out rows."""
         module = models.load_weights(models.build_model(request.model, holdout.layout), weights).eval()
@@ -236,7 +249,7 @@ class Trainer:
                        statistics=output.statistics, rows=output.rows, threshold=None, cost=cost, receipt="",
                        released_at=audit.now())
 
-    def _settle(self, job_id: int, who: Principal, dataset: str, request: TrainRequest, state: str, spent: float,
+    def settle(self, job_id: int, who: Principal, dataset: str, request: TrainRequest, state: str, spent: float,
                 started: bool, evaluation: Release | None, weights: bytes | None, error: str | None) -> None:
         target = request.train
         refund_epsilon = max(0.0, target.epsilon - spent)
@@ -260,7 +273,7 @@ class Trainer:
 
     # ------------------------------------------------------------ rows
 
-    def _row(self, who: Principal, job_id: int) -> dict[str, Any]:
+    def row(self, who: Principal, job_id: int) -> dict[str, Any]:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         if row is None or (who.role == "researcher" and row["project"] != who.project):
@@ -268,7 +281,7 @@ class Trainer:
                                hint="start one with POST /jobs; list yours with GET /jobs", status=404)
         return dict(row)
 
-    def _update(self, job_id: int, **values: Any) -> None:
+    def update(self, job_id: int, **values: Any) -> None:
         with write(self.engine) as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=audit.now(), **values))
 
@@ -277,7 +290,7 @@ class Trainer:
             return bool(conn.execute(select(jobs.c.cancel).where(jobs.c.id == job_id)).scalar_one())
 
 
-def _alive(owner: str) -> bool:
+def alive(owner: str) -> bool:
     """Whether the executor process `owner` (host:pid) still runs on this host."""
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
@@ -289,6 +302,26 @@ def _alive(owner: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def split(dataset: Dataset, request: TrainRequest, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The request's columns of `dataset`, shuffled by `seed` and cut into (training, held-out) rows."""
+    frame = pl.read_parquet(dataset.path, columns=[*request.features, request.label])
+    order = np.random.default_rng(seed).permutation(frame.height)
+    cut = int(round(frame.height * request.holdout))
+    return frame[order[cut:]], frame[order[:cut]]
+
+
+def dp_rows(n: int, rho: float, max_rows: int) -> int:
+    """A DP count (zCDP `rho`) of `n` training rows, one per patient; at least 1."""
+    ones = pl.DataFrame({"one": np.ones(n, dtype=np.int32)})
+    count = _release(ones, "SELECT COUNT(*) AS n FROM data", rho, max_rows, {"one": Column("one", "Int32", bounds=(0, 1))})
+    return max(1, round(count.rows[0]["n"]))
+
+
+def me() -> str:
+    """This executor process, as host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _release(frame: pl.DataFrame, sql: str, rho: float, max_rows: int, columns: dict[str, Column]) -> Any:

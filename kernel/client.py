@@ -143,6 +143,16 @@ class SiteClient:
     def cancel_job(self, job_id: int) -> JobInfo:
         return JobInfo.model_validate(self._call("POST", f"/jobs/{job_id}/cancel"))
 
+    def job_round(self, job_id: int, content: bytes) -> bytes:
+        """One federated round: a Flower message's content (protobuf) in, the site's reply content out."""
+        return self._send("POST", f"/jobs/{job_id}/round", content=content,
+                          headers={"Content-Type": "application/x-protobuf"}).content
+
+    def finish_job(self, job_id: int, weights: bytes | None) -> JobInfo:
+        """End a federated part: the final global weights (safetensors) for the site's DP evaluation."""
+        return JobInfo.model_validate(self._call("POST", f"/jobs/{job_id}/finish", content=weights or b"",
+                                                 headers={"Content-Type": "application/octet-stream"}))
+
     def job_weights(self, job_id: int) -> bytes:
         """The trained weights, as safetensors bytes."""
         return self._send("GET", f"/jobs/{job_id}/weights").content

@@ -18,10 +18,31 @@ from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
 from veil.modelspec import ModelSpec, TrainSpec
 from veil.sql import parse_sql
-from veil.wire import ApplicationInfo, ApplicationRequest, DatasetInfo, GrantInfo, QuerySpec, TrainRequest
+from veil.wire import (
+    ApplicationInfo,
+    ApplicationRequest,
+    DatasetInfo,
+    Federation,
+    GrantInfo,
+    QuerySpec,
+    TrainRequest,
+)
 
 RELEASE_LISTENERS: list[Callable[[Site, Result], None]] = []
 """Called after every release a Site makes, live or mock (the kernel records and announces them)."""
+
+
+def train_request(dataset: str, features: Sequence[str], label: str, epsilon: float, delta: float,
+                  model: ModelSpec | None, epochs: int, batch_size: int, learning_rate: float, optimizer: str,
+                  max_grad_norm: float, holdout: float, evaluation_epsilon: float,
+                  federated: Federation | None = None) -> TrainRequest:
+    """A training request from the SDK's keyword arguments (logistic regression unless `model` says)."""
+    return TrainRequest(
+        dataset=dataset, features=list(features), label=label, model=model or ModelSpec.logistic(),
+        train=TrainSpec(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size,
+                        learning_rate=learning_rate, optimizer=optimizer,  # type: ignore[arg-type]
+                        max_grad_norm=max_grad_norm),
+        holdout=holdout, evaluation_epsilon=evaluation_epsilon, federated=federated)
 
 
 class VeilPartialFailure(VeilError):
@@ -92,12 +113,8 @@ class Site:
 
         `model` defaults to logistic regression (`ModelSpec.mlp([64, 64])` for an MLP). The result holds the
         weights (`.module()`), the accountant's (epsilon, delta) and a DP evaluation on held-out patients."""
-        request = TrainRequest(
-            dataset=dataset, features=list(features), label=label, model=model or ModelSpec.logistic(),
-            train=TrainSpec(epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size,
-                            learning_rate=learning_rate, optimizer=optimizer,  # type: ignore[arg-type]
-                            max_grad_norm=max_grad_norm),
-            holdout=holdout, evaluation_epsilon=evaluation_epsilon)
+        request = train_request(dataset, features, label, epsilon, delta, model, epochs, batch_size, learning_rate,
+                                optimizer, max_grad_norm, holdout, evaluation_epsilon)
         return run_job(self.client, request, progress=progress)
 
     def catalog(self) -> pl.DataFrame:

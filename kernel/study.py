@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from veil.kernel.errors import VeilConfigError, VeilError
-from veil.kernel.sdk import Dataset, Site
+from veil.kernel.sdk import Dataset, Site, train_request
+from veil.modelspec import ModelSpec
+from veil.wire import Federation
+
+if TYPE_CHECKING:
+    from veil.kernel.federation import FederatedModel
 
 STUDY_ENV = "VEIL_STUDY"
 
@@ -59,6 +66,33 @@ class Study:
             raise VeilError(f"no site of study '{self.name}' offers a dataset '{name}' to project "
                             f"'{self.project}'; see study.datasets()")
         return Dataset(having, having[0].datasets[name].info)
+
+    def train(self, dataset: str, features: Sequence[str], label: str, *, epsilon: float, rounds: int = 5,
+              sites: Sequence[str] | None = None, delta: float = 1e-5, model: ModelSpec | None = None,
+              epochs: int = 2, batch_size: int = 32, learning_rate: float = 1.0, optimizer: str = "sgd",
+              max_grad_norm: float = 1.0, holdout: float = 0.2, evaluation_epsilon: float = 0.5,
+              progress: bool = True) -> FederatedModel:
+        """Train one model across sites with federated DP-SGD (Flower FedAvg; each site trains its own
+        patients with Opacus and is charged on its own ledger).
+
+        `epsilon` is each site's target for the whole study (all `rounds` of `epochs` epochs); `batch_size`
+        is the expected batch at a site. A progress bar shows the rounds and each site's epsilon so far;
+        Ctrl-C ends the study and every site charges only the rounds it ran. The result holds the global
+        weights (`.module()`), each site's epsilon and its DP evaluation on its own held-out patients."""
+        if self.mode != "live":
+            raise VeilError("training runs at the sites, on live data: set study.mode = 'live' (mock rows "
+                            "are for trying queries; try a model on them locally with PyTorch)")
+        names = list(sites) if sites else self.datasets().get(dataset, [])
+        unknown = [s for s in names if s not in self.sites]
+        if unknown or not names:
+            raise VeilError(f"no such site(s) {unknown} in study '{self.name}'" if unknown else
+                            f"no site of study '{self.name}' offers '{dataset}' to project '{self.project}'")
+        request = train_request(dataset, features, label, epsilon, delta, model, epochs, batch_size, learning_rate,
+                                optimizer, max_grad_norm, holdout, evaluation_epsilon,
+                                Federation(study=self.name, rounds=rounds))
+        from veil.kernel.federation import train_federated  # Flower and torch load only when a study trains
+
+        return train_federated([self.sites[s].client for s in names], request, progress)
 
     def datasets(self) -> dict[str, list[str]]:
         """Which sites offer which datasets."""

@@ -94,6 +94,16 @@ class Deployment:
             c.close()
         self.engine.dispose()
 
+    def approve_training(self, dataset: str, epsilon: float, delta: float = 1e-4) -> None:
+        """The researcher applies for queries and training on `dataset`, and the steward approves."""
+        with self.http() as http:
+            app = http.post("/applications", json={
+                "purpose": "A diagnosis-support model from biopsy features", "datasets": [dataset],
+                "epsilon": epsilon, "delta": delta, "duration_days": 30, "uses": ["query", "training"]}).json()
+        with self.http("steward") as http:
+            review = {"decision": "approve", "comment": "training approved", "version": 1}
+            assert http.post(f"/applications/{app['id']}/reviews", json=review).json()["status"] == "approved"
+
     def grant(self, project: str, dataset: str, epsilon: float) -> None:
         with write(self.engine) as conn:
             ledger.set_grant(conn, self.catalog, project, self.catalog.dataset(dataset), epsilon, by="test_steward")

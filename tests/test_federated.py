@@ -7,8 +7,6 @@ virtual SuperNode per site) covers the whole study.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,7 @@ from sklearn.model_selection import train_test_split
 
 from veil.errors import QueryError
 from veil.executor import dpsgd, features, federated, models
-from veil.executor.public_data import CLASSES, LABEL, breast_cancer_frame, write_sites
+from veil.executor.public_data import CLASSES, LABEL, breast_cancer_frame
 from veil.modelspec import ModelSpec, TrainSpec
 
 pytestmark = [
@@ -166,17 +164,6 @@ def test_the_plan_is_plain_json_with_per_site_targets() -> None:
     assert (north.batch_size, valley.batch_size) == (round(SAMPLE_RATE * 205), 28)
     with pytest.raises(ValueError):
         federated.StudyPlan.model_validate({**PLAN.model_dump(), "pickle": "no"})
-
-
-def test_sites_load_their_rows_from_their_own_catalogs(tmp_path: Path) -> None:
-    catalogs = write_sites(tmp_path, sites=SITES, shares=SHARES)
-    frame, columns = breast_cancer_frame()
-    feats = [c.name for c in columns if c.bounds is not None]
-    loaded = [federated.load_site(path, "breast_cancer", feats, LABEL) for path in catalogs]
-    assert [s.name for s in loaded] == list(SITES)
-    assert sum(len(s.y) for s in loaded) == frame.height
-    assert len({s.layout for s in loaded}) == 1 and loaded[0].layout.width == 30
-    assert all(float(s.x.abs().max()) <= 1.0 for s in loaded)
 
 
 # ---------------------------------------------------------------- the study, in Flower's simulation

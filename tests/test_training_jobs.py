@@ -35,13 +35,7 @@ def hospital(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     (config,) = write_sites(root, sites=("solo",), shares=(1.0,))
     url, drop = make_database(request.param, root)
     d = deploy(config, url, root, grants={})
-    with d.http() as http:
-        app = http.post("/applications", json={
-            "purpose": "A diagnosis-support model from biopsy features", "datasets": [DATASET], "epsilon": 12.0,
-            "delta": 1e-4, "duration_days": 30, "uses": ["query", "training"]}).json()
-    with d.http("steward") as http:
-        assert http.post(f"/applications/{app['id']}/reviews", json={
-            "decision": "approve", "comment": "training approved", "version": 1}).json()["status"] == "approved"
+    d.approve_training(DATASET, 12.0)
     yield d
     d.stop()
     drop()

@@ -365,6 +365,22 @@ class MockInfo(_Strict):
 # ---------------------------------------------------------------- training
 
 
+class Federation(_Strict):
+    """A site's part in a federated study: `rounds` rounds of `train.epochs` epochs each, all under the
+    site's one (epsilon, delta) target; the study's coordinator sends the rounds (Flower messages)."""
+
+    study: Name
+    rounds: int = Field(ge=1, le=1000)
+
+
+class Layout(_Strict):
+    """How a job's features are encoded (public metadata only); a coordinator builds the model from it."""
+
+    numeric: list[str]
+    categorical: list[tuple[str, int]]
+    outputs: int
+
+
 class TrainRequest(_Strict):
     """A DP-SGD job: which columns (scaled by their public bounds or categories), which model, which target.
 
@@ -379,6 +395,8 @@ class TrainRequest(_Strict):
     train: TrainSpec
     holdout: float = Field(default=0.2, ge=0.05, le=0.5)
     evaluation_epsilon: float = Field(default=0.1, gt=0.0, le=1.0)
+    federated: Federation | None = Field(
+        default=None, description="set: this site's part in a federated study, trained round by round")
 
 
 class JobInfo(_Strict):
@@ -400,6 +418,10 @@ class JobInfo(_Strict):
     receipt: str | None = None
     created_at: str
     updated_at: str
+    study: str | None = Field(default=None, description="the federated study this job is a site's part of")
+    round: int = Field(default=0, description="federated: the last round this site trained")
+    rounds: int = Field(default=1, description="federated: the rounds planned")
+    layout: Layout | None = None
 
 
 class AuditVerification(_Strict):

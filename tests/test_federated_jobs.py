@@ -1,0 +1,224 @@
+"""Federated DP-SGD across three real executors, driven from the researcher's study: each site joins
+under its own grant and ledger, trains its rounds where its data lives (its one accountant kept in its
+database), evaluates the global model on its own held-out patients, and is charged what its
+accountant spent. Bad rounds are refused and cost nothing; a site that drops out mid-study is charged
+only for the rounds it ran, and the study goes on without it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from conftest import BACKENDS, Deployment, deploy, make_database
+from veil.executor import audit, dpsgd, federated, ledger, models
+from veil.executor.features import FeatureLayout, encode
+from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
+from veil.executor.store import jobs
+from veil.kernel.client import SiteClient
+from veil.kernel.errors import VeilError, VeilPolicyError
+from veil.kernel.federation import ExecutorGrid, train_federated
+from veil.kernel.sdk import Site as ResearcherSite
+from veil.kernel.sdk import train_request
+from veil.kernel.study import Study
+from veil.modelspec import ModelSpec
+from veil.wire import Federation, JobInfo, TrainRequest
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+SITES = ("north", "central", "valley")
+FEATURES = [c.name for c in breast_cancer_frame()[1] if c.bounds is not None]
+SGD: dict[str, Any] = {"delta": 1e-5, "model": None, "epochs": 2, "batch_size": 24, "learning_rate": 2.0,
+                       "optimizer": "sgd", "max_grad_norm": 1.0, "holdout": 0.2, "evaluation_epsilon": 1.0}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def hospitals(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[dict[str, Deployment]]:
+    """Three executors holding 45/33/22% of the 569 patients (L2), each approving study1 for training."""
+    root = tmp_path_factory.mktemp("federated")
+    started, drops = {}, []
+    for config in write_sites(root, sites=SITES):
+        url, drop = make_database(request.param, root)
+        d = deploy(config, url, root, grants={})
+        d.approve_training(DATASET, 12.0)
+        started[d.catalog.site] = d
+        drops.append(drop)
+    yield started
+    for d in started.values():
+        d.stop()
+    for drop in drops:
+        drop()
+
+
+def study(hospitals: dict[str, Deployment], names: tuple[str, ...] = SITES) -> Study:
+    sites = {n: ResearcherSite(n, hospitals[n].url, hospitals[n].tokens["researcher"]) for n in names}
+    return Study("bc_study", "study1", sites, [])
+
+
+def charged(d: Deployment) -> dict[str, float]:
+    """study1's spending on the dataset at one site (epsilon of DP-SGD by basic composition, rho of releases)."""
+    grant = next(g for g in ledger.list_grants(d.engine, "study1", 1e-6) if g.dataset == DATASET)
+    with d.engine.connect() as conn:
+        row = ledger.grant_row(conn, "study1", DATASET)
+    assert row is not None
+    return {"rho": grant.rho_spent, "delta": grant.delta_spent, "epsilon": row["approx_epsilon_spent"]}
+
+
+def job_row(d: Deployment, job_id: int) -> dict[str, Any]:
+    with d.engine.connect() as conn:
+        return dict(conn.execute(jobs.select().where(jobs.c.id == job_id)).mappings().one())
+
+
+def join(d: Deployment, rounds: int = 2, epsilon: float = 2.0) -> tuple[SiteClient, JobInfo, TrainRequest]:
+    """The researcher joins one site to a study of `rounds` rounds directly (what Study.train does first)."""
+    request = train_request(DATASET, FEATURES, LABEL, epsilon, federated=Federation(study="s", rounds=rounds), **SGD)
+    client = d.client()
+    return client, client.train(request), request
+
+
+def round_content(job: JobInfo, server_round: int, state: dict[str, torch.Tensor] | None = None) -> bytes:
+    """What FedAvg sends for one round: the global weights and the round number, as protobuf."""
+    assert job.layout is not None
+    layout = FeatureLayout(numeric=tuple(job.layout.numeric), outputs=job.layout.outputs)
+    state = state or federated.initial_state(ModelSpec.logistic(), layout, seed=0)
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": server_round})})
+    return federated.encode_content(content)
+
+
+def test_a_researcher_trains_one_model_across_three_sites(hospitals: dict[str, Deployment]) -> None:
+    before = {n: charged(d) for n, d in hospitals.items()}
+    model = study(hospitals).train(DATASET, FEATURES, LABEL, epsilon=2.0, rounds=3, progress=False,
+                                   **{k: v for k, v in SGD.items() if k != "model"})
+    assert set(model.parts) == set(SITES) and not model.failures
+    assert len(model.rounds) == 3 and all(set(r) == set(SITES) for r in model.rounds)
+    for name, part in model.parts.items():
+        d = hospitals[name]
+        assert part.state == "done" and part.round == part.rounds == 3 and part.study == "bc_study"
+        assert 0.5 < part.epsilon <= 2.0, name
+        assert part.epsilon == pytest.approx(model.rounds[-1][name])
+        # the site's ledger holds exactly what its accountant spent (epsilon) and its two DP releases (rho)
+        after = charged(d)
+        assert after["epsilon"] - before[name]["epsilon"] == pytest.approx(part.epsilon, rel=1e-9)
+        assert after["delta"] - before[name]["delta"] == pytest.approx(1e-5)
+        row = job_row(d, part.id)
+        history = [tuple(h) for h in json.loads(row["history"])]
+        assert part.epsilon == pytest.approx(dpsgd.history_epsilon(history, "prv", 1e-5), rel=1e-9)
+        assert sum(k for _, _, k in history) == 3 * 2 * max(1, round(part.rows / 24))  # all rounds, one accountant
+        # the global model's DP accuracy on this site's own held-out patients
+        assert part.evaluation is not None and part.evaluation.receipt == part.receipt
+        low, high = (model.evaluation[name].release.rows[0][f"accuracy_{b}"] for b in ("lower", "upper"))
+        assert 0 <= low <= high and model.evaluation[name].release.cost.epsilon == pytest.approx(1.0)
+        entries = [e for e in audit.entries(d.engine) if e.action == "train"]
+        rounds = [e for e in entries if e.decision == "released" and f"job {part.id}," in (e.reason or "")]
+        assert len(rounds) == 3 and all(e.result_digest for e in rounds)
+        assert audit.verify(d.engine).ok
+    frame, columns = breast_cancer_frame()  # public data: the model scored on every patient, for this test only
+    bounds = {c.name: c.bounds for c in columns if c.bounds is not None}
+    everyone = encode(frame, label=LABEL, numeric=bounds, classes=CLASSES)
+    with torch.no_grad():
+        accuracy = float((model.module()(everyone.x).argmax(dim=1) == everyone.y).float().mean())
+    assert accuracy >= 0.88, accuracy
+    assert models.read_metadata(model.weights)["site_epsilon"] == pytest.approx(model.epsilon)
+
+
+def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(hospitals: dict[str, Deployment]) -> None:
+    d = hospitals["valley"]
+    client, job, _ = join(d, rounds=2)
+    with pytest.raises(VeilPolicyError, match="round 3 cannot run"):
+        client.job_round(job.id, round_content(job, 3))
+    with pytest.raises(VeilError, match=r"\[bad_round\]"):
+        client.job_round(job.id, b"\x00 not protobuf")
+    wrong = {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}
+    with pytest.raises(VeilError, match=r"\[bad_weights\]"):
+        client.job_round(job.id, round_content(job, 1, wrong))
+    assert job_row(d, job.id)["history"] == "[]" and client.job(job.id).epsilon == 0.0
+    reply = federated.decode_content(client.job_round(job.id, round_content(job, 1)))
+    first = reply["metrics"]["epsilon"]
+    assert 0 < first < 2.0 and reply["metrics"][federated.WEIGHT_KEY] == job.rows
+    with pytest.raises(VeilPolicyError, match="round 1 cannot run"):  # a replayed round
+        client.job_round(job.id, round_content(job, 1))
+    other = ResearcherSite("valley", d.url, d.tokens["outsider"]).client
+    with pytest.raises(VeilError, match="no training job"):
+        other.job_round(job.id, round_content(job, 2))
+    before = charged(d)
+    ended = client.cancel_job(job.id)  # the researcher stops after one round: charged that round only
+    assert ended.state == "cancelled" and ended.epsilon == pytest.approx(first)
+    assert before["epsilon"] - charged(d)["epsilon"] == pytest.approx(2.0 - first, rel=1e-9)
+    with pytest.raises(VeilPolicyError, match="takes no more rounds"):
+        client.job_round(job.id, round_content(job, 2))
+    assert audit.verify(d.engine).ok
+
+
+def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(hospitals: dict[str, Deployment]) -> None:
+    """Valley refuses (this project has no grant there): north and central, already joined, are released
+    with their training reservation refunded; only their DP counts of training rows were spent."""
+    sites = study(hospitals).sites
+    sites["valley"] = ResearcherSite("valley", hospitals["valley"].url, hospitals["valley"].tokens["outsider"])
+    before = {n: charged(d) for n, d in hospitals.items()}
+    with pytest.raises(VeilError, match="valley"):
+        Study("bc_study", "study1", sites, []).train(DATASET, FEATURES, LABEL, epsilon=2.0, rounds=2, sites=SITES,
+                                                     progress=False, **{k: v for k, v in SGD.items() if k != "model"})
+    for name, d in hospitals.items():
+        after = charged(d)
+        assert after["epsilon"] == pytest.approx(before[name]["epsilon"]), name
+        assert after["delta"] == pytest.approx(before[name]["delta"]), name
+        assert audit.verify(d.engine).ok
+        with d.engine.connect() as conn:
+            assert not conn.execute(jobs.select().where(jobs.c.state == "running")).fetchall(), name
+
+
+def test_a_site_dropping_out_mid_study_is_charged_for_its_rounds_only(
+        hospitals: dict[str, Deployment], tmp_path: Path) -> None:
+    """Valley's executor stops after round 1: rounds 2 and 3 go on with north and central; valley's part
+    is charged its round-1 epsilon once it is back and the researcher ends it."""
+    parts = {n: join(hospitals[n], rounds=3) for n in SITES}
+    before = {n: charged(hospitals[n]) for n in SITES}
+    valley = hospitals["valley"]
+
+    def on_round(server_round: int, epsilons: dict[str, float], failed: list[str]) -> None:
+        if server_round == 1:
+            valley.executor.stop()
+
+    layout = parts["north"][1].layout
+    assert layout is not None
+    shape = FeatureLayout(numeric=tuple(layout.numeric), outputs=layout.outputs)
+    grid = ExecutorGrid([(client, job.id) for client, job, _ in parts.values()])
+    result = federated.coordinate(grid, ModelSpec.logistic(), shape, 3, 3, {}, 1e-5, on_round=on_round)
+    assert [set(r) for r in result.rounds] == [set(SITES), {"north", "central"}, {"north", "central"}]
+    assert len(result.refusals) == 2 and all("valley" in reason for _, _, reason in result.refusals)
+    assert result.site_epsilon["valley"] == result.rounds[0]["valley"]
+    valley.executor.start()
+    client, job, _ = parts["valley"]
+    ended = client.cancel_job(job.id)
+    assert ended.state == "cancelled" and ended.round == 1
+    assert ended.epsilon == pytest.approx(result.rounds[0]["valley"])
+    assert charged(valley)["epsilon"] == pytest.approx(before["valley"]["epsilon"] - 2.0 + ended.epsilon, rel=1e-9)
+    for name in ("north", "central"):
+        client, job, _ = parts[name]
+        done = client.finish_job(job.id, result.weights)
+        assert done.state == "done" and done.round == 3 and done.evaluation is not None
+    for d in hospitals.values():
+        assert audit.verify(d.engine).ok
+
+
+def test_train_federated_needs_every_site_to_encode_alike(hospitals: dict[str, Deployment]) -> None:
+    """Sites whose public metadata differ would average unrelated weights: refused before any round."""
+    clients = [hospitals[n].client() for n in ("north", "central")]
+    request = train_request(DATASET, FEATURES, LABEL, 2.0, federated=Federation(study="x", rounds=1), **SGD)
+    one = train_request(DATASET, FEATURES[:3], LABEL, 2.0, federated=Federation(study="x", rounds=1), **SGD)
+    before = charged(hospitals["central"])
+
+    class Mixed(SiteClient):  # central joins with other features than north, as a misconfigured site would
+        def train(self, _: TrainRequest) -> JobInfo:
+            return super().train(one)
+
+    mixed = Mixed("central", hospitals["central"].url, hospitals["central"].tokens["researcher"])
+    with pytest.raises(VeilError, match="encode the features differently"):
+        train_federated([clients[0], mixed], request, progress=False)
+    assert charged(hospitals["central"])["epsilon"] == pytest.approx(before["epsilon"])
+    mixed.close()
