@@ -41,7 +41,6 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto  # noqa
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from veil.errors import QueryError  # noqa: E402
@@ -437,6 +436,8 @@ def simulate(
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": False},
     }
+    from flwr.simulation import run_simulation  # Ray loads only for simulations
+
     with _SIMULATION:  # one Ray runtime per process at a time
         run_simulation(
             server_app=server_app(plan, sites[0].layout, len(sites), sink, evaluate, seed),

@@ -150,9 +150,9 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
 
     def on_round(server_round: int, epsilons: dict[str, float], failed: list[str]) -> None:
         failures.extend((server_round, reason) for reason in failed)
-        bar.update(1)
         bar.set_postfix({f"eps {site}": f"{eps:.2g}" for site, eps in epsilons.items()}
-                        | ({"failed": len(failed)} if failed else {}))
+                        | ({"failed": len(failed)} if failed else {}), refresh=False)
+        bar.update(1)
 
     grid = ExecutorGrid([(client, job.id) for client, job in parts])
     flower = logging.getLogger("flwr")

@@ -45,6 +45,13 @@ def train_request(dataset: str, features: Sequence[str], label: str, epsilon: fl
         holdout=holdout, evaluation_epsilon=evaluation_epsilon, federated=federated)
 
 
+def live_only(mode: str) -> None:
+    """Training happens at the sites on live data; refuse in mock mode rather than spend unasked."""
+    if mode != "live":
+        raise VeilError("training runs at the sites on live data and spends budget: switch with `%veil mode live` "
+                        "(or study.mode = 'live'); mock rows are for trying queries, or a model locally in PyTorch")
+
+
 class VeilPartialFailure(VeilError):
     """Some sites released and some did not: the releases made (and charged) are kept in `results`."""
 
@@ -113,6 +120,7 @@ class Site:
 
         `model` defaults to logistic regression (`ModelSpec.mlp([64, 64])` for an MLP). The result holds the
         weights (`.module()`), the accountant's (epsilon, delta) and a DP evaluation on held-out patients."""
+        live_only(self.mode)
         request = train_request(dataset, features, label, epsilon, delta, model, epochs, batch_size, learning_rate,
                                 optimizer, max_grad_norm, holdout, evaluation_epsilon)
         return run_job(self.client, request, progress=progress)

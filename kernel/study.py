@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.kernel.errors import VeilConfigError, VeilError
-from veil.kernel.sdk import Dataset, Site, train_request
+from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.modelspec import ModelSpec
 from veil.wire import Federation
 
@@ -79,9 +79,7 @@ class Study:
         is the expected batch at a site. A progress bar shows the rounds and each site's epsilon so far;
         Ctrl-C ends the study and every site charges only the rounds it ran. The result holds the global
         weights (`.module()`), each site's epsilon and its DP evaluation on its own held-out patients."""
-        if self.mode != "live":
-            raise VeilError("training runs at the sites, on live data: set study.mode = 'live' (mock rows "
-                            "are for trying queries; try a model on them locally with PyTorch)")
+        live_only(self.mode)
         names = list(sites) if sites else self.datasets().get(dataset, [])
         unknown = [s for s in names if s not in self.sites]
         if unknown or not names:

@@ -3,7 +3,10 @@ VEIL_TEST_POSTGRES_URL names a server), and real executors on loopback with toke
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from sqlalchemy import Engine, create_engine, text
 from veil.executor import ledger
 from veil.executor.auth import create_token
 from veil.executor.catalog import Catalog, load_catalog
+from veil.executor.public_data import DATASET, write_sites
 from veil.executor.store import open_store, write
 from veil.executor.synth import synthesize
 from veil.kernel.client import SiteClient
@@ -173,6 +177,39 @@ def sites(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     for d in started.values():
         d.executor.stop()
         d.engine.dispose()
+
+
+@contextlib.contextmanager
+def veil_kernel(root: Path, sites: dict[str, Deployment]) -> Iterator[Path]:
+    """The `veil` kernelspec installed under `root`, and a study config for `sites`, in the environment."""
+    subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
+                   check=True, capture_output=True)
+    study = write_study(root, sites)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(root / "prefix" / "share" / "jupyter"))
+        mp.setenv("VEIL_STUDY", str(study))
+        mp.setenv("IPYTHONDIR", str(root / "ipython"))
+        yield root
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def cancer_sites(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[dict[str, Deployment]]:
+    """Three executors holding 45/33/22% of scikit-learn's 569 breast-cancer patients (L2), each with
+    study1 approved for queries and training (epsilon 12)."""
+    root = tmp_path_factory.mktemp("cancer")
+    started, drops = {}, []
+    for config in write_sites(root, sites=SITES):
+        url, drop = make_database(request.param, root)
+        d = deploy(config, url, root, grants={})
+        d.approve_training(DATASET, 12.0)
+        started[d.catalog.site] = d
+        drops.append(drop)
+    yield started
+    for d in started.values():
+        d.stop()
+    for drop in drops:
+        drop()
 
 
 def write_study(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:

@@ -7,7 +7,6 @@ only for the rounds it ran, and the study goes on without it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from conftest import BACKENDS, Deployment, deploy, make_database
+from conftest import Deployment
 from veil.executor import audit, dpsgd, federated, ledger, models
 from veil.executor.features import FeatureLayout, encode
-from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
+from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame
 from veil.executor.store import jobs
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilError, VeilPolicyError
@@ -36,27 +35,8 @@ SGD: dict[str, Any] = {"delta": 1e-5, "model": None, "epochs": 2, "batch_size": 
                        "optimizer": "sgd", "max_grad_norm": 1.0, "holdout": 0.2, "evaluation_epsilon": 1.0}
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def hospitals(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[dict[str, Deployment]]:
-    """Three executors holding 45/33/22% of the 569 patients (L2), each approving study1 for training."""
-    root = tmp_path_factory.mktemp("federated")
-    started, drops = {}, []
-    for config in write_sites(root, sites=SITES):
-        url, drop = make_database(request.param, root)
-        d = deploy(config, url, root, grants={})
-        d.approve_training(DATASET, 12.0)
-        started[d.catalog.site] = d
-        drops.append(drop)
-    yield started
-    for d in started.values():
-        d.stop()
-    for drop in drops:
-        drop()
-
-
-def study(hospitals: dict[str, Deployment], names: tuple[str, ...] = SITES) -> Study:
-    sites = {n: ResearcherSite(n, hospitals[n].url, hospitals[n].tokens["researcher"]) for n in names}
+def study(cancer_sites: dict[str, Deployment], names: tuple[str, ...] = SITES) -> Study:
+    sites = {n: ResearcherSite(n, cancer_sites[n].url, cancer_sites[n].tokens["researcher"]) for n in names}
     return Study("bc_study", "study1", sites, [])
 
 
@@ -90,14 +70,14 @@ def round_content(job: JobInfo, server_round: int, state: dict[str, torch.Tensor
     return federated.encode_content(content)
 
 
-def test_a_researcher_trains_one_model_across_three_sites(hospitals: dict[str, Deployment]) -> None:
-    before = {n: charged(d) for n, d in hospitals.items()}
-    model = study(hospitals).train(DATASET, FEATURES, LABEL, epsilon=2.0, rounds=3, progress=False,
+def test_a_researcher_trains_one_model_across_three_sites(cancer_sites: dict[str, Deployment]) -> None:
+    before = {n: charged(d) for n, d in cancer_sites.items()}
+    model = study(cancer_sites).train(DATASET, FEATURES, LABEL, epsilon=2.0, rounds=3, progress=False,
                                    **{k: v for k, v in SGD.items() if k != "model"})
     assert set(model.parts) == set(SITES) and not model.failures
     assert len(model.rounds) == 3 and all(set(r) == set(SITES) for r in model.rounds)
     for name, part in model.parts.items():
-        d = hospitals[name]
+        d = cancer_sites[name]
         assert part.state == "done" and part.round == part.rounds == 3 and part.study == "bc_study"
         assert 0.5 < part.epsilon <= 2.0, name
         assert part.epsilon == pytest.approx(model.rounds[-1][name])
@@ -126,8 +106,8 @@ def test_a_researcher_trains_one_model_across_three_sites(hospitals: dict[str, D
     assert models.read_metadata(model.weights)["site_epsilon"] == pytest.approx(model.epsilon)
 
 
-def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(hospitals: dict[str, Deployment]) -> None:
-    d = hospitals["valley"]
+def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(cancer_sites: dict[str, Deployment]) -> None:
+    d = cancer_sites["valley"]
     client, job, _ = join(d, rounds=2)
     with pytest.raises(VeilPolicyError, match="round 3 cannot run"):
         client.job_round(job.id, round_content(job, 3))
@@ -154,16 +134,16 @@ def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(hospitals
     assert audit.verify(d.engine).ok
 
 
-def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(hospitals: dict[str, Deployment]) -> None:
+def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(cancer_sites: dict[str, Deployment]) -> None:
     """Valley refuses (this project has no grant there): north and central, already joined, are released
     with their training reservation refunded; only their DP counts of training rows were spent."""
-    sites = study(hospitals).sites
-    sites["valley"] = ResearcherSite("valley", hospitals["valley"].url, hospitals["valley"].tokens["outsider"])
-    before = {n: charged(d) for n, d in hospitals.items()}
+    sites = study(cancer_sites).sites
+    sites["valley"] = ResearcherSite("valley", cancer_sites["valley"].url, cancer_sites["valley"].tokens["outsider"])
+    before = {n: charged(d) for n, d in cancer_sites.items()}
     with pytest.raises(VeilError, match="valley"):
         Study("bc_study", "study1", sites, []).train(DATASET, FEATURES, LABEL, epsilon=2.0, rounds=2, sites=SITES,
                                                      progress=False, **{k: v for k, v in SGD.items() if k != "model"})
-    for name, d in hospitals.items():
+    for name, d in cancer_sites.items():
         after = charged(d)
         assert after["epsilon"] == pytest.approx(before[name]["epsilon"]), name
         assert after["delta"] == pytest.approx(before[name]["delta"]), name
@@ -173,12 +153,12 @@ def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(hospitals:
 
 
 def test_a_site_dropping_out_mid_study_is_charged_for_its_rounds_only(
-        hospitals: dict[str, Deployment], tmp_path: Path) -> None:
+        cancer_sites: dict[str, Deployment], tmp_path: Path) -> None:
     """Valley's executor stops after round 1: rounds 2 and 3 go on with north and central; valley's part
     is charged its round-1 epsilon once it is back and the researcher ends it."""
-    parts = {n: join(hospitals[n], rounds=3) for n in SITES}
-    before = {n: charged(hospitals[n]) for n in SITES}
-    valley = hospitals["valley"]
+    parts = {n: join(cancer_sites[n], rounds=3) for n in SITES}
+    before = {n: charged(cancer_sites[n]) for n in SITES}
+    valley = cancer_sites["valley"]
 
     def on_round(server_round: int, epsilons: dict[str, float], failed: list[str]) -> None:
         if server_round == 1:
@@ -202,23 +182,23 @@ def test_a_site_dropping_out_mid_study_is_charged_for_its_rounds_only(
         client, job, _ = parts[name]
         done = client.finish_job(job.id, result.weights)
         assert done.state == "done" and done.round == 3 and done.evaluation is not None
-    for d in hospitals.values():
+    for d in cancer_sites.values():
         assert audit.verify(d.engine).ok
 
 
-def test_train_federated_needs_every_site_to_encode_alike(hospitals: dict[str, Deployment]) -> None:
+def test_train_federated_needs_every_site_to_encode_alike(cancer_sites: dict[str, Deployment]) -> None:
     """Sites whose public metadata differ would average unrelated weights: refused before any round."""
-    clients = [hospitals[n].client() for n in ("north", "central")]
+    clients = [cancer_sites[n].client() for n in ("north", "central")]
     request = train_request(DATASET, FEATURES, LABEL, 2.0, federated=Federation(study="x", rounds=1), **SGD)
     one = train_request(DATASET, FEATURES[:3], LABEL, 2.0, federated=Federation(study="x", rounds=1), **SGD)
-    before = charged(hospitals["central"])
+    before = charged(cancer_sites["central"])
 
     class Mixed(SiteClient):  # central joins with other features than north, as a misconfigured site would
         def train(self, _: TrainRequest) -> JobInfo:
             return super().train(one)
 
-    mixed = Mixed("central", hospitals["central"].url, hospitals["central"].tokens["researcher"])
+    mixed = Mixed("central", cancer_sites["central"].url, cancer_sites["central"].tokens["researcher"])
     with pytest.raises(VeilError, match="encode the features differently"):
         train_federated([clients[0], mixed], request, progress=False)
-    assert charged(hospitals["central"])["epsilon"] == pytest.approx(before["epsilon"])
+    assert charged(cancer_sites["central"])["epsilon"] == pytest.approx(before["epsilon"])
     mixed.close()

@@ -18,7 +18,7 @@ from kernel_protocol import comm_msgs, execute, iopub_until_idle
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from conftest import Deployment, write_study
+from conftest import Deployment, veil_kernel
 from veil.local import free_port
 
 COUNT_SQL = "SELECT department, COUNT(*) AS n FROM encounters GROUP BY department"
@@ -27,14 +27,7 @@ COUNT_SQL = "SELECT department, COUNT(*) AS n FROM encounters GROUP BY departmen
 @pytest.fixture(scope="module")
 def kernel_env(sites: dict[str, Deployment], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The kernelspec installed in a temp prefix, and a study config for the three sites."""
-    root = tmp_path_factory.mktemp("notebooks")
-    subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
-                   check=True, capture_output=True)
-    study = write_study(root, sites)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(root / "prefix" / "share" / "jupyter"))
-        mp.setenv("VEIL_STUDY", str(study))
-        mp.setenv("IPYTHONDIR", str(root / "ipython"))
+    with veil_kernel(tmp_path_factory.mktemp("notebooks"), sites) as root:
         yield root
 
 
