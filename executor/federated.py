@@ -32,6 +32,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -45,13 +46,13 @@ from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from veil.errors import QueryError  # noqa: E402
 from veil.executor import dpsgd, models  # noqa: E402
+from veil.executor.catalog import load_catalog  # noqa: E402
 from veil.executor.features import FeatureLayout  # noqa: E402
 from veil.modelspec import ModelSpec, TrainSpec  # noqa: E402
 
 if TYPE_CHECKING:
     from veil.executor.auth import Principal
     from veil.executor.rounds import Rounds
-    from veil.executor.site import Site
 
 ACCOUNTANT_KEY = "veil-accountant"
 """Where a node keeps its accountant in `context.state` (a ConfigRecord)."""
@@ -205,11 +206,12 @@ def client_app(sites: Sequence[SiteData] | None = None, device: str | None = Non
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if "jobs" in msg.content["config"]:
-            site = _executor(str(context.node_config["catalog"]))
-            job_id = json.loads(str(msg.content["config"]["jobs"])).get(site.catalog.site)
+            database = context.node_config.get("database")
+            rounds = _executor(str(context.node_config["catalog"]), str(database) if database else None)
+            job_id = json.loads(str(msg.content["config"]["jobs"])).get(rounds.catalog.site)
             if job_id is None:
-                raise QueryError("not_in_study", f"site {site.catalog.site} has no part in this study")
-            return Message(content=executor_reply(site.rounds, int(job_id), msg.content, None), reply_to=msg)
+                raise QueryError("not_in_study", f"site {rounds.catalog.site} has no part in this study")
+            return Message(content=executor_reply(rounds, int(job_id), msg.content, None), reply_to=msg)
         plan = StudyPlan.model_validate_json(str(msg.content["config"]["plan"]))
         site = _site(context, sites)
         round_ = int(msg.content["config"]["server-round"])
@@ -284,11 +286,15 @@ def decode_content(data: bytes) -> RecordDict:
 
 
 @functools.lru_cache(maxsize=4)
-def _executor(catalog: str) -> Site:
-    """The site's executor state, opened once per SuperNode ClientApp process (same database)."""
-    from veil.executor.site import Site  # the executor imports this module
+def _executor(catalog: str, database: str | None) -> Rounds:
+    """The site's federated parts, in the executor's own database (the executor has checked the data
+    files and recovered its jobs at start; a ClientApp process only trains rounds)."""
+    from veil.executor.rounds import Rounds  # the executor imports this module
+    from veil.executor.store import open_store
+    from veil.executor.training import Trainer
 
-    return Site.open(catalog)
+    site = load_catalog(catalog)
+    return Rounds(Trainer(open_store(database or site.database_url), site))
 
 
 # ------------------------------------------------------------------ coordinator side
@@ -416,6 +422,38 @@ def server_app(
                                plan.train.delta, evaluate, seed))
 
     return app
+
+
+def deployed_server_app() -> ServerApp:
+    """The study's coordinator on Flower's deployment runtime (`flwr run` of `APP_DIR`). The run config
+    names each site's part (`jobs`: site -> job id, from joining each site over its HTTP API), the
+    `model` spec and feature `layout` (JSON, as the sites reported them), `rounds` and `delta`; the
+    global weights go to `out` (safetensors) and a summary beside it (`out` + .json)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = context.run_config
+        jobs = json.loads(str(config["jobs"]))
+        model = ModelSpec.model_validate_json(str(config["model"]))
+        layout = json.loads(str(config["layout"]))
+        shape = FeatureLayout(numeric=tuple(layout["numeric"]),
+                              categorical=tuple((c, int(n)) for c, n in layout["categorical"]), outputs=layout["outputs"])
+        result = coordinate(grid, model, shape, int(config["rounds"]), len(jobs), {"jobs": json.dumps(jobs)},
+                            float(config["delta"]))
+        out = Path(str(config["out"]))
+        out.write_bytes(result.weights)
+        out.with_name(out.name + ".json").write_text(json.dumps({
+            "site_epsilon": result.site_epsilon, "rounds": result.rounds,
+            "refusals": [list(r) for r in result.refusals], "seconds": result.seconds}))
+
+    return app
+
+
+APP_DIR = Path(__file__).with_name("flower_app")
+"""The Flower App (FAB) directory `flwr run` submits: its components are the two apps below."""
+deployed_server = deployed_server_app()
+deployed_client = client_app()
 
 
 _SIMULATION = threading.Lock()

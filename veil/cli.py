@@ -39,6 +39,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supernode(args: argparse.Namespace) -> int:
+    """Run Flower's SuperNode beside this site's executor: it connects outward to a study's SuperLink and
+    trains the site's parts of studies through the executor's ledger (the site's catalog and database)."""
+    import shutil
+
+    from veil.executor.catalog import load_catalog
+
+    catalog_path = Path(args.site_config).resolve()
+    database = args.database_url or load_catalog(catalog_path).database_url
+    binary = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
+    security = ["--insecure"] if args.insecure else ["--root-certificates", args.root_certificates]
+    command = [binary, *security, "--superlink", args.superlink, "--clientappio-api-address", args.clientappio,
+               "--node-config", f"catalog='{catalog_path}' database='{database}'"]
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.execv(binary, command)
+    return 1  # not reached
+
+
 def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from veil.executor.catalog import load_catalog
     from veil.executor.store import open_store
@@ -175,6 +193,16 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes; they share the state database, so budgets stay exact")
     serve.set_defaults(func=_serve)
+
+    supernode = executor.add_parser("supernode", help="join federated studies: Flower's SuperNode beside the executor")
+    _site_args(supernode)
+    supernode.add_argument("--superlink", required=True, help="the study's SuperLink Fleet API, HOST:PORT")
+    supernode.add_argument("--clientappio", default="127.0.0.1:9094",
+                           help="where the SuperNode serves its ClientApp processes (loopback)")
+    security = supernode.add_mutually_exclusive_group(required=True)
+    security.add_argument("--root-certificates", help="the SuperLink's CA certificate (TLS)")
+    security.add_argument("--insecure", action="store_true", help="no TLS: for loopback tests only")
+    supernode.set_defaults(func=_supernode)
 
     token = executor.add_parser("token", help="bearer tokens").add_subparsers(dest="token_action", required=True)
     create = token.add_parser("create", help="create a token; it is printed once")

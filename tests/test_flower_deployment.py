@@ -1,0 +1,131 @@
+"""Federated DP-SGD on Flower's deployment runtime: a SuperLink and one SuperNode per site as separate
+processes on loopback, each SuperNode started beside its site's executor (`veil executor supernode`) and
+connecting outward to the SuperLink; the study submitted with `flwr run`. Each site trains its part of
+the study through its own ledger, exactly as when the researcher's kernel coordinates over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Deployment
+from veil.executor import audit, federated, models
+from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame
+from veil.kernel.sdk import train_request
+from veil.local import free_port
+from veil.wire import Federation
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+FEATURES = [c.name for c in breast_cancer_frame()[1] if c.bounds is not None]
+ROUNDS = 2
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+@pytest.fixture
+def flower(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, list[subprocess.Popen]]]:
+    """A SuperLink on loopback (its Flower home in tmp_path); yields the environment for `flwr`, the Fleet
+    API port and the list of started processes, all stopped (with their children) at the end."""
+    home = tmp_path / "flwr"
+    home.mkdir()
+    fleet, control, appio = free_port(), free_port(), free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "veil-test"\n\n[superlink.veil-test]\naddress = "127.0.0.1:{control}"\n'
+        "insecure = true\n")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    processes: list[subprocess.Popen] = []
+    log = (tmp_path / "superlink.log").open("w")
+    processes.append(subprocess.Popen(
+        [str(Path(sys.executable).with_name("flower-superlink")), "--insecure",
+         "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}",
+         "--serverappio-api-address", f"127.0.0.1:{appio}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    wait_port(control)
+    wait_port(fleet)
+    yield env, fleet, processes
+    for process in reversed(processes):  # the daemons and their SuperExec and app children
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    log.close()
+
+
+def test_a_study_runs_on_flowers_deployment_runtime(
+        cancer_sites: dict[str, Deployment], flower: tuple[dict[str, str], int, list[subprocess.Popen]],
+        tmp_path: Path) -> None:
+    env, fleet, processes = flower
+    request = train_request(DATASET, FEATURES, LABEL, 2.0, 1e-5, None, 2, 24, 2.0, "sgd", 1.0, 0.2, 1.0,
+                            federated=Federation(study="deployed", rounds=ROUNDS))
+    parts = {name: (d.client(), d.client().train(request)) for name, d in cancer_sites.items()}
+    for name, d in cancer_sites.items():  # each site's SuperNode, beside its executor, dials out
+        log = (tmp_path / f"supernode-{name}.log").open("w")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "veil.cli", "executor", "supernode", "--site-config", str(d.catalog.path),
+             "--database-url", d.database_url, "--superlink", f"127.0.0.1:{fleet}",
+             "--clientappio", f"127.0.0.1:{free_port()}", "--insecure"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    layout = next(iter(parts.values()))[1].layout
+    assert layout is not None
+    out = tmp_path / "global.safetensors"
+    overrides = tmp_path / "run.toml"
+    overrides.write_text("\n".join([
+        f"jobs = '{json.dumps({name: job.id for name, (_, job) in parts.items()})}'",
+        f"model = '{request.model.model_dump_json()}'",
+        f"layout = '{layout.model_dump_json()}'",
+        f"rounds = {ROUNDS}", "delta = 1e-5", f"out = '{out}'"]) + "\n")
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    submitted = subprocess.run([flwr, "run", str(federated.APP_DIR), "veil-test", "--stream", "--run-config",
+                                str(overrides)], env=env, capture_output=True, text=True, timeout=400)
+    started = re.search(r"Successfully started run (\d+)", submitted.stdout + submitted.stderr)
+    assert submitted.returncode == 0 and started, submitted.stdout + submitted.stderr
+    deadline, status = time.monotonic() + 120, ""
+    while time.monotonic() < deadline:  # `flwr run --stream` returns when the run ends, whatever its outcome
+        listed = subprocess.run([flwr, "ls", "veil-test", "--run-id", started.group(1), "--format", "json"],
+                                env=env, capture_output=True, text=True)
+        status = json.loads(listed.stdout)["runs"][0]["status"]
+        if status.startswith("finished"):
+            break
+        time.sleep(1)
+    assert status == "finished:completed", submitted.stdout[-3000:]
+
+    summary = json.loads(out.with_name(out.name + ".json").read_text())
+    assert not summary["refusals"] and [set(r) for r in summary["rounds"]] == [set(cancer_sites)] * ROUNDS
+    weights = out.read_bytes()
+    assert models.read_metadata(weights)["rounds"] == ROUNDS
+    for name, (client, job) in parts.items():
+        d = cancer_sites[name]
+        trained = client.job(job.id)  # the SuperNode trained through the executor's ledger
+        assert trained.round == ROUNDS and trained.epsilon == pytest.approx(summary["site_epsilon"][name])
+        assert 0 < trained.epsilon <= 2.0
+        done = client.finish_job(job.id, weights)  # the researcher hands back the global model
+        assert done.state == "done" and done.evaluation is not None and done.epsilon == trained.epsilon
+        rounds = [e for e in audit.entries(d.engine) if e.decision == "released" and f"job {job.id}," in (e.reason or "")]
+        assert len(rounds) == ROUNDS
+        assert audit.verify(d.engine).ok
