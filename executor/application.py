@@ -236,3 +236,15 @@ def listing(engine: Engine, catalog: Catalog, who: Principal, status: str | None
     with engine.connect() as conn:
         return [_info(conn, catalog, dict(r)) for r in conn.execute(query).mappings()]
 
+
+
+def approved_model_source(engine: Engine, project: str, dataset: str) -> str | None:
+    """The model source approved by the application behind `project`'s grant on `dataset` (None if none)."""
+    with engine.connect() as conn:
+        grant = ledger.grant_row(conn, project, dataset)
+        if grant is None or grant["application_id"] is None:
+            return None
+        row = conn.execute(select(applications).where(applications.c.id == grant["application_id"])).mappings().first()
+    if row is None or row["status"] != "approved":
+        return None
+    return ApplicationRequest.model_validate_json(row["request"]).model_source

@@ -97,9 +97,16 @@ def parse_model_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
         raise QueryError("bad_model_spec", f"invalid model spec: {validation_problems(exc.errors())}", HINT) from None
 
 
-def build_model(spec: ModelSpec | Mapping[str, Any], layout: FeatureLayout) -> TabularNet:
-    """The module a spec describes for inputs of `layout`, checked for DP-SGD (see `validate_module`)."""
+def build_model(spec: ModelSpec | Mapping[str, Any], layout: FeatureLayout) -> nn.Module:
+    """The module a spec describes for inputs of `layout`, checked for DP-SGD (see `validate_module`); a
+    custom `source` is traced in the sandbox and rebuilt from checked parts (see `custom_model`)."""
     spec = parse_model_spec(spec)
+    if spec.source is not None:
+        from veil.executor.custom_model import build_custom
+
+        if spec.task == "classification" and layout.outputs < 2:
+            raise QueryError("bad_model_spec", "classification needs a label with at least two public classes")
+        return build_custom(spec.source, layout.width, layout.outputs if spec.task == "classification" else 1)
     categorical = {name for name, _ in layout.categorical}
     unknown = sorted(set(spec.embeddings) - categorical)
     if unknown:

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
-from veil.executor import application, audit, federated, ledger, mocks
+from veil.executor import application, audit, custom_model, federated, ledger, mocks
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
 from veil.executor.calibrate import certify, fits
@@ -72,6 +72,8 @@ class Site:
         catalog = load_catalog(catalog_path)
         for ds in catalog.datasets.values():
             check_data_matches(ds)
+        custom_model.hide([catalog.path.parent, *(ds.path.parent for ds in catalog.datasets.values()),
+                           *_database_dir(database_url or catalog.database_url)])
         site = cls(catalog, open_store(database_url or catalog.database_url))
         ledger.sync_caps(site.engine, catalog)
         site.trainer.recover()
@@ -283,3 +285,9 @@ class Site:
                                  decision="refused", project=principal.project, dataset=dataset, query=query,
                                  reason=f"{error.code}: {error.message}")
         return entry.hash
+
+
+def _database_dir(url: str) -> list[Path]:
+    """The directory of a SQLite state database (what custom model code must not see); none for a server."""
+    prefix = "sqlite:///"
+    return [Path(url[len(prefix):]).parent] if url.startswith(prefix) and url != prefix + ":memory:" else []

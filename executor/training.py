@@ -27,7 +27,7 @@ import torch
 from sqlalchemy import Engine, insert, select, update
 
 from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
-from veil.executor import audit, dpsgd, ledger, models
+from veil.executor import application, audit, dpsgd, ledger, models
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.calibrate import certify
@@ -70,7 +70,7 @@ class Trainer:
         """Check the request, then reserve its target (epsilon, delta) and the rho of its two DP releases
         (training rows, held-out evaluation) with a `running` job row and its audit entry, in one
         transaction; returns the job id and the rho of one release."""
-        self._check(dataset, request)
+        self._check(dataset, request, who.project or "")
         eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
         project, target = who.project or "", request.train
         now, values = audit.now(), {"owner": me(), **values}
@@ -148,7 +148,7 @@ class Trainer:
 
     # ------------------------------------------------------------ the job
 
-    def _check(self, dataset: Dataset, request: TrainRequest) -> None:
+    def _check(self, dataset: Dataset, request: TrainRequest, project: str) -> None:
         """Refuse what the level or the public metadata rule out, before anything is reserved or read."""
         rule = self.catalog.rule(dataset)
         if not rule.training:
@@ -158,6 +158,13 @@ class Trainer:
             raise QueryError("one_row_per_patient", f"'{dataset.name}' has up to {dataset.max_rows_per_unit} rows "
                              "per patient; DP-SGD here protects one row per patient",
                              hint="train on a dataset with one row per patient")
+        if request.model.source is not None and request.model.source != application.approved_model_source(
+                self.engine, project, dataset.name):
+            raise GovernanceError("model_source_not_approved", "this custom model's source is not the one an approved "
+                                  f"application of your project allows on '{dataset.name}'",
+                                  hint="apply with the source as model_source (uses include 'training') and have it "
+                                       "approved under the dataset's review rule; then train with exactly that source",
+                                  status=403)
         if request.train.epsilon > rule.max_epsilon_per_model:
             raise GovernanceError("epsilon_above_level", f"{dataset.level} data allows at most epsilon "
                                   f"{rule.max_epsilon_per_model:g} per trained model at this site",

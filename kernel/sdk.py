@@ -130,15 +130,16 @@ class Site:
         return pl.DataFrame([e.model_dump() for e in self.client.catalog()])
 
     def apply(self, purpose: str, datasets: Sequence[str], epsilon: float, duration_days: float = 365,
-              uses: Sequence[str] = ("query",), delta: float | None = None, ethics_ref: str | None = None
-              ) -> ApplicationInfo:
+              uses: Sequence[str] = ("query",), delta: float | None = None, ethics_ref: str | None = None,
+              model_source: str | None = None) -> ApplicationInfo:
         """Apply to this site's data stewards for access for your project (budget per dataset, in epsilon).
 
         L1 datasets are approved at once; L2 needs a steward's approval, L3 an ethics reference and two
-        reviewers. The result says what the application still needs; `applications()` shows its progress."""
+        reviewers. The result says what the application still needs; `applications()` shows its progress.
+        `model_source` (with 'training' in `uses`) asks to train a custom `nn.Module` (`ModelSpec.custom`)."""
         request = ApplicationRequest(purpose=purpose, datasets=list(datasets), epsilon=epsilon,
                                      duration_days=duration_days, uses=list(uses), delta=delta,  # type: ignore[arg-type]
-                                     ethics_ref=ethics_ref)
+                                     ethics_ref=ethics_ref, model_source=model_source)
         self._datasets = None  # an approval may open datasets
         return self.client.apply(request)
 

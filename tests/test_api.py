@@ -30,7 +30,8 @@ ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/grants", "/rec
           "/datasets/{name}/mock", "/levels", "/catalog", "/applications", "/applications/{application_id}",
           "/applications/{application_id}/withdraw", "/applications/{application_id}/reviews",
           "/grants/{grant_id}/revoke", "/budgets", "/budgets/{dataset}/cap", "/audit", "/audit/verify",
-          "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights"}
+          "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
+          "/jobs/{job_id}/finish"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 EPSILON = 0.5
 """The privacy loss of requests in this module: small, so the shared grants last."""

@@ -1,7 +1,8 @@
 """The declarative model and training spec of a DP training job (shared contract, plain JSON).
 
-A researcher describes a model as data, never as code: an optional list of hidden layers between the
-encoded input columns and an output layer sized by the task. The executor builds the PyTorch module
+A researcher describes a model as data: an optional list of hidden layers between the encoded input
+columns and an output layer sized by the task; or, when an approved application allows it, as the source
+of an `nn.Module` that the site traces in a sandbox without data and rebuilds from checked parts. The executor builds the PyTorch module
 from it (`veil.executor.models`) and refuses anything Opacus cannot train privately.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from veil.names import Name
 
@@ -76,6 +77,22 @@ class ModelSpec(_Strict):
     layers: list[Layer] = Field(default_factory=list, max_length=MAX_LAYERS)
     embeddings: dict[Name, Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
     output_bias: bool = True
+    source: str | None = Field(
+        default=None, max_length=100_000,
+        description="custom architecture: Python source defining `class Net(nn.Module)` built as Net(inputs, "
+                    "outputs); allowed only as approved in the project's application for the dataset")
+
+    @model_validator(mode="after")
+    def _source_alone(self) -> ModelSpec:
+        if self.source is not None and (self.layers or self.embeddings):
+            raise ValueError("a model with `source` describes its whole architecture: leave layers and embeddings out")
+        return self
+
+    @classmethod
+    def custom(cls, source: str, task: Literal["classification", "regression"] = "classification") -> ModelSpec:
+        """A custom architecture: `source` defines `class Net(nn.Module)` taking (inputs, outputs). The site
+        builds it from a checked trace (the code never sees data) once an application approves the source."""
+        return cls(task=task, source=source)
 
     @classmethod
     def logistic(cls) -> ModelSpec:

@@ -36,6 +36,9 @@ def _print_application(a: ApplicationInfo, detail: bool = False) -> None:
         print(f"    purpose: {r.purpose}")
         if r.ethics_ref:
             print(f"    ethics approval: {r.ethics_ref}")
+        if r.model_source:
+            print("    custom model source (training may use exactly this code):")
+            print("\n".join(f"      | {line}" for line in r.model_source.splitlines()))
         for review in a.reviews:
             print(f"    {review.decision} by {review.reviewer} ({review.office or 'no office'}) at {review.ts[:19]}: "
                   f"{review.comment}")

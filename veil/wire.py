@@ -263,11 +263,16 @@ class ApplicationRequest(_Strict):
     uses: list[Use] = Field(default_factory=lambda: ["query"], min_length=1)
     ethics_ref: str | None = Field(default=None, max_length=200,
                                    description="the ethics board's approval reference (required for L3)")
+    model_source: str | None = Field(default=None, max_length=100_000,
+                                     description="a custom model's source, for the reviewers to read; approval "
+                                                 "lets training jobs use exactly this source (needs 'training')")
 
     @model_validator(mode="after")
     def _distinct(self) -> ApplicationRequest:
         if len(set(self.datasets)) != len(self.datasets) or len(set(self.uses)) != len(self.uses):
             raise ValueError("list each dataset and each use once")
+        if self.model_source is not None and "training" not in self.uses:
+            raise ValueError("a model source is for training: add 'training' to uses")
         return self
 
 
