@@ -14,6 +14,7 @@ from veil.wire import (
     ApplicationInfo,
     ApplicationRequest,
     AuditEntry,
+    AuditVerification,
     CapRequest,
     CatalogEntry,
     DatasetBudget,
@@ -131,6 +132,14 @@ class SiteClient:
             self._call("PUT", f"/datasets/{dataset}/mock", json=request.model_dump(exclude_none=True)))
 
 
+
+    def audit(self, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        """The site's audit log from entry `since` (stewards)."""
+        return [AuditEntry.model_validate(e) for e in self._call("GET", "/audit", params={"since": since, "limit": limit})]
+
+    def verify_audit(self) -> AuditVerification:
+        """The site's check of its audit chain against its ledger (stewards)."""
+        return AuditVerification.model_validate(self._call("GET", "/audit/verify"))
 
     # ---------------------------------------------------------- training
 

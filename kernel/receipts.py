@@ -17,21 +17,22 @@ def recorded_releases(notebook: Path) -> list[dict[str, Any]]:
             for release in output.get("metadata", {}).get("veil", {}).get("releases", [])]
 
 
+def check_release(study: Study, release: dict[str, Any]) -> str | None:
+    """None when the release's site confirms its receipt records this release; else what is wrong."""
+    site = study.sites.get(release["site"])
+    if site is None:
+        return f"release {release['receipt'][:16]} names site '{release['site']}', not in the study"
+    try:
+        entry = site.client.receipt(release["receipt"])
+    except VeilError as exc:
+        return f"site '{release['site']}' does not know receipt {release['receipt'][:16]}: {exc}"
+    if (entry.decision, entry.query, entry.dataset) != ("released", release["query"], release["dataset"]) \
+            or entry.rho != release["cost"]["rho"]:
+        return f"receipt {release['receipt'][:16]} at '{release['site']}' records a different release"
+    return None
+
+
 def verify_notebook(study: Study, notebook: Path) -> tuple[int, list[str]]:
     """(releases checked, problems): a problem is a receipt its site does not know or that does not match."""
-    problems = []
     releases = recorded_releases(notebook)
-    for release in releases:
-        site = study.sites.get(release["site"])
-        if site is None:
-            problems.append(f"release {release['receipt'][:16]} names site '{release['site']}', not in the study")
-            continue
-        try:
-            entry = site.client.receipt(release["receipt"])
-        except VeilError as exc:
-            problems.append(f"site '{release['site']}' does not know receipt {release['receipt'][:16]}: {exc}")
-            continue
-        if (entry.decision, entry.query, entry.dataset) != ("released", release["query"], release["dataset"]) \
-                or entry.rho != release["cost"]["rho"]:
-            problems.append(f"receipt {release['receipt'][:16]} at '{release['site']}' records a different release")
-    return len(releases), problems
+    return len(releases), [p for r in releases if (p := check_release(study, r)) is not None]

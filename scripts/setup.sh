@@ -11,4 +11,7 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install --quiet "torch==2.13.0"
 "$py" -m pip install --quiet -e ".[test,lab]"
+# An editable install skips the wheel's data files: enable the lab extension's server side (veil.lab)
+# in this environment's Jupyter config, as a wheel install does.
+install -D -m 644 veil/lab/veil_lab.json "$venv/etc/jupyter/jupyter_server_config.d/veil_lab.json"
 echo "veil installed in $venv"

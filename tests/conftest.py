@@ -98,6 +98,14 @@ class Deployment:
             c.close()
         self.engine.dispose()
 
+    def spent(self, dataset: str) -> dict[str, float]:
+        """study1's spending on `dataset` here: rho, delta, and epsilon (releases and DP-SGD composed)."""
+        grant = next(g for g in ledger.list_grants(self.engine, PROJECT, 1e-6) if g.dataset == dataset)
+        with self.engine.connect() as conn:
+            row = ledger.grant_row(conn, PROJECT, dataset)
+        assert row is not None
+        return {"rho": grant.rho_spent, "delta": grant.delta_spent, "epsilon": row["approx_epsilon_spent"]}
+
     def approve_training(self, dataset: str, epsilon: float, delta: float = 1e-4) -> None:
         """The researcher applies for queries and training on `dataset`, and the steward approves."""
         with self.http() as http:

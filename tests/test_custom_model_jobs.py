@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import Deployment, deploy, make_database
-from veil.executor import audit, ledger
+from veil.executor import audit
 from veil.executor.features import encode
 from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
 from veil.kernel.errors import VeilError, VeilPolicyError
@@ -61,9 +61,7 @@ def apply_with_source(d: Deployment, source: str) -> None:
 
 
 def charged(d: Deployment) -> float:
-    with d.engine.connect() as conn:
-        row = ledger.grant_row(conn, "study1", DATASET)
-    return float(row["approx_epsilon_spent"]) if row else 0.0
+    return d.spent(DATASET)["epsilon"]
 
 
 def test_an_approved_custom_model_trains_and_any_other_source_is_refused(hospital: Deployment) -> None:

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from conftest import Deployment
-from veil.executor import audit, dpsgd, federated, ledger, models
+from veil.executor import audit, dpsgd, federated, models
 from veil.executor.features import FeatureLayout, encode
 from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame
 from veil.executor.store import jobs
@@ -41,12 +41,7 @@ def study(cancer_sites: dict[str, Deployment], names: tuple[str, ...] = SITES) -
 
 
 def charged(d: Deployment) -> dict[str, float]:
-    """study1's spending on the dataset at one site (epsilon of DP-SGD by basic composition, rho of releases)."""
-    grant = next(g for g in ledger.list_grants(d.engine, "study1", 1e-6) if g.dataset == DATASET)
-    with d.engine.connect() as conn:
-        row = ledger.grant_row(conn, "study1", DATASET)
-    assert row is not None
-    return {"rho": grant.rho_spent, "delta": grant.delta_spent, "epsilon": row["approx_epsilon_spent"]}
+    return d.spent(DATASET)
 
 
 def job_row(d: Deployment, job_id: int) -> dict[str, Any]:

@@ -42,11 +42,7 @@ def hospital(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def spent(d: Deployment) -> dict[str, Any]:
-    grant = next(g for g in ledger.list_grants(d.engine, "study1", 1e-6) if g.dataset == DATASET)
-    with d.engine.connect() as conn:
-        row = ledger.grant_row(conn, "study1", DATASET)
-    assert row is not None
-    return {"rho": grant.rho_spent, "delta": grant.delta_spent, "epsilon": row["approx_epsilon_spent"]}
+    return d.spent(DATASET)
 
 
 def wait(d: Deployment, job_id: int, until: Any = lambda j: j.state != "running", timeout: float = 120) -> Any:

@@ -13,7 +13,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import Deployment, veil_kernel
-from veil.executor import audit, ledger
+from veil.executor import audit
 from veil.executor.public_data import DATASET
 
 CELLS = [
@@ -40,10 +40,7 @@ def notebook_env(cancer_sites: dict[str, Deployment], tmp_path_factory: pytest.T
 
 
 def epsilon_spent(d: Deployment) -> float:
-    with d.engine.connect() as conn:
-        row = ledger.grant_row(conn, "study1", DATASET)
-    assert row is not None
-    return float(row["approx_epsilon_spent"])
+    return d.spent(DATASET)["epsilon"]
 
 
 def text(cell: nbformat.NotebookNode) -> str:

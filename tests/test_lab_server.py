@@ -1,0 +1,166 @@
+"""The lab extension's server side (jupyter_server extension `veil.lab`) in a real Jupyter server against
+three real executors: budgets that move with a live release, datasets and mock rows, receipts, the
+steward desk (approve, revoke, cap, audit), refusals passed through, an unreachable executor shown as
+such, and no executor token ever in a response."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Deployment, write_study
+from veil.kernel.sdk import Site as ResearcherSite
+from veil.kernel.study import load_study
+from veil.local import free_port
+
+JUPYTER_TOKEN = "lab-test-token"
+
+
+def write_steward(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:
+    """A steward's config: every site's URL and a file with the steward's token there."""
+    lines = []
+    for name, d in sites.items():
+        (directory / f"{name}-steward.token").write_text(d.tokens["steward"] + "\n")
+        lines += [f"[sites.{name}]", f'url = "{(urls or {}).get(name, d.url)}"', f'token_file = "{name}-steward.token"']
+    path = directory / "steward.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Lab:
+    """A running Jupyter server with the veil.lab extension, and an HTTP client with its token."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.port = root, free_port()
+        self.log = (root / f"jupyter-{self.port}.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
+             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={JUPYTER_TOKEN}", f"--ServerApp.root_dir={root}",
+             "--ServerApp.jpserver_extensions={'veil.lab': True}"],
+            env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}/veil/api/",
+                                 headers={"Authorization": f"token {JUPYTER_TOKEN}"}, timeout=60)
+        self.bodies: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/api/status", timeout=2,
+                             headers={"Authorization": f"token {JUPYTER_TOKEN}"}).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise AssertionError(f"the Jupyter server did not start; see {self.log.name}")
+
+    def get(self, path: str, expect: int = 200, **params: Any) -> Any:
+        response = self.http.get(path, params=params)
+        self.bodies.append(response.text)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any], expect: int = 200) -> Any:
+        response = self.http.post(path, json=body)
+        self.bodies.append(response.text)
+        assert response.status_code == expect, response.text
+        return response.json()
+
+    def stop(self) -> None:
+        self.http.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(sites: dict[str, Deployment], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    root = tmp_path_factory.mktemp("lab")
+    server = Lab(root, {"VEIL_STUDY": str(write_study(root, sites)), "VEIL_STEWARD": str(write_steward(root, sites))})
+    yield server
+    server.stop()
+    tokens = {t for d in sites.values() for t in d.tokens.values()}
+    assert not any(t in body for t in tokens for body in server.bodies)  # credentials never reach the browser
+
+
+def test_the_budget_moves_by_the_cost_of_a_live_release(lab: Lab, sites: dict[str, Deployment]) -> None:
+    before = lab.get("budget")
+    assert before["project"] == "study1" and set(before["sites"]) == set(sites)
+    assert all(s["status"] == "ok" for s in before["sites"].values())
+    study = load_study(lab.root / "study.toml")
+    result = study.sites["north"].datasets["patients"].sql("SELECT COUNT(*) AS n FROM patients").release(epsilon=0.3)
+    after = lab.get("budget")
+
+    def grant(state: dict[str, Any], site: str) -> dict[str, Any]:
+        return next(g for g in state["sites"][site]["grants"] if g["dataset"] == "patients")
+    assert grant(after, "north")["rho_spent"] - grant(before, "north")["rho_spent"] == pytest.approx(result.cost["rho"])
+    assert grant(after, "central") == grant(before, "central")
+    verified = lab.post("receipts/verify", {"releases": [
+        {**result.provenance}, {**result.provenance, "receipt": "ab" * 32}]})["results"]
+    assert [r["ok"] for r in verified] == [True, False] and "does not know receipt" in verified[1]["detail"]
+
+
+def test_datasets_and_mock_rows(lab: Lab) -> None:
+    listing = lab.get("datasets")["sites"]
+    encounters = next(d for d in listing["valley"]["datasets"] if d["name"] == "encounters")
+    assert encounters["level"] in ("L1", "L2", "L3") and {c["name"] for c in encounters["columns"]} >= {"department"}
+    mock = lab.get("datasets/valley/encounters/mock", rows=5)
+    assert len(mock["rows"]) == 5 and "department" in mock["columns"]
+    missing = lab.get("datasets/valley/no_such/mock", expect=400)
+    assert missing["code"] == "bad_request"
+
+
+def test_a_steward_approves_revokes_and_caps_from_the_desk(lab: Lab, sites: dict[str, Deployment]) -> None:
+    assert lab.get("steward") == {"enabled": True, "sites": sorted(sites)}
+    applicant = ResearcherSite("central", sites["central"].url, sites["central"].tokens["outsider"])
+    app = applicant.apply("Length of stay by department, for bed planning", ["encounters"], epsilon=1.5,
+                          duration_days=30)
+    pending = lab.get("steward/applications", status="pending")["sites"]["central"]["applications"]
+    assert [a["id"] for a in pending] == [app.id] and pending[0]["rule"]["reviewers"] >= 1
+
+    stale = lab.post(f"steward/applications/central/{app.id}/reviews",
+                     {"decision": "approve", "comment": "ok", "version": 2}, expect=409)
+    assert stale["code"] and stale["message"]  # the executor's refusal, passed through
+    approved = lab.post(f"steward/applications/central/{app.id}/reviews",
+                        {"decision": "approve", "comment": "bed planning: fine", "version": 1})
+    assert approved["status"] == "approved"
+    budgets = lab.get("steward/budgets")["sites"]["central"]["budgets"]
+    grant = next(g for b in budgets for g in b["grants"] if g["project"] == "other_project")
+    assert grant["epsilon"] == 1.5 and grant["status"] == "active"
+
+    revoked = lab.post(f"steward/grants/central/{grant['id']}/revoke", {"reason": "project ended"})
+    assert revoked["status"] == "revoked"
+    cap = lab.post("steward/budgets/central/encounters/cap", {"epsilon": 90.0, "reason": "annual review"})
+    assert cap["cap_epsilon"] == 90.0
+    load_study(lab.root / "study.toml").sites["central"].datasets["patients"].sql(
+        "SELECT COUNT(*) AS n FROM patients").release(epsilon=0.2)  # something spent on central's patients
+    below = lab.post("steward/budgets/central/patients/cap", {"epsilon": 1e-6, "reason": "oops"}, expect=409)
+    assert "spent" in below["message"]
+
+    entries = lab.get("steward/audit", site="central", since=0, limit=500)["entries"]
+    assert any("project ended" in (e["reason"] or "") for e in entries)
+    assert lab.get("steward/audit/verify", site="central")["ok"] is True
+
+
+def test_a_request_without_jupyters_token_is_refused(lab: Lab) -> None:
+    response = httpx.get(f"http://127.0.0.1:{lab.port}/veil/api/budget", timeout=10)
+    assert response.status_code == 403
+
+
+def test_an_unreachable_executor_and_no_steward_config(sites: dict[str, Deployment], tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = Lab(tmp_path, {"VEIL_STUDY": str(write_study(tmp_path, sites, {"valley": dead})), "VEIL_STEWARD": ""})
+    try:
+        state = server.get("budget")["sites"]
+        assert state["valley"]["status"] == "unreachable" and "could not be reached" in state["valley"]["error"]
+        assert state["north"]["status"] == state["central"]["status"] == "ok"
+        assert server.get("steward") == {"enabled": False, "sites": []}
+        off = server.get("steward/budgets", expect=503)
+        assert off["code"] == "no_config" and "VEIL_STEWARD" in off["message"]
+    finally:
+        server.stop()
