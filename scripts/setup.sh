@@ -14,4 +14,18 @@ py="$venv/bin/python"
 # An editable install skips the wheel's data files: enable the lab extension's server side (veil.lab)
 # in this environment's Jupyter config, as a wheel install does.
 install -D -m 644 veil/lab/veil_lab.json "$venv/etc/jupyter/jupyter_server_config.d/veil_lab.json"
+# The lab extension's front end (lab/): built with the JupyterLab 4.6 tools the venv holds (jlpm,
+# jupyter-builder) and Node >= 20 from npm's registry, then put where JupyterLab finds prebuilt extensions.
+if ! command -v node >/dev/null 2>&1; then
+  echo "Node.js >= 20 is needed to build the lab extension (lab/): install it (e.g. apt-get install nodejs npm)" >&2
+  exit 1
+fi
+(
+  export PATH="$PWD/$venv/bin:$PATH"
+  cd lab
+  jlpm install --immutable >/dev/null
+  jlpm build:prod >/dev/null
+)
+mkdir -p "$venv/share/jupyter/labextensions"
+ln -sfn "$PWD/lab/veil_lab_build" "$venv/share/jupyter/labextensions/veil-lab"
 echo "veil installed in $venv"

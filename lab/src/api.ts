@@ -1,0 +1,313 @@
+/**
+ * The Veil server API contract (JSON shapes) and a small request helper.
+ *
+ * Every endpoint lives under `<baseUrl>/veil/api/` on the Jupyter server; the
+ * Python server extension talks to the site executors on the lab's behalf.
+ */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+/** Privacy cost of one release, as reported by the executor. */
+export interface IReleaseCost {
+  rho?: number;
+  delta?: number;
+  epsilon: number;
+  epsilon_delta?: number;
+}
+
+/** One DP release recorded in a notebook output or pushed over the comm. */
+export interface IRelease {
+  site: string;
+  dataset: string;
+  query: string;
+  cost: IReleaseCost;
+  receipt: string;
+  mock: boolean;
+}
+
+/** Message sent by the kernel after every live release. */
+export interface IBudgetEvent extends IRelease {
+  type: 'budget';
+}
+
+/** Message sent by the kernel when the `veil` comm opens. */
+export interface IReadyEvent {
+  type: 'ready';
+  version: string;
+  /** Name of the study loaded in the kernel, or null when none. */
+  study: string | null;
+}
+
+export type KernelEvent = IBudgetEvent | IReadyEvent;
+
+/** A site that could not be reached by the server extension. */
+export interface IUnreachable {
+  status: 'unreachable';
+  error: string;
+}
+
+export type GrantStatus = 'active' | 'revoked' | 'expired';
+
+export interface IGrant {
+  dataset: string;
+  epsilon: number;
+  epsilon_spent: number;
+  epsilon_remaining: number;
+  status: GrantStatus;
+  expires_at: string | null;
+}
+
+export interface ISiteBudgetOk {
+  status: 'ok';
+  grants: IGrant[];
+}
+
+/** GET /veil/api/budget */
+export interface IBudgetResponse {
+  project: string;
+  sites: { [site: string]: ISiteBudgetOk | IUnreachable };
+}
+
+export type PrivacyLevel = 'L1' | 'L2' | 'L3';
+
+export interface IColumnInfo {
+  name: string;
+  dtype: string;
+  description: string;
+  bounds: [number, number] | null;
+  categories: unknown[] | null;
+}
+
+export interface IDatasetInfo {
+  name: string;
+  title: string;
+  description: string;
+  level: PrivacyLevel;
+  privacy_unit: string;
+  max_rows_per_unit: number | null;
+  max_rows: number | null;
+  columns: IColumnInfo[];
+}
+
+/** GET /veil/api/datasets */
+export interface IDatasetsResponse {
+  sites: {
+    [site: string]: { status: 'ok'; datasets: IDatasetInfo[] } | IUnreachable;
+  };
+}
+
+/** GET /veil/api/datasets/{site}/{name}/mock?rows=N */
+export interface IMockResponse {
+  columns: string[];
+  rows: unknown[][];
+}
+
+/** POST /veil/api/receipts/verify */
+export interface IVerifyResult {
+  site: string;
+  receipt: string;
+  ok: boolean;
+  detail: string;
+}
+
+export interface IVerifyResponse {
+  results: IVerifyResult[];
+}
+
+/** GET /veil/api/steward */
+export interface IStewardInfo {
+  enabled: boolean;
+  sites: string[];
+}
+
+export interface IApplicationRequest {
+  purpose: string;
+  datasets: string[];
+  epsilon: number;
+  delta: number;
+  duration_days: number;
+  uses: string[] | string;
+  ethics_ref: string | null;
+  model_source: string | null;
+}
+
+export interface IReview {
+  reviewer: string;
+  office: string;
+  decision: 'approve' | 'reject';
+  comment: string;
+  version: number;
+  ts: string | number;
+}
+
+export interface IApplicationInfo {
+  id: string | number;
+  project: string;
+  applicant: string;
+  status: string;
+  version: number;
+  request: IApplicationRequest;
+  rule: {
+    level: PrivacyLevel | string;
+    reviewers: number;
+    offices: string[];
+    [key: string]: unknown;
+  };
+  reviews: IReview[];
+  needs: string | null;
+}
+
+export interface IApplicationsResponse {
+  sites: {
+    [site: string]:
+      { status: 'ok'; applications: IApplicationInfo[] } | IUnreachable;
+  };
+}
+
+export interface IStewardGrant {
+  id: string | number;
+  project: string;
+  dataset: string;
+  epsilon: number;
+  epsilon_spent: number;
+  epsilon_remaining: number;
+  status: GrantStatus;
+  expires_at: string | null;
+}
+
+export interface IDatasetBudget {
+  dataset: string;
+  level: PrivacyLevel | string;
+  cap_epsilon: number;
+  spent_epsilon: number;
+  remaining_epsilon: number;
+  grants: IStewardGrant[];
+}
+
+export interface IStewardBudgetsResponse {
+  sites: {
+    [site: string]: { status: 'ok'; budgets: IDatasetBudget[] } | IUnreachable;
+  };
+}
+
+export interface IAuditEntry {
+  seq: number;
+  ts: string | number;
+  principal: string;
+  role: string;
+  action: string;
+  decision: string;
+  project: string | null;
+  dataset: string | null;
+  epsilon: number | null;
+  rho: number | null;
+  delta: number | null;
+  reason: string | null;
+  hash: string;
+}
+
+export interface IAuditResponse {
+  entries: IAuditEntry[];
+}
+
+export interface IAuditVerifyResponse {
+  ok: boolean;
+  entries: number;
+  problems: string[];
+}
+
+/** Error body returned by every Veil endpoint. */
+export interface IApiErrorBody {
+  code: string;
+  message: string;
+  hint: string | null;
+}
+
+/** A failed Veil API call: carries the server's code, message and hint. */
+export class VeilApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly hint: string | null
+  ) {
+    super(message);
+    this.name = 'VeilApiError';
+  }
+}
+
+/** Turn anything thrown by a request into a VeilApiError. */
+export function toApiError(error: unknown): VeilApiError {
+  if (error instanceof VeilApiError) {
+    return error;
+  }
+  const message = error instanceof Error ? error.message : String(error);
+  return new VeilApiError(0, 'network_error', message, null);
+}
+
+/** Build a URL path segment-safe from user data (site, dataset, id). */
+export function apiPath(...segments: (string | number)[]): string {
+  return segments.map(s => encodeURIComponent(String(s))).join('/');
+}
+
+/**
+ * Call a Veil endpoint on the Jupyter server and return its JSON body.
+ *
+ * @param endPoint path under `veil/api/`, e.g. `budget` or `steward/audit?site=x`
+ * @param init request options; a plain object `body` should be JSON text
+ * @throws VeilApiError with the server's `{code, message, hint}` on 4xx/5xx
+ */
+export async function requestAPI<T>(
+  endPoint: string,
+  init: RequestInit = {},
+  settings: ServerConnection.ISettings = ServerConnection.makeSettings()
+): Promise<T> {
+  const url = URLExt.join(settings.baseUrl, 'veil/api', endPoint);
+  let response: Response;
+  try {
+    response = await ServerConnection.makeRequest(url, init, settings);
+  } catch (error) {
+    throw new VeilApiError(
+      0,
+      'network_error',
+      `Could not reach the Jupyter server: ${String(error)}`,
+      'Check that JupyterLab is still running.'
+    );
+  }
+  const text = await response.text();
+  let data: unknown = null;
+  if (text.length > 0) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = null;
+    }
+  }
+  if (!response.ok) {
+    const body = (data ?? {}) as Partial<IApiErrorBody>;
+    if (response.status === 404 && !body.code) {
+      throw new VeilApiError(
+        404,
+        'not_found',
+        `Veil endpoint not found: ${endPoint}`,
+        'Is the Veil server extension installed and enabled? Try `jupyter server extension list`.'
+      );
+    }
+    throw new VeilApiError(
+      response.status,
+      body.code ?? `http_${response.status}`,
+      body.message ?? (response.statusText || `HTTP ${response.status}`),
+      body.hint ?? null
+    );
+  }
+  return data as T;
+}
+
+/** POST a JSON body to a Veil endpoint. */
+export function postAPI<T>(endPoint: string, body: unknown): Promise<T> {
+  return requestAPI<T>(endPoint, {
+    method: 'POST',
+    body: JSON.stringify(body),
+    headers: { 'Content-Type': 'application/json' }
+  });
+}

@@ -1,0 +1,226 @@
+/**
+ * BudgetModel: the researcher's remaining privacy budget per site, built from
+ * `GET /veil/api/budget`. Plain TypeScript, no DOM, so it can be unit-tested.
+ */
+import { ISignal, Signal } from '@lumino/signaling';
+
+import type { IBudgetEvent, IBudgetResponse, IGrant, IRelease } from './api';
+
+/** Fraction of a grant under which the status bar turns to a warning. */
+export const LOW_BUDGET_FRACTION = 0.2;
+
+/** The budget state of one site. */
+export interface ISiteBudget {
+  site: string;
+  reachable: boolean;
+  /** Error text when the site is unreachable. */
+  error: string | null;
+  grants: IGrant[];
+  /** Sum of epsilon_remaining over the site's active grants. */
+  remaining: number;
+  /** True when an active grant has less than 20% of its epsilon left. */
+  low: boolean;
+}
+
+/** Is this grant active and below the warning threshold? */
+export function isGrantLow(
+  grant: IGrant,
+  fraction: number = LOW_BUDGET_FRACTION
+): boolean {
+  if (grant.status !== 'active' || !(grant.epsilon > 0)) {
+    return false;
+  }
+  return grant.epsilon_remaining < fraction * grant.epsilon;
+}
+
+/** Format an epsilon for people: one decimal above 1, two digits below. */
+export function formatEpsilon(value: number): string {
+  if (!Number.isFinite(value)) {
+    return '–';
+  }
+  const v = Math.max(0, value);
+  if (v === 0) {
+    return '0';
+  }
+  if (v >= 1) {
+    return v.toFixed(1);
+  }
+  return String(Number(v.toPrecision(2)));
+}
+
+export class BudgetModel {
+  /** Emitted whenever the state changes. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  /** The active project, or null before the first successful fetch. */
+  get project(): string | null {
+    return this._project;
+  }
+
+  /** Per-site budgets in the order the server listed them. */
+  get sites(): ISiteBudget[] {
+    return [...this._sites.values()];
+  }
+
+  /** A site's budget, or undefined when the server did not list it. */
+  site(name: string): ISiteBudget | undefined {
+    return this._sites.get(name);
+  }
+
+  /** The error of the last request (network or server), if it failed. */
+  get requestError(): string | null {
+    return this._requestError;
+  }
+
+  /** True once a response or an error has been received. */
+  get loaded(): boolean {
+    return this._loaded;
+  }
+
+  /** Any active grant at any reachable site below 20% of its epsilon. */
+  get low(): boolean {
+    return this.sites.some(s => s.low);
+  }
+
+  /** Names of sites that could not be reached. */
+  get unreachableSites(): string[] {
+    return this.sites.filter(s => !s.reachable).map(s => s.site);
+  }
+
+  /** True when the request failed or any site is unreachable. */
+  get hasError(): boolean {
+    return this._requestError !== null || this.unreachableSites.length > 0;
+  }
+
+  /** One-line text for the status bar. */
+  get text(): string {
+    if (this._requestError !== null) {
+      return 'Veil: budget unavailable';
+    }
+    const unreachable = this.unreachableSites;
+    if (unreachable.length > 0) {
+      return `Veil: ${unreachable.join(', ')} unreachable`;
+    }
+    if (!this._loaded) {
+      return 'Veil ε …';
+    }
+    if (this._sites.size === 0) {
+      return 'Veil ε (no sites)';
+    }
+    const parts = this.sites.map(
+      s =>
+        `${s.site} ${s.grants.some(g => g.status === 'active') ? formatEpsilon(s.remaining) : '–'}`
+    );
+    return `Veil ε ${parts.join(' · ')}`;
+  }
+
+  /** Multi-line tooltip: one line per grant. */
+  get tooltip(): string {
+    const lines: string[] = [];
+    if (this._project) {
+      lines.push(`Project: ${this._project}`);
+    }
+    if (this._requestError !== null) {
+      lines.push(`Budget request failed: ${this._requestError}`);
+    }
+    for (const s of this.sites) {
+      if (!s.reachable) {
+        lines.push(`${s.site}: unreachable (${s.error ?? 'no detail'})`);
+        continue;
+      }
+      if (s.grants.length === 0) {
+        lines.push(`${s.site}: no grants`);
+      }
+      for (const g of s.grants) {
+        const warn = isGrantLow(g) ? ' (low)' : '';
+        const status = g.status === 'active' ? '' : ` [${g.status}]`;
+        lines.push(
+          `${s.site}/${g.dataset}: ε ${formatEpsilon(g.epsilon_remaining)} of ${formatEpsilon(g.epsilon)} left${warn}${status}`
+        );
+      }
+    }
+    return lines.join('\n');
+  }
+
+  /** Replace the state with a fresh `/veil/api/budget` response. */
+  update(json: IBudgetResponse): void {
+    this._project = typeof json.project === 'string' ? json.project : null;
+    this._requestError = null;
+    this._loaded = true;
+    this._sites.clear();
+    const sites = json.sites ?? {};
+    for (const name of Object.keys(sites)) {
+      const entry = sites[name];
+      if (!entry || entry.status !== 'ok') {
+        this._sites.set(name, {
+          site: name,
+          reachable: false,
+          error:
+            entry && 'error' in entry ? String(entry.error) : 'unknown error',
+          grants: [],
+          remaining: 0,
+          low: false
+        });
+        continue;
+      }
+      const grants = (entry.grants ?? []).map(g => ({ ...g }));
+      this._sites.set(name, BudgetModel._summarize(name, grants));
+    }
+    this._changed.emit();
+  }
+
+  /** Record that the budget request itself failed (keeps the last state). */
+  setError(message: string): void {
+    this._requestError = message;
+    this._loaded = true;
+    this._changed.emit();
+  }
+
+  /**
+   * Apply a live release optimistically until the next fetch: the matching
+   * active grant is charged `cost.epsilon`. Mock releases spend nothing.
+   *
+   * @returns true when a grant was charged
+   */
+  applyRelease(event: IBudgetEvent | IRelease): boolean {
+    if (event.mock) {
+      return false;
+    }
+    const site = this._sites.get(event.site);
+    const epsilon = Number(event.cost?.epsilon);
+    if (!site || !site.reachable || !Number.isFinite(epsilon)) {
+      return false;
+    }
+    const grant = site.grants.find(
+      g => g.dataset === event.dataset && g.status === 'active'
+    );
+    if (!grant) {
+      return false;
+    }
+    grant.epsilon_spent += epsilon;
+    grant.epsilon_remaining = Math.max(0, grant.epsilon_remaining - epsilon);
+    this._sites.set(site.site, BudgetModel._summarize(site.site, site.grants));
+    this._changed.emit();
+    return true;
+  }
+
+  private static _summarize(site: string, grants: IGrant[]): ISiteBudget {
+    const active = grants.filter(g => g.status === 'active');
+    return {
+      site,
+      reachable: true,
+      error: null,
+      grants,
+      remaining: active.reduce((sum, g) => sum + g.epsilon_remaining, 0),
+      low: active.some(g => isGrantLow(g))
+    };
+  }
+
+  private _changed = new Signal<this, void>(this);
+  private _project: string | null = null;
+  private _requestError: string | null = null;
+  private _loaded = false;
+  private _sites = new Map<string, ISiteBudget>();
+}

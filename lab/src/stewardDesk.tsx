@@ -1,0 +1,528 @@
+/**
+ * Steward desk (main area): applications to review, budgets and grants, and
+ * the audit log of each site the steward is responsible for.
+ */
+import { InputDialog } from '@jupyterlab/apputils';
+import { ReactWidget } from '@jupyterlab/ui-components';
+import * as React from 'react';
+
+import {
+  apiPath,
+  IApplicationInfo,
+  IApplicationsResponse,
+  IAuditEntry,
+  IAuditResponse,
+  IAuditVerifyResponse,
+  IStewardBudgetsResponse,
+  IStewardGrant,
+  postAPI,
+  requestAPI,
+  toApiError,
+  VeilApiError
+} from './api';
+import { formatEpsilon } from './budgetModel';
+import { ErrorBox, formatTime, formatValue, LevelBadge } from './components';
+import { veilIcon } from './icons';
+
+/** Load JSON from an endpoint into state, with loading and error. */
+function useResource<T>(endPoint: string | null) {
+  const [data, setData] = React.useState<T | null>(null);
+  const [error, setError] = React.useState<VeilApiError | null>(null);
+  const [loading, setLoading] = React.useState(false);
+  const reload = React.useCallback(async () => {
+    if (endPoint === null) {
+      return;
+    }
+    setLoading(true);
+    setError(null);
+    try {
+      setData(await requestAPI<T>(endPoint));
+    } catch (e) {
+      setError(toApiError(e));
+    } finally {
+      setLoading(false);
+    }
+  }, [endPoint]);
+  React.useEffect(() => {
+    void reload();
+  }, [reload]);
+  return { data, error, loading, reload };
+}
+
+function RefreshButton(props: {
+  loading: boolean;
+  onClick: () => void;
+}): JSX.Element {
+  return (
+    <button
+      className="jp-mod-styled veil-button"
+      onClick={props.onClick}
+      disabled={props.loading}
+    >
+      {props.loading ? 'Loading…' : 'Refresh'}
+    </button>
+  );
+}
+
+// ---------------------------------------------------------------- applications
+
+function ApplicationCard(props: {
+  site: string;
+  app: IApplicationInfo;
+  onReviewed: () => void;
+}): JSX.Element {
+  const { site, app } = props;
+  const [comment, setComment] = React.useState('');
+  const [busy, setBusy] = React.useState(false);
+  const [error, setError] = React.useState<VeilApiError | string | null>(null);
+
+  const review = async (decision: 'approve' | 'reject') => {
+    if (!comment.trim()) {
+      setError('A comment is required to approve or reject.');
+      return;
+    }
+    setBusy(true);
+    setError(null);
+    try {
+      await postAPI<IApplicationInfo>(
+        `steward/applications/${apiPath(site, app.id)}/reviews`,
+        { decision, comment: comment.trim(), version: app.version }
+      );
+      setComment('');
+      props.onReviewed();
+    } catch (e) {
+      setError(toApiError(e));
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const r = app.request;
+  const uses = Array.isArray(r.uses) ? r.uses.join(', ') : r.uses;
+  return (
+    <div className="veil-card veil-application" data-application={app.id}>
+      <div className="veil-card-head">
+        <LevelBadge level={String(app.rule?.level ?? '')} />
+        <strong>{app.project}</strong>
+        <span>by {app.applicant}</span>
+        <span className="veil-muted">
+          #{app.id} v{app.version} · {app.status}
+        </span>
+      </div>
+      <p className="veil-purpose">{r.purpose}</p>
+      <dl className="veil-meta">
+        <dt>Datasets</dt>
+        <dd>{(r.datasets ?? []).join(', ')}</dd>
+        <dt>Budget</dt>
+        <dd>
+          ε {formatEpsilon(r.epsilon)}, δ {formatValue(r.delta)} for{' '}
+          {r.duration_days} days
+        </dd>
+        <dt>Uses</dt>
+        <dd>{uses}</dd>
+        <dt>Ethics ref.</dt>
+        <dd>{r.ethics_ref ?? '—'}</dd>
+        {r.model_source ? (
+          <>
+            <dt>Model source</dt>
+            <dd>{r.model_source}</dd>
+          </>
+        ) : null}
+        <dt>Rule</dt>
+        <dd>
+          {app.rule?.reviewers ?? 0} reviewer(s)
+          {app.rule?.offices?.length
+            ? ` from ${app.rule.offices.join(', ')}`
+            : ''}
+        </dd>
+      </dl>
+      {app.needs ? <div className="veil-needs">Needs: {app.needs}</div> : null}
+      {app.reviews?.length ? (
+        <ul className="veil-reviews">
+          {app.reviews.map((rv, i) => (
+            <li key={i}>
+              <strong>{rv.decision}</strong> by {rv.reviewer} ({rv.office}) on v
+              {rv.version}, {formatTime(rv.ts)}: {rv.comment}
+            </li>
+          ))}
+        </ul>
+      ) : null}
+      <textarea
+        className="veil-comment"
+        placeholder="Review comment (required)"
+        value={comment}
+        onChange={e => setComment(e.target.value)}
+        disabled={busy}
+      />
+      <div className="veil-actions">
+        <button
+          className="jp-mod-styled jp-mod-accept veil-button"
+          disabled={busy}
+          onClick={() => review('approve')}
+        >
+          Approve
+        </button>
+        <button
+          className="jp-mod-styled jp-mod-warn veil-button"
+          disabled={busy}
+          onClick={() => review('reject')}
+        >
+          Reject
+        </button>
+      </div>
+      <ErrorBox error={error} />
+    </div>
+  );
+}
+
+function ApplicationsTab(): JSX.Element {
+  const { data, error, loading, reload } = useResource<IApplicationsResponse>(
+    'steward/applications?status=pending'
+  );
+  const sites = data ? Object.keys(data.sites ?? {}) : [];
+  return (
+    <div>
+      <div className="veil-toolbar">
+        <h3>Pending applications</h3>
+        <RefreshButton loading={loading} onClick={reload} />
+      </div>
+      <ErrorBox error={error} />
+      {sites.map(site => {
+        const entry = data!.sites[site];
+        return (
+          <section key={site} className="veil-site" data-site={site}>
+            <h4>{site}</h4>
+            {entry.status !== 'ok' ? (
+              <ErrorBox error={`${site} unreachable: ${entry.error}`} />
+            ) : entry.applications.length === 0 ? (
+              <p className="veil-empty">No pending applications.</p>
+            ) : (
+              entry.applications.map(app => (
+                <ApplicationCard
+                  key={String(app.id)}
+                  site={site}
+                  app={app}
+                  onReviewed={reload}
+                />
+              ))
+            )}
+          </section>
+        );
+      })}
+    </div>
+  );
+}
+
+// --------------------------------------------------------------------- budgets
+
+function BudgetsTab(): JSX.Element {
+  const { data, error, loading, reload } =
+    useResource<IStewardBudgetsResponse>('steward/budgets');
+  const [actionError, setActionError] = React.useState<VeilApiError | null>(
+    null
+  );
+
+  const revoke = async (site: string, grant: IStewardGrant) => {
+    const result = await InputDialog.getText({
+      title: `Revoke grant ${grant.id} (${grant.project} on ${grant.dataset})`,
+      label: 'Reason (recorded in the audit log)',
+      okLabel: 'Revoke'
+    });
+    if (!result.button.accept || !result.value?.trim()) {
+      return;
+    }
+    try {
+      setActionError(null);
+      await postAPI(`steward/grants/${apiPath(site, grant.id)}/revoke`, {
+        reason: result.value.trim()
+      });
+      await reload();
+    } catch (e) {
+      setActionError(toApiError(e));
+    }
+  };
+
+  const changeCap = async (site: string, dataset: string, cap: number) => {
+    const value = await InputDialog.getNumber({
+      title: `New lifetime ε cap for ${site}/${dataset}`,
+      value: cap,
+      okLabel: 'Next'
+    });
+    if (
+      !value.button.accept ||
+      value.value === null ||
+      !Number.isFinite(value.value)
+    ) {
+      return;
+    }
+    const reason = await InputDialog.getText({
+      title: `Change cap of ${site}/${dataset} to ε ${value.value}`,
+      label: 'Reason (recorded in the audit log)',
+      okLabel: 'Change cap'
+    });
+    if (!reason.button.accept || !reason.value?.trim()) {
+      return;
+    }
+    try {
+      setActionError(null);
+      await postAPI(`steward/budgets/${apiPath(site, dataset)}/cap`, {
+        epsilon: value.value,
+        reason: reason.value.trim()
+      });
+      await reload();
+    } catch (e) {
+      setActionError(toApiError(e));
+    }
+  };
+
+  const sites = data ? Object.keys(data.sites ?? {}) : [];
+  return (
+    <div>
+      <div className="veil-toolbar">
+        <h3>Budgets and grants</h3>
+        <RefreshButton loading={loading} onClick={reload} />
+      </div>
+      <ErrorBox error={error} />
+      <ErrorBox error={actionError} onDismiss={() => setActionError(null)} />
+      {sites.map(site => {
+        const entry = data!.sites[site];
+        return (
+          <section key={site} className="veil-site" data-site={site}>
+            <h4>{site}</h4>
+            {entry.status !== 'ok' ? (
+              <ErrorBox error={`${site} unreachable: ${entry.error}`} />
+            ) : (
+              entry.budgets.map(b => (
+                <div className="veil-card" key={b.dataset}>
+                  <div className="veil-card-head">
+                    <LevelBadge level={String(b.level)} />
+                    <strong>{b.dataset}</strong>
+                    <span>
+                      cap ε {formatEpsilon(b.cap_epsilon)} · spent{' '}
+                      {formatEpsilon(b.spent_epsilon)} · remaining{' '}
+                      {formatEpsilon(b.remaining_epsilon)}
+                    </span>
+                    <button
+                      className="jp-mod-styled veil-button"
+                      onClick={() => changeCap(site, b.dataset, b.cap_epsilon)}
+                    >
+                      Change cap
+                    </button>
+                  </div>
+                  {b.grants.length === 0 ? (
+                    <p className="veil-empty">No grants.</p>
+                  ) : (
+                    <table className="veil-table">
+                      <thead>
+                        <tr>
+                          <th>Grant</th>
+                          <th>Project</th>
+                          <th>ε</th>
+                          <th>Spent</th>
+                          <th>Remaining</th>
+                          <th>Status</th>
+                          <th>Expires</th>
+                          <th />
+                        </tr>
+                      </thead>
+                      <tbody>
+                        {b.grants.map(g => (
+                          <tr key={String(g.id)}>
+                            <td>{g.id}</td>
+                            <td>{g.project}</td>
+                            <td>{formatEpsilon(g.epsilon)}</td>
+                            <td>{formatEpsilon(g.epsilon_spent)}</td>
+                            <td>{formatEpsilon(g.epsilon_remaining)}</td>
+                            <td>{g.status}</td>
+                            <td>{formatTime(g.expires_at) || '—'}</td>
+                            <td>
+                              {g.status === 'active' ? (
+                                <button
+                                  className="jp-mod-styled jp-mod-warn veil-button"
+                                  onClick={() => revoke(site, g)}
+                                >
+                                  Revoke
+                                </button>
+                              ) : null}
+                            </td>
+                          </tr>
+                        ))}
+                      </tbody>
+                    </table>
+                  )}
+                </div>
+              ))
+            )}
+          </section>
+        );
+      })}
+    </div>
+  );
+}
+
+// ----------------------------------------------------------------------- audit
+
+/** Does an audit entry contain the filter text (case-insensitive)? */
+export function auditEntryMatches(entry: IAuditEntry, filter: string): boolean {
+  const needle = filter.trim().toLowerCase();
+  if (!needle) {
+    return true;
+  }
+  return Object.values(entry).some(
+    v => v !== null && String(v).toLowerCase().includes(needle)
+  );
+}
+
+function AuditTab(props: { sites: string[] }): JSX.Element {
+  const [site, setSite] = React.useState(props.sites[0] ?? '');
+  const [filter, setFilter] = React.useState('');
+  const q = encodeURIComponent(site);
+  const audit = useResource<IAuditResponse>(
+    site ? `steward/audit?site=${q}&since=0&limit=200` : null
+  );
+  const check = useResource<IAuditVerifyResponse>(
+    site ? `steward/audit/verify?site=${q}` : null
+  );
+  const entries = (audit.data?.entries ?? []).filter(e =>
+    auditEntryMatches(e, filter)
+  );
+  const v = check.data;
+  return (
+    <div>
+      <div className="veil-toolbar">
+        <h3>Audit log</h3>
+        <select value={site} onChange={e => setSite(e.target.value)}>
+          {props.sites.map(s => (
+            <option key={s} value={s}>
+              {s}
+            </option>
+          ))}
+        </select>
+        <input
+          className="veil-filter"
+          type="search"
+          placeholder="Filter entries"
+          value={filter}
+          onChange={e => setFilter(e.target.value)}
+        />
+        {check.loading ? (
+          <span className="veil-badge">checking chain…</span>
+        ) : v ? (
+          <span
+            className={`veil-badge ${v.ok ? 'veil-badge-ok' : 'veil-badge-bad'}`}
+            title={v.problems.join('\n')}
+          >
+            {v.ok
+              ? `chain verified (${v.entries} entries)`
+              : `chain broken: ${v.problems.length} problem(s)`}
+          </span>
+        ) : null}
+        <RefreshButton
+          loading={audit.loading}
+          onClick={() => {
+            void audit.reload();
+            void check.reload();
+          }}
+        />
+      </div>
+      <ErrorBox error={audit.error} />
+      <ErrorBox error={check.error} />
+      {v && !v.ok ? (
+        <ul className="veil-problems">
+          {v.problems.map((p, i) => (
+            <li key={i}>{p}</li>
+          ))}
+        </ul>
+      ) : null}
+      <div className="veil-table-scroll">
+        <table className="veil-table veil-audit">
+          <thead>
+            <tr>
+              <th>#</th>
+              <th>Time</th>
+              <th>Principal</th>
+              <th>Role</th>
+              <th>Action</th>
+              <th>Decision</th>
+              <th>Project</th>
+              <th>Dataset</th>
+              <th>ε</th>
+              <th>Reason</th>
+              <th>Hash</th>
+            </tr>
+          </thead>
+          <tbody>
+            {entries.map(e => (
+              <tr key={e.seq}>
+                <td>{e.seq}</td>
+                <td>{formatTime(e.ts)}</td>
+                <td>{e.principal}</td>
+                <td>{e.role}</td>
+                <td>{e.action}</td>
+                <td>{e.decision}</td>
+                <td>{e.project ?? ''}</td>
+                <td>{e.dataset ?? ''}</td>
+                <td>{e.epsilon === null ? '' : formatEpsilon(e.epsilon)}</td>
+                <td>{e.reason ?? ''}</td>
+                <td>
+                  <code title={e.hash}>{e.hash.slice(0, 10)}</code>
+                </td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </div>
+    </div>
+  );
+}
+
+// ------------------------------------------------------------------------ desk
+
+type Tab = 'applications' | 'budgets' | 'audit';
+
+function Desk(props: { sites: string[] }): JSX.Element {
+  const [tab, setTab] = React.useState<Tab>('applications');
+  const tabs: [Tab, string][] = [
+    ['applications', 'Applications'],
+    ['budgets', 'Budgets'],
+    ['audit', 'Audit']
+  ];
+  return (
+    <div className="veil-desk">
+      <div className="veil-tabs" role="tablist">
+        {tabs.map(([id, label]) => (
+          <button
+            key={id}
+            role="tab"
+            aria-selected={tab === id}
+            className={`veil-tab ${tab === id ? 'veil-tab-active' : ''}`}
+            onClick={() => setTab(id)}
+          >
+            {label}
+          </button>
+        ))}
+        <span className="veil-muted">Sites: {props.sites.join(', ')}</span>
+      </div>
+      <div className="veil-tab-body" role="tabpanel">
+        {tab === 'applications' ? <ApplicationsTab /> : null}
+        {tab === 'budgets' ? <BudgetsTab /> : null}
+        {tab === 'audit' ? <AuditTab sites={props.sites} /> : null}
+      </div>
+    </div>
+  );
+}
+
+export class StewardDesk extends ReactWidget {
+  constructor(private _sites: string[]) {
+    super();
+    this.id = 'veil-steward-desk';
+    this.title.label = 'Veil steward desk';
+    this.title.icon = veilIcon;
+    this.title.closable = true;
+    this.addClass('veil-steward');
+  }
+
+  render(): JSX.Element {
+    return <Desk sites={this._sites} />;
+  }
+}
