@@ -18,7 +18,8 @@ def recorded_releases(notebook: Path) -> list[dict[str, Any]]:
 
 
 def check_release(study: Study, release: dict[str, Any]) -> str | None:
-    """None when the release's site confirms its receipt records this release; else what is wrong."""
+    """None when the release's site confirms that its receipt records this release (site, dataset, query
+    and cost, as the notebook recorded them); else what is wrong."""
     site = study.sites.get(release["site"])
     if site is None:
         return f"release {release['receipt'][:16]} names site '{release['site']}', not in the study"

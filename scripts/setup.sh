@@ -25,6 +25,8 @@ fi
   cd lab
   jlpm install --immutable >/dev/null
   jlpm build:prod >/dev/null
+  cd ui-tests  # Galata's browser tests: Playwright drives Debian's Chromium, so no browser is downloaded
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 jlpm install --immutable >/dev/null
 )
 mkdir -p "$venv/share/jupyter/labextensions"
 ln -sfn "$PWD/lab/veil_lab_build" "$venv/share/jupyter/labextensions/veil-lab"

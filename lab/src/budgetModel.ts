@@ -43,7 +43,8 @@ export function formatEpsilon(value: number): string {
     return '0';
   }
   if (v >= 1) {
-    return v.toFixed(1);
+    // two decimals, rounded down: a small release moves the figure, and none is overstated
+    return (Math.floor(v * 100) / 100).toFixed(2);
   }
   return String(Number(v.toPrecision(2)));
 }

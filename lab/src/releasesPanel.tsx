@@ -8,14 +8,20 @@ import { ErrorBox } from './components';
 import { veilIcon } from './icons';
 import { ReleaseHistory, shortReceipt } from './releaseHistory';
 
-/** Ask the server to check receipts against each site's audit log. */
+/** Ask the server to check each release (its receipt, query, dataset and cost) against its site's audit log. */
 export async function verifyReceipts(history: ReleaseHistory): Promise<void> {
   const pending = history.unverified();
   if (pending.length === 0) {
     return;
   }
   const response = await postAPI<IVerifyResponse>('receipts/verify', {
-    releases: pending.map(r => ({ site: r.site, receipt: r.receipt }))
+    releases: pending.map(r => ({
+      site: r.site,
+      dataset: r.dataset,
+      query: r.query,
+      cost: r.cost,
+      receipt: r.receipt
+    }))
   });
   history.setVerifications(response.results ?? []);
 }

@@ -115,8 +115,11 @@ function ApplicationCard(props: {
         <dd>{(r.datasets ?? []).join(', ')}</dd>
         <dt>Budget</dt>
         <dd>
-          ε {formatEpsilon(r.epsilon)}, δ {formatValue(r.delta)} for{' '}
-          {r.duration_days} days
+          ε {formatEpsilon(r.epsilon)}, δ{' '}
+          {r.delta === null || r.delta === undefined
+            ? "the site's default"
+            : formatValue(r.delta)}{' '}
+          for {r.duration_days} days
         </dd>
         <dt>Uses</dt>
         <dd>{uses}</dd>

@@ -52,7 +52,7 @@ describe('BudgetModel', () => {
       'central',
       'valley'
     ]);
-    expect(model.text).toBe('Veil ε north 3.2 · central 4.0 · valley 1.1');
+    expect(model.text).toBe('Veil ε north 3.20 · central 4.00 · valley 1.10');
     expect(model.low).toBe(false);
     expect(model.hasError).toBe(false);
   });
@@ -133,7 +133,7 @@ describe('BudgetModel', () => {
     expect(north.grants[0].epsilon_spent).toBeCloseTo(3.5);
     // 0.5 < 0.2 * 4: the release pushed the grant under the threshold.
     expect(model.low).toBe(true);
-    expect(model.text).toBe('Veil ε north 0.5 · central 4.0 · valley 1.1');
+    expect(model.text).toBe('Veil ε north 0.5 · central 4.00 · valley 1.10');
   });
 
   it('ignores mock releases and unknown sites or datasets', () => {
@@ -166,8 +166,9 @@ describe('BudgetModel', () => {
 
 describe('formatEpsilon', () => {
   it('formats for people', () => {
-    expect(formatEpsilon(3.2)).toBe('3.2');
-    expect(formatEpsilon(4)).toBe('4.0');
+    expect(formatEpsilon(3.2)).toBe('3.20');
+    expect(formatEpsilon(39.987)).toBe('39.98');
+    expect(formatEpsilon(4)).toBe('4.00');
     expect(formatEpsilon(0.05)).toBe('0.05');
     expect(formatEpsilon(0.123456)).toBe('0.12');
     expect(formatEpsilon(0)).toBe('0');

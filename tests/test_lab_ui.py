@@ -1,0 +1,73 @@
+"""The lab extension in a real browser: Galata (Playwright) drives JupyterLab in Debian's Chromium
+against three real executors. The specs live in lab/ui-tests/tests (their reference screenshots beside
+them); this module starts the executors, writes the researcher's and the steward's configs, runs the
+specs and checks the sites' ledgers afterwards.
+
+Needs Chromium at /usr/bin/chromium (`apt-get install -y chromium`; `.ci/run` installs it) and the
+ui-tests' node modules (`scripts/setup.sh` installs them); nothing is downloaded at run time. To make
+new reference screenshots (on this machine image): VEIL_UPDATE_SNAPSHOTS=1 pytest tests/test_lab_ui.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_lab_server import write_steward
+
+from conftest import Deployment, write_study
+from veil.kernel.sdk import Site as ResearcherSite
+from veil.local import free_port
+
+UI_TESTS = Path(__file__).resolve().parent.parent / "lab" / "ui-tests"
+CHROMIUM = os.environ.get("VEIL_CHROMIUM", "/usr/bin/chromium")
+
+
+def galata(specs: list[str], env: dict[str, str], log: Path) -> None:
+    """Run the Galata specs with the Jupyter server's environment; fail with Playwright's report."""
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set VEIL_CHROMIUM)"
+    assert (UI_TESTS / "node_modules").is_dir(), "the ui-tests' node modules are missing: run scripts/setup.sh"
+    jlpm = shutil.which("jlpm", path=str(Path(sys.executable).parent)) or "jlpm"
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    update = ["--update-snapshots=all"] if os.environ.get("VEIL_UPDATE_SNAPSHOTS") else []  # new reference images
+    done = subprocess.run([jlpm, "playwright", "test", *update, *specs], cwd=UI_TESTS, capture_output=True, text=True,
+                          env={**os.environ, **env, "PATH": path, "CI": "1"}, timeout=900)
+    log.write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+
+
+@pytest.fixture(scope="module")
+def lab_env(sites: dict[str, Deployment], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The kernelspec in a temp prefix, the study and steward configs for the three sites."""
+    root = tmp_path_factory.mktemp("lab-ui")
+    subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
+                   check=True, capture_output=True)
+    env = {"JUPYTER_PATH": str(root / "prefix" / "share" / "jupyter"), "VEIL_STUDY": str(write_study(root, sites)),
+           "VEIL_STEWARD": str(write_steward(root, sites)), "IPYTHONDIR": str(root / "ipython")}
+    return root, env
+
+
+def test_researcher_and_steward_paths_in_the_browser(lab_env: tuple[Path, dict[str, str]],
+                                                      sites: dict[str, Deployment]) -> None:
+    root, env = lab_env
+    applicant = ResearcherSite("central", sites["central"].url, sites["central"].tokens["outsider"])
+    app = applicant.apply("Length of stay by department, for bed planning", ["encounters"], epsilon=1.5,
+                          duration_days=30)
+    before = {g.dataset: g.rho_spent for g in sites["north"].client().grants()}
+    galata(["tests/budget.spec.ts", "tests/steward.spec.ts"], env, root / "galata.log")
+    after = {g.dataset: g.rho_spent for g in sites["north"].client().grants()}
+    assert after["patients"] > before["patients"] and after["encounters"] == before["encounters"]
+    decided = sites["central"].client("steward").application(app.id)
+    assert decided.status == "approved" and decided.reviews[0].comment == "bed planning: approved"
+
+
+def test_an_unreachable_executor_in_the_browser(lab_env: tuple[Path, dict[str, str]],
+                                                sites: dict[str, Deployment]) -> None:
+    root, env = lab_env
+    offline = root / "offline"
+    offline.mkdir()
+    study = write_study(offline, sites, {"valley": f"http://127.0.0.1:{free_port()}"})
+    galata(["tests/offline.spec.ts"], {**env, "VEIL_STUDY": str(study)}, root / "galata-offline.log")
