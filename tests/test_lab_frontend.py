@@ -26,3 +26,14 @@ def test_jest_unit_tests_pass() -> None:
 def test_lint_and_formatting() -> None:
     done = jlpm("lint:check")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def test_jupyter_lists_the_prebuilt_extension_and_the_server_extension() -> None:
+    """What the README's setup put in place: the prebuilt lab extension and veil.lab, both enabled and OK."""
+    bin_dir = Path(sys.executable).parent
+    labextensions = subprocess.run([str(bin_dir / "jupyter"), "labextension", "list"], capture_output=True, text=True)
+    line = next((x for x in (labextensions.stdout + labextensions.stderr).splitlines() if "veil-lab" in x), "")
+    assert "enabled" in line and "OK" in line, labextensions.stdout + labextensions.stderr
+    servers = subprocess.run([str(bin_dir / "jupyter"), "server", "extension", "list"], capture_output=True, text=True)
+    text = servers.stdout + servers.stderr
+    assert "veil.lab" in text and "enabled" in text.split("veil.lab", 1)[1].splitlines()[0], text
