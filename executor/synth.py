@@ -352,9 +352,11 @@ def write_catalog(site_dir: Path, site_name: str, title: str, n_patients_bound: 
 # ---------------------------------------------------------------- entry points
 
 
-def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0) -> list[Path]:
+def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0, tutorial: bool = False
+               ) -> list[Path]:
     """Write <out>/<site>/patients.parquet, <out>/<site>/encounters.parquet and <out>/<site>/site.toml
-    for each site; return the site.toml paths. `patients` is the nominal count per site (±30%)."""
+    for each site; return the site.toml paths. `patients` is the nominal count per site (±30%).
+    `tutorial` adds the patient-level `presentations` (L2) and `genetic_panels` (L3) datasets."""
     if sites < 1 or patients < 1 or patients * (1 + SIZE_SPREAD) >= 10**9:
         raise ValueError("need sites >= 1 and 1 <= patients < 7.7e8")
     # Public bounds from the requested size: at most 1.3 * patients per site, 20 encounters each.
@@ -367,8 +369,16 @@ def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0)
         patients_df, encounters_df = generate_site(profile, index, patients, seed)
         patients_df.write_parquet(site_dir / "patients.parquet", statistics=True)
         encounters_df.write_parquet(site_dir / "encounters.parquet", statistics=True)
-        paths.append(write_catalog(site_dir, profile.name, profile.title, round_bound(2 * max_patients),
-                                   round_bound(MAX_ENCOUNTERS * max_patients), list(profile.regions)))
+        path = write_catalog(site_dir, profile.name, profile.title, round_bound(2 * max_patients),
+                             round_bound(MAX_ENCOUNTERS * max_patients), list(profile.regions))
+        if tutorial:
+            from veil.executor import tutorial_data
+
+            tutorial_data.presentations(patients_df, encounters_df).write_parquet(site_dir / "presentations.parquet")
+            tutorial_data.genetic_panels(patients_df, seed * 1000 + index).write_parquet(
+                site_dir / "genetic_panels.parquet")
+            path.write_text(path.read_text() + "\n" + tutorial_data.catalog_tables(round_bound(2 * max_patients)))
+        paths.append(path)
     return paths
 
 

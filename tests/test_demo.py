@@ -20,7 +20,7 @@ def _executors_running(directory: Path) -> list[str]:
 
 
 def test_demo_releases_from_three_sites_and_leaves_nothing_running(tmp_path: Path) -> None:
-    run = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000")
+    run = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000", "--no-lab")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     for site in ("north", "central", "valley"):
@@ -35,7 +35,7 @@ def test_demo_releases_from_three_sites_and_leaves_nothing_running(tmp_path: Pat
         check = veil("audit", "verify", "--site-config", str(tmp_path / "demo" / site / "site.toml"))
         assert check.returncode == 0, check.stdout
     # a second run reuses the data and tokens, and spends more of the same grants
-    again = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000")
+    again = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000", "--no-lab")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "synthesizing" not in again.stdout
 

@@ -138,9 +138,16 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from veil.demo import run_demo
+    from veil.demo import DemoError, run_demo
 
-    return run_demo(Path(args.dir), patients=args.patients, reset=args.reset, serve=args.serve)
+    lab = "headless" if args.headless else "no-browser" if args.no_browser else "none" if args.no_lab or args.serve \
+        else "browser"
+    try:
+        return run_demo(Path(args.dir), patients=args.patients, reset=args.reset, lab=lab, port=args.port,
+                        serve=args.serve)
+    except DemoError as exc:
+        print(f"veil demo: {exc}", file=sys.stderr)
+        return 2
 
 
 def _kernel_install(args: argparse.Namespace) -> int:
@@ -251,12 +258,18 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--study", default=None, help="the study config (default: $VEIL_STUDY or ~/.veil/study.toml)")
     check.set_defaults(func=_receipts_verify)
 
-    demo = sub.add_parser("demo", help="three synthetic sites, their executors, DP queries against them")
+    demo = sub.add_parser("demo", help="a multi-center study here: three hospitals' executors, then JupyterLab "
+                          "on the tutorials")
     demo.add_argument("--dir", default=".veil-demo", help="where the demo's data and state live")
     demo.add_argument("--patients", type=int, default=20_000, help="patients per site")
     demo.add_argument("--reset", action="store_true", help="start from fresh data and state")
-    demo.add_argument("--serve", action="store_true",
-                      help="keep the executors running for JupyterLab (writes DIR/study.toml) until Ctrl-C")
+    demo.add_argument("--port", type=int, default=8888, help="JupyterLab's port")
+    how = demo.add_mutually_exclusive_group()
+    how.add_argument("--no-browser", action="store_true", help="start JupyterLab without a browser; print its URL")
+    how.add_argument("--headless", action="store_true", help="run the tutorials and print their outcome")
+    how.add_argument("--no-lab", action="store_true", help="stop after the executors' first answers")
+    how.add_argument("--serve", action="store_true",
+                     help="keep only the executors running (configs in DIR) until Ctrl-C")
     demo.set_defaults(func=_demo)
     return root
 

@@ -1,10 +1,25 @@
-"""The embedded default: three synthetic hospitals, their executors on loopback, DP queries, releases printed."""
+"""`veil demo`: a complete multi-center study on this machine, in one command.
+
+Three synthetic hospitals (two tertiary, one community) get their data, a state database each and an
+executor on loopback; a researcher (project rare_peds), a class project for the privacy tutorial and two
+data stewards get tokens, kept in files; the study and steward configs are written; a round of DP
+queries shows each site answering. Then JupyterLab opens on the tutorials (`--no-browser` prints its
+URL), or the tutorials run headless and their outcome is printed (`--headless`), or the demo stops there
+(`--no-lab`, or `--serve` to keep only the executors up). Ctrl-C stops everything. A second run reuses
+the state; `--reset` starts afresh.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -14,34 +29,108 @@ from veil.kernel.errors import VeilRefusal
 from veil.local import LocalExecutor
 from veil.wire import Release
 
-PROJECT = "rare_peds"
+PROJECT, CLASS_PROJECT = "rare_peds", "privacy_class"
+STEWARDS = {"ana": "data_center", "ben": "data_committee"}
+"""The demo's two stewards and their offices (an L3 application needs one approval from each)."""
+GRANTS = {PROJECT: {"encounters": (4.0, ("query",)), "presentations": (8.0, ("query", "training"))},
+          CLASS_PROJECT: {"encounters": (1.0, ("query",))}}
 QUERIES = [
-    ("SELECT sex, COUNT(*) AS patients FROM patients GROUP BY sex", 0.5),
-    ("SELECT rare_disease, COUNT(*) AS patients, AVG(age) AS mean_age FROM patients GROUP BY rare_disease", 1.0),
+    ("SELECT sex, COUNT(*) AS patients FROM patients GROUP BY sex", 0.1),
     ("SELECT department, COUNT(*) AS encounters, AVG(crp_mg_l) AS mean_crp FROM encounters "
-     "WHERE encounter_date >= DATE '2020-01-01' GROUP BY department", 1.0),
-    ("SELECT MEDIAN(length_of_stay_days) AS median_stay, AVG(hemoglobin_g_dl) AS mean_hb FROM encounters", 0.5),
+     "WHERE encounter_date >= DATE '2020-01-01' GROUP BY department", 0.2),
 ]
+"""The probe a demo run makes at each site: small, so that many runs leave the tutorials their budget."""
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+"""The tutorials, in a source checkout (Binder and `pip install -e .` have one)."""
 
 
-def _prepare_site(config: Path) -> str:
-    """Create the demo researcher's token and the steward's grant on the L2 dataset (once)."""
+class DemoError(Exception):
+    """A demo that cannot start: the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DemoSite:
+    name: str
+    config: Path
+    executor: LocalExecutor
+    client: SiteClient
+
+
+def prepare(root: Path, patients: int, reset: bool) -> list[Path]:
+    """The demo's data, tokens, grants and configs under `root` (made once; `reset` starts afresh)."""
+    from veil.executor.synth import synthesize
+
+    if reset and root.exists():
+        shutil.rmtree(root)
+    configs = sorted(root.glob("*/site.toml"))
+    if root.exists() and any(root.iterdir()) and not (configs and (root / "study.toml").exists()):
+        raise DemoError(f"{root} holds something that is not a complete Veil demo: run again with --reset "
+                        "(it deletes that directory), or choose another --dir")
+    if not configs:
+        print(f"synthesizing 3 hospitals x ~{patients:,} patients into {root}/ ...", flush=True)
+        configs = synthesize(root, sites=3, patients=patients, seed=7, tutorial=True)
+        for config in configs:
+            _tokens_and_grants(config)
+        _configs(root, [c.parent.name for c in configs])
+    return configs
+
+
+def _tokens_and_grants(config: Path) -> None:
+    """A site's tokens (files beside its catalog) and the grants its stewards made for the demo."""
     from veil.executor import ledger
     from veil.executor.auth import create_token
     from veil.executor.catalog import load_catalog
     from veil.executor.store import open_store, write
 
-    token_file = config.parent / "researcher.token"
-    if not token_file.exists():
-        catalog = load_catalog(config)
-        engine = open_store(catalog.database_url)
-        token = create_token(engine, "dr_demo", "researcher", PROJECT)
-        with write(engine) as conn:
-            ledger.set_grant(conn, catalog, PROJECT, catalog.dataset("encounters"), 4.0, by="demo_steward")
-        engine.dispose()
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
-    return token_file.read_text().strip()
+    catalog = load_catalog(config)
+    engine = open_store(catalog.database_url)
+    ledger.sync_caps(engine, catalog)
+    files = {"researcher": create_token(engine, "dr_demo", "researcher", PROJECT),
+             "class": create_token(engine, "student", "researcher", CLASS_PROJECT)}
+    for name, office in STEWARDS.items():
+        files[f"steward_{name}"] = create_token(engine, f"steward_{name}", "steward", None, office)
+    with write(engine) as conn:
+        for project, grants in GRANTS.items():
+            for dataset, (epsilon, uses) in grants.items():
+                ledger.set_grant(conn, catalog, project, catalog.dataset(dataset), epsilon, by="steward_ana",
+                                 uses=uses)
+    engine.dispose()
+    for name, token in files.items():
+        path = config.parent / f"{name}.token"
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+
+
+def _configs(root: Path, sites: list[str]) -> None:
+    """study.toml (rare_peds), class.toml (the privacy tutorial) and steward.toml (the lab's desk)."""
+    for file, name, project, token in (("study.toml", "rare_peds_demo", PROJECT, "researcher"),
+                                       ("class.toml", "privacy_class", CLASS_PROJECT, "class")):
+        lines = ["[study]", f'name = "{name}"', f'project = "{project}"', "default_epsilon = 0.2"]
+        for site in sites:
+            lines += [f"[sites.{site}]", 'url = "http://127.0.0.1:0"', f'token_file = "{site}/{token}.token"',
+                      f'guard_paths = ["{(root / site).resolve()}"]']
+        (root / file).write_text("\n".join(lines) + "\n")
+    lines = []
+    for site in sites:
+        lines += [f"[sites.{site}]", 'url = "http://127.0.0.1:0"', f'token_file = "{site}/steward_ana.token"']
+    (root / "steward.toml").write_text("\n".join(lines) + "\n")
+
+
+def _point_configs(root: Path, urls: dict[str, str]) -> None:
+    """Write the executors' current URLs into the demo's configs (their ports change between runs)."""
+    for file in ("study.toml", "class.toml", "steward.toml"):
+        path, site, out = root / file, None, []
+        for line in path.read_text().splitlines():
+            if line.startswith("[sites."):
+                site = line[len("[sites."):-1]
+            out.append(f'url = "{urls[site]}"' if line.startswith("url = ") and site in urls else line)
+        path.write_text("\n".join(out) + "\n")
+
+
+def environment(root: Path) -> dict[str, str]:
+    """What the kernel and the Jupyter server need to find the demo's study."""
+    return {"VEIL_STUDY": str((root / "study.toml").resolve()), "VEIL_STEWARD": str((root / "steward.toml").resolve()),
+            "VEIL_DEMO_DIR": str(root.resolve())}
 
 
 def _cell(row: dict, name: str) -> str:
@@ -59,70 +148,123 @@ def format_release(release: Release) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
-def write_study(root: Path, urls: dict[str, str]) -> Path:
-    """The researcher's study config for the demo sites (tokens stay in their files)."""
-    lines = ["[study]", 'name = "rare_peds_demo"', f'project = "{PROJECT}"']
-    for name, url in urls.items():
-        lines += [f"[sites.{name}]", f'url = "{url}"', f'token_file = "{name}/researcher.token"',
-                  f'guard_paths = ["{(root / name).resolve()}"]']
-    path = root / "study.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def serve_until_interrupted(study: Path) -> None:
-    """Keep the executors up for JupyterLab until Ctrl-C."""
-    print(f"\nexecutors keep running. In another terminal:\n  veil kernel install --sys-prefix\n"
-          f"  VEIL_STUDY={study.resolve()} jupyter lab   # pick the kernel 'Veil (private data)'\n"
-          "Ctrl-C stops the executors.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nstopping the executors")
-
-
-def run_demo(root: Path, patients: int = 20_000, reset: bool = False, serve: bool = False) -> int:
-    """Synthesize (or reuse) three sites, serve them, run the demo queries, print the releases;
-    with `serve`, keep the executors up for notebooks until Ctrl-C."""
-    from veil.executor.synth import synthesize
-
-    if reset and root.exists():
-        shutil.rmtree(root)
-    configs = sorted(root.glob("*/site.toml"))
-    if not configs:
-        print(f"synthesizing 3 sites x ~{patients:,} patients into {root}/ ...", flush=True)
-        configs = synthesize(root, sites=3, patients=patients, seed=7)
-    tokens = {config.parent.name: _prepare_site(config) for config in configs}
+def probe(sites: list[DemoSite]) -> None:
+    """One round of DP queries at every site: each executor answers, each release printed."""
     pl.Config.set_tbl_hide_dataframe_shape(True)
     pl.Config.set_fmt_str_lengths(40)
+    for sql, epsilon in QUERIES:
+        print(f"\n=== {sql}\n    epsilon={epsilon} per site, 95% intervals")
+        for site in sites:
+            try:
+                release = site.client.query(sql=sql, epsilon=epsilon)
+            except VeilRefusal as exc:
+                print(f"--- {site.name}: refused: {exc}")
+                continue
+            print(f"--- {site.name}: cost epsilon={release.cost.epsilon:.3f} (rho={release.cost.rho:.4g}), "
+                  f"receipt {release.receipt[:16]}")
+            print(format_release(release))
+
+
+def _jupyter_ready() -> None:
+    """Refuse early, with what to do, when JupyterLab or the built extension is missing."""
+    if shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)) is None and shutil.which("jupyter-lab") is None:
+        raise DemoError("JupyterLab is not installed here: pip install 'veil[lab]' (or run scripts/setup.sh)")
+    labext = Path(sys.prefix) / "share" / "jupyter" / "labextensions" / "veil-lab"
+    if not labext.exists():
+        print(f"note: the Veil lab extension is not in {labext.parent} (scripts/setup.sh builds it); JupyterLab "
+              "opens without the budget bar and the panels", flush=True)
+
+
+def _kernelspec() -> None:
+    """Install the `veil` kernelspec into this environment if Jupyter does not know it yet."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from veil.kernel.install import install_kernelspec
+
+    if "veil" not in KernelSpecManager().find_kernel_specs():
+        print(f"installing the 'veil' kernel into {install_kernelspec(sys_prefix=True)}", flush=True)
+
+
+def _free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise DemoError(f"port {port} is in use (another JupyterLab?): pass --port with a free one") from None
+
+
+def tutorials(root: Path, source: Path = NOTEBOOKS) -> Path:
+    """The demo's copy of the tutorial notebooks (made once, so that runs never touch the originals)."""
+    target = root / "notebooks"
+    if not target.exists():
+        if not source.is_dir():
+            raise DemoError(f"no tutorials at {source}: run the demo from a Veil source checkout")
+        shutil.copytree(source, target)
+    return target
+
+
+def run_headless(root: Path, env: dict[str, str], timeout: int = 900) -> int:
+    """Execute every tutorial on the `veil` kernel; print each outcome; 0 when all pass."""
+    from veil.tutorials import run_notebooks
+
+    os.environ.update(env)
+    return 1 if run_notebooks(sorted(tutorials(root).glob("*.ipynb")), timeout) else 0
+
+
+def run_lab(root: Path, env: dict[str, str], port: int, browser: bool) -> int:
+    """JupyterLab on the tutorials until Ctrl-C (it stops with the executors)."""
+    _free(port)
+    command = [sys.executable, "-m", "jupyterlab", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.root_dir={tutorials(root)}"] + ([] if browser else ["--no-browser"])
+    if os.geteuid() == 0:
+        command.append("--allow-root")
+    lab = subprocess.Popen(command, env={**os.environ, **env})
+    print(f"JupyterLab starts on http://127.0.0.1:{port}/lab (its token is in the log above); Ctrl-C stops "
+          "JupyterLab and the executors", flush=True)
+    try:
+        return lab.wait()
+    except KeyboardInterrupt:
+        lab.terminate()
+        lab.wait(timeout=30)
+        return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_demo(root: Path, patients: int = 20_000, reset: bool = False, lab: str = "none", port: int = 8888,
+             serve: bool = False) -> int:
+    """The demo: state prepared, executors up, one round of queries; then `lab` is 'browser',
+    'no-browser', 'headless' or 'none' (`serve` keeps the executors up until Ctrl-C)."""
+    if lab in ("browser", "no-browser", "headless"):
+        _jupyter_ready()
+    signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo stops its executors as Ctrl-C does
+    configs = prepare(root, patients, reset)
     with ExitStack() as stack:
-        clients, urls = {}, {}
+        sites = []
         for config in configs:
             executor = stack.enter_context(LocalExecutor(config))
-            client = SiteClient(config.parent.name, executor.url, tokens[config.parent.name])
-            stack.callback(client.close)
-            clients[client.name] = client
-            urls[client.name] = executor.url
+            token = (config.parent / "researcher.token").read_text().strip()
+            client = stack.enter_context(SiteClient(config.parent.name, executor.url, token))
+            sites.append(DemoSite(config.parent.name, config, executor, client))
             print(f"site {client.name:8s} serving on {executor.url} (OpenAPI at {executor.url}/openapi.json)")
-        for sql, epsilon in QUERIES:
-            print(f"\n=== {sql}\n    epsilon={epsilon} per site, 95% intervals")
-            for name, client in clients.items():
-                try:
-                    release = client.query(sql=sql, epsilon=epsilon)
-                except VeilRefusal as exc:
-                    print(f"--- {name}: refused: {exc}")
-                    continue
-                print(f"--- {name}: cost epsilon={release.cost.epsilon:.3f} (rho={release.cost.rho:.4g}), "
-                      f"receipt {release.receipt[:16]}")
-                print(format_release(release))
-        study = write_study(root, urls)
-        print("\n=== budgets after the demo (project rare_peds)")
-        for name, client in clients.items():
-            for g in client.grants():
-                print(f"{name:8s} {g.dataset:11s} granted eps={g.epsilon:<4} spent eps={g.epsilon_spent:.3f} "
-                      f"remaining rho={g.rho_remaining:.4g}")
+        _point_configs(root, {s.name: s.executor.url for s in sites})
+        probe(sites)
+        env = environment(root)
+        if lab != "none":
+            _kernelspec()
+        if lab == "headless":
+            return run_headless(root, env)
+        if lab in ("browser", "no-browser"):
+            return run_lab(root, env, port, browser=lab == "browser")
         if serve:
-            serve_until_interrupted(study)
+            print("\nexecutors keep running; in another terminal:\n  " + " ".join(f"{k}={v}" for k, v in env.items())
+                  + " jupyter lab   # kernel 'Veil (private data)'\nCtrl-C stops them.", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("\nstopping the executors")
     print(f"\nexecutors stopped; audit logs: veil audit verify --site-config {configs[0]}")
     return 0
