@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,18 @@ def test_cli_synth_tokens_and_errors(tmp_path: Path) -> None:
     missing = veil("audit", "verify", "--site-config", str(tmp_path / "absent.toml"))
     assert missing.returncode == 2 and "no site catalog" in missing.stderr
     assert veil("audit", "verify", "--site-config", str(config)).returncode == 0
+
+
+def test_demo_refuses_a_busy_port_and_a_foreign_directory(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        clash = veil("demo", "--dir", str(tmp_path / "demo"), "--no-browser", "--port", str(port))
+    assert clash.returncode == 2 and f"port {port} is in use" in clash.stderr and "--port" in clash.stderr
+    assert not (tmp_path / "demo").exists()  # refused before anything was made
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("not a demo")
+    stale = veil("demo", "--dir", str(foreign), "--no-lab")
+    assert stale.returncode == 2 and "--reset" in stale.stderr and (foreign / "thesis.txt").exists()

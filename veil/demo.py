@@ -213,7 +213,6 @@ def run_headless(root: Path, env: dict[str, str], timeout: int = 900) -> int:
 
 def run_lab(root: Path, env: dict[str, str], port: int, browser: bool) -> int:
     """JupyterLab on the tutorials until Ctrl-C (it stops with the executors)."""
-    _free(port)
     command = [sys.executable, "-m", "jupyterlab", f"--port={port}", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.root_dir={tutorials(root)}"] + ([] if browser else ["--no-browser"])
     if os.geteuid() == 0:
@@ -239,6 +238,8 @@ def run_demo(root: Path, patients: int = 20_000, reset: bool = False, lab: str =
     'no-browser', 'headless' or 'none' (`serve` keeps the executors up until Ctrl-C)."""
     if lab in ("browser", "no-browser", "headless"):
         _jupyter_ready()
+    if lab in ("browser", "no-browser"):
+        _free(port)
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo stops its executors as Ctrl-C does
     configs = prepare(root, patients, reset)
     with ExitStack() as stack:
