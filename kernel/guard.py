@@ -30,6 +30,7 @@ _EVENTS: dict[str, tuple[int, ...]] = {
     "os.chmod": (0,),
     "os.chown": (0,),
     "os.utime": (0,),
+    "sqlite3.connect": (0,),  # a site's SQLite state database is in its folder too
 }
 
 
@@ -68,6 +69,8 @@ def install_guard(paths: Iterable[Path | str]) -> None:
             target = args[i] if i < len(args) else None
             if target is None and event in ("os.listdir", "os.scandir"):
                 target = "."
+            if event == "sqlite3.connect" and isinstance(target, str) and target.startswith("file:"):
+                target = target[len("file:"):].split("?", 1)[0]  # a URI filename names the same file
             if isinstance(target, bytes):
                 target = os.fsdecode(target)
             elif isinstance(target, os.PathLike):

@@ -135,7 +135,9 @@ class TestVeilKernel:
                      f"import pathlib; pathlib.Path({str(secret)!r}).read_bytes()",
                      f"import os; os.listdir({str(secret.parent)!r})",
                      f"import os; os.symlink({str(secret.parent)!r}, {str(alias)!r}); open({str(alias / 'secret.parquet')!r})",
-                     f"import os; os.link({str(secret)!r}, {str(veil_env / 'copy.parquet')!r})"):
+                     f"import os; os.link({str(secret)!r}, {str(veil_env / 'copy.parquet')!r})",
+                     f"import sqlite3; sqlite3.connect({str(secret.parent / 'veil.db')!r})",
+                     f"import sqlite3; sqlite3.connect('file:{secret.parent / 'veil.db'}?mode=ro', uri=True)"):
             reply, _ = execute(kernel[1], code)
             assert reply["status"] == "error", code
             assert reply["ename"] == "PermissionError", (code, reply["ename"], reply["evalue"])

@@ -34,6 +34,8 @@ STEWARDS = {"ana": "data_center", "ben": "data_committee"}
 """The demo's two stewards and their offices (an L3 application needs one approval from each)."""
 GRANTS = {PROJECT: {"encounters": (4.0, ("query",)), "presentations": (8.0, ("query", "training"))},
           CLASS_PROJECT: {"encounters": (1.0, ("query",))}}
+TRAINING_DELTA = 1e-4
+"""The delta budget of a grant that allows training (DP-SGD's (epsilon, delta), 1e-5 by default per model)."""
 QUERIES = [
     ("SELECT sex, COUNT(*) AS patients FROM patients GROUP BY sex", 0.1),
     ("SELECT department, COUNT(*) AS encounters, AVG(crp_mg_l) AS mean_crp FROM encounters "
@@ -93,7 +95,7 @@ def _tokens_and_grants(config: Path) -> None:
         for project, grants in GRANTS.items():
             for dataset, (epsilon, uses) in grants.items():
                 ledger.set_grant(conn, catalog, project, catalog.dataset(dataset), epsilon, by="steward_ana",
-                                 uses=uses)
+                                 uses=uses, delta=TRAINING_DELTA if "training" in uses else None)
     engine.dispose()
     for name, token in files.items():
         path = config.parent / f"{name}.token"
