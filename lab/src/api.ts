@@ -164,15 +164,9 @@ export interface IApplicationsResponse {
   };
 }
 
-export interface IStewardGrant {
+export interface IStewardGrant extends IGrant {
   id: string | number;
   project: string;
-  dataset: string;
-  epsilon: number;
-  epsilon_spent: number;
-  epsilon_remaining: number;
-  status: GrantStatus;
-  expires_at: string | null;
 }
 
 export interface IDatasetBudget {

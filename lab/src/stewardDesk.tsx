@@ -218,6 +218,20 @@ function ApplicationsTab(): JSX.Element {
 
 // --------------------------------------------------------------------- budgets
 
+/** The reason a steward gives for an action (recorded in the audit log); null when cancelled or empty. */
+async function askReason(
+  title: string,
+  okLabel: string
+): Promise<string | null> {
+  const result = await InputDialog.getText({
+    title,
+    label: 'Reason (recorded in the audit log)',
+    okLabel
+  });
+  const reason = result.value?.trim();
+  return result.button.accept && reason ? reason : null;
+}
+
 function BudgetsTab(): JSX.Element {
   const { data, error, loading, reload } =
     useResource<IStewardBudgetsResponse>('steward/budgets');
@@ -225,23 +239,26 @@ function BudgetsTab(): JSX.Element {
     null
   );
 
-  const revoke = async (site: string, grant: IStewardGrant) => {
-    const result = await InputDialog.getText({
-      title: `Revoke grant ${grant.id} (${grant.project} on ${grant.dataset})`,
-      label: 'Reason (recorded in the audit log)',
-      okLabel: 'Revoke'
-    });
-    if (!result.button.accept || !result.value?.trim()) {
-      return;
-    }
+  /** Run a steward's action, then reload; its refusal is shown above the table. */
+  const act = async (work: () => Promise<unknown>) => {
     try {
       setActionError(null);
-      await postAPI(`steward/grants/${apiPath(site, grant.id)}/revoke`, {
-        reason: result.value.trim()
-      });
+      await work();
       await reload();
     } catch (e) {
       setActionError(toApiError(e));
+    }
+  };
+
+  const revoke = async (site: string, grant: IStewardGrant) => {
+    const reason = await askReason(
+      `Revoke grant ${grant.id} (${grant.project} on ${grant.dataset})`,
+      'Revoke'
+    );
+    if (reason !== null) {
+      await act(() =>
+        postAPI(`steward/grants/${apiPath(site, grant.id)}/revoke`, { reason })
+      );
     }
   };
 
@@ -258,23 +275,17 @@ function BudgetsTab(): JSX.Element {
     ) {
       return;
     }
-    const reason = await InputDialog.getText({
-      title: `Change cap of ${site}/${dataset} to ε ${value.value}`,
-      label: 'Reason (recorded in the audit log)',
-      okLabel: 'Change cap'
-    });
-    if (!reason.button.accept || !reason.value?.trim()) {
-      return;
-    }
-    try {
-      setActionError(null);
-      await postAPI(`steward/budgets/${apiPath(site, dataset)}/cap`, {
-        epsilon: value.value,
-        reason: reason.value.trim()
-      });
-      await reload();
-    } catch (e) {
-      setActionError(toApiError(e));
+    const reason = await askReason(
+      `Change cap of ${site}/${dataset} to ε ${value.value}`,
+      'Change cap'
+    );
+    if (reason !== null) {
+      await act(() =>
+        postAPI(`steward/budgets/${apiPath(site, dataset)}/cap`, {
+          epsilon: value.value,
+          reason
+        })
+      );
     }
   };
 
