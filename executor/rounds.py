@@ -76,9 +76,16 @@ class Rounds:
             except Exception:  # noqa: BLE001 - any mismatch of names, shapes or types is the sender's
                 raise QueryError("bad_weights", "the round's weights do not fit this study's model",
                                  hint="send the weights of the model the study was joined with") from None
-            stretch = dpsgd.train_stretch(request.model, whole, train.x, train.y, epochs=request.train.epochs,
-                                          state=state, history=json.loads(row["history"]), layout=train.layout,
-                                          public_rows=row["rows"])
+            limit = threading.Event()  # a round stops at the site's time limit, charged for its steps
+            timer = threading.Timer(self.catalog.max_training_seconds, limit.set)
+            timer.daemon = True
+            timer.start()
+            try:
+                stretch = dpsgd.train_stretch(request.model, whole, train.x, train.y, epochs=request.train.epochs,
+                                              state=state, history=json.loads(row["history"]), layout=train.layout,
+                                              public_rows=row["rows"], cancel=limit)
+            finally:
+                timer.cancel()
         except BaseException:
             self._release_claim(job_id)
             raise

@@ -153,9 +153,11 @@ class SiteClient:
         return JobInfo.model_validate(self._call("POST", f"/jobs/{job_id}/cancel"))
 
     def job_round(self, job_id: int, content: bytes) -> bytes:
-        """One federated round: a Flower message's content (protobuf) in, the site's reply content out."""
+        """One federated round: a Flower message's content (protobuf) in, the site's reply content out. A round
+        trains for as long as the site allows (its own time limit applies), so no read timeout here."""
         return self._send("POST", f"/jobs/{job_id}/round", content=content,
-                          headers={"Content-Type": "application/x-protobuf"}).content
+                          headers={"Content-Type": "application/x-protobuf"},
+                          timeout=httpx.Timeout(None, connect=10.0)).content
 
     def finish_job(self, job_id: int, weights: bytes | None) -> JobInfo:
         """End a federated part: the final global weights (safetensors) for the site's DP evaluation."""

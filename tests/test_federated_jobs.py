@@ -14,10 +14,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from conftest import Deployment
+from conftest import Deployment, deploy, make_database
 from veil.executor import audit, dpsgd, federated, models
 from veil.executor.features import FeatureLayout, encode
-from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame
+from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
 from veil.executor.store import jobs
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilError, VeilPolicyError
@@ -197,3 +197,29 @@ def test_train_federated_needs_every_site_to_encode_alike(cancer_sites: dict[str
         train_federated([clients[0], mixed], request, progress=False)
     assert charged(cancer_sites["central"])["epsilon"] == pytest.approx(before["epsilon"])
     mixed.close()
+
+
+def test_a_round_stops_at_the_sites_time_limit_and_is_charged_for_its_steps(tmp_path: Path) -> None:
+    """A site whose time limit is shorter than a round: the round ends early, its reply carries the steps
+    taken (possibly none) and the ledger is charged exactly what the accountant recorded for them."""
+    (config,) = write_sites(tmp_path, sites=("slow",), shares=(1.0,))
+    text = config.read_text().replace("[site]\n", "[site]\nmax_training_seconds = 0.2\n", 1)
+    config.write_text(text)
+    url, drop = make_database("sqlite", tmp_path)
+    d = deploy(config, url, tmp_path, grants={})
+    try:
+        d.approve_training(DATASET, 12.0)
+        request = train_request(DATASET, FEATURES, LABEL, 2.0, federated=Federation(study="s", rounds=1),
+                                **{**SGD, "epochs": 400})
+        client = d.client()
+        job = client.train(request)
+        reply = federated.decode_content(client.job_round(job.id, round_content(job, 1)))
+        steps, planned = reply["metrics"]["steps"], 400 * max(1, round((job.rows or 1) / 24))
+        assert steps < planned  # cut off by the limit
+        assert client.job(job.id).epsilon == pytest.approx(reply["metrics"]["epsilon"])
+        ended = client.finish_job(job.id, None)
+        assert ended.state == "cancelled" and d.spent(DATASET)["epsilon"] == pytest.approx(ended.epsilon, rel=1e-9)
+        assert audit.verify(d.engine).ok
+    finally:
+        d.stop()
+        drop()
