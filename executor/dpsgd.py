@@ -402,13 +402,9 @@ class _Run:
         """(what the accountant gives the steps taken so far, that capped by the plan's epsilon): an early
         stop is post-processing of the planned run, so the plan bounds it even where PRV fails and RDP,
         looser, answers instead."""
-        history = self.accountant.history
-        if not history:
+        if not self.accountant.history:
             return 0.0, 0.0
-        try:
-            epsilon = accountant_epsilon(history, self.plan.accountant, self.delta)
-        except ACCOUNTANT_FAILURES:
-            epsilon = accountant_epsilon(history, "rdp", self.delta)
+        epsilon = history_epsilon(self.accountant.history, self.plan.accountant, self.delta)
         return epsilon, min(epsilon, self.plan.epsilon) if math.isfinite(epsilon) else self.plan.epsilon
 
 

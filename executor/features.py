@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import torch
@@ -35,6 +36,12 @@ class FeatureLayout:
     def width(self) -> int:
         """Columns of the input tensor."""
         return len(self.numeric) + len(self.categorical)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureLayout:
+        """A layout from its JSON form (weights' metadata, a job's public `layout`, a run config)."""
+        return cls(numeric=tuple(data["numeric"]), categorical=tuple((str(c), int(n)) for c, n in data["categorical"]),
+                   outputs=int(data["outputs"]))
 
     @classmethod
     def numeric_only(cls, n_features: int, outputs: int = 2) -> FeatureLayout:

@@ -436,9 +436,7 @@ def deployed_server_app() -> ServerApp:
         config = context.run_config
         jobs = json.loads(str(config["jobs"]))
         model = ModelSpec.model_validate_json(str(config["model"]))
-        layout = json.loads(str(config["layout"]))
-        shape = FeatureLayout(numeric=tuple(layout["numeric"]),
-                              categorical=tuple((c, int(n)) for c, n in layout["categorical"]), outputs=layout["outputs"])
+        shape = FeatureLayout.from_dict(json.loads(str(config["layout"])))
         result = coordinate(grid, model, shape, int(config["rounds"]), len(jobs), {"jobs": json.dumps(jobs)},
                             float(config["delta"]))
         out = Path(str(config["out"]))

@@ -142,8 +142,7 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
                         "align the catalogs, or train at each site alone")
     layout = parts[0][1].layout
     assert layout is not None
-    shape = FeatureLayout(numeric=tuple(layout.numeric), categorical=tuple((c, n) for c, n in layout.categorical),
-                          outputs=layout.outputs)
+    shape = FeatureLayout.from_dict(layout.model_dump())
     rounds = request.federated.rounds
     bar = tqdm(total=rounds, unit="round", desc=f"study {request.federated.study}", disable=not progress)
     failures: list[tuple[int, str]] = []

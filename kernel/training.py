@@ -61,9 +61,7 @@ class TrainedModel:
         from veil.executor.models import build_model, load_weights, read_metadata
 
         meta = read_metadata(self.weights)
-        layout = meta["layout"]
-        shape = FeatureLayout(numeric=tuple(layout["numeric"]),
-                              categorical=tuple((c, n) for c, n in layout["categorical"]), outputs=layout["outputs"])
+        shape = FeatureLayout.from_dict(meta["layout"])
         return load_weights(build_model(meta["model_spec"], shape), self.weights).eval()
 
     def save(self, path: str) -> None:
