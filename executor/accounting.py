@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import opendp.prelude as dp
 
+from veil import limits
+
 dp.enable_features("contrib")
 
 
@@ -26,9 +28,17 @@ def epsilon_of(rho: float, delta: float) -> float:
         return 0.0
     # A unit-scale Gaussian at input distance d has rho = d^2/2, so d = sqrt(2 rho) gives (at least) rho.
     d_in = math.sqrt(2.0 * rho)
-    while _GAUSSIAN.map(d_in) < rho:  # float rounding: never understate rho
+    for _ in range(64):  # float rounding: never understate rho (one or two steps in practice)
+        if _GAUSSIAN.map(d_in) >= rho:
+            break
         d_in = math.nextafter(d_in, math.inf)
+    else:
+        raise ValueError(f"rho {rho!r} cannot be converted")
     return float(_TO_APPROX_DP.map(d_in).epsilon(delta))
+
+
+MAX_STEPS = 200
+"""No search below takes more steps than this: it can never loop, whatever floating point does."""
 
 
 @lru_cache(maxsize=4096)
@@ -36,17 +46,33 @@ def rho_for_epsilon(epsilon: float, delta: float) -> float:
     """The largest rho (to 1e-10 relative) whose OpenDP conversion at `delta` gives at most `epsilon`.
 
     A root search on OpenDP's conversion (regula falsi, Illinois variant): about ten conversions
-    instead of sixty for plain bisection. The textbook bound eps <= rho + 2 sqrt(rho ln(1/delta)) only
-    brackets the search; the answer is always a rho whose conversion OpenDP puts at or under epsilon."""
+    instead of sixty for plain bisection, and never more than MAX_STEPS per phase. The textbook bound
+    eps <= rho + 2 sqrt(rho ln(1/delta)) only brackets the search; the answer is always a rho whose
+    conversion OpenDP puts at or under epsilon. Below MIN_EPSILON the answer is 0 (nothing to spend), and
+    an epsilon above any budget the limits allow is a ValueError."""
+    if not math.isfinite(epsilon) or epsilon > 10 * limits.MAX_BUDGET_EPSILON or not 0.0 < delta < 1.0:
+        raise ValueError(f"epsilon {epsilon!r} at delta {delta!r} is outside what a budget may be")
+    if epsilon < limits.MIN_EPSILON:
+        return 0.0
     log_term = math.log(1.0 / delta)
     lo = (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2  # OpenDP's conversion is at least this tight
-    while epsilon_of(lo, delta) > epsilon:
+    for _ in range(MAX_STEPS):
+        if epsilon_of(lo, delta) <= epsilon:
+            break
         lo /= 2.0
+    else:
+        return 0.0
     hi = lo * 2.0
-    while epsilon_of(hi, delta) <= epsilon:
+    for _ in range(MAX_STEPS):
+        if epsilon_of(hi, delta) > epsilon:
+            break
         lo, hi = hi, hi * 2.0
+    else:
+        raise ValueError(f"no rho converts to epsilon {epsilon!r} at delta {delta!r}")
     f_lo, f_hi, side = epsilon_of(lo, delta) - epsilon, epsilon_of(hi, delta) - epsilon, 0
-    while hi - lo > 1e-10 * hi:
+    for _ in range(MAX_STEPS):
+        if hi - lo <= 1e-10 * hi:
+            break
         mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
         if not lo < mid < hi:
             mid = (lo + hi) / 2.0

@@ -8,17 +8,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Literal
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+import anyio
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from veil import __version__
-from veil.errors import VeilError, validation_problems
-from veil.executor.auth import Principal, authenticate, identify
+from veil import __version__, limits
+from veil.errors import AuthError, VeilError, validation_problems
+from veil.executor.auth import Principal, authenticate
+from veil.executor.query_pool import MAX_IN_FLIGHT
 from veil.executor.site import Site
 from veil.wire import (
     ApplicationInfo,
@@ -45,38 +52,60 @@ from veil.wire import (
 )
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_ANONYMOUS_BODY_BYTES = 1024
+"""A request without a valid token is refused whatever it says: it may not send more than this."""
 MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
-"""Federated rounds and a study's final model carry weights: their endpoints take up to this."""
-WEIGHTS_PATHS = ("/round", "/finish")
+"""Federated rounds and a study's final model carry weights: their endpoints take up to this, and only
+for a job the token's project holds."""
+WEIGHTS_PATH = re.compile(r"^/jobs/([0-9]{1,18})/(round|finish)$")
+SHUTDOWN_SECONDS = 10
+"""How long the executor lets requests in flight finish after SIGTERM (queries stop at their own limit)."""
+THREADS = 2 * MAX_IN_FLIGHT
 SITE_CONFIG_ENV, DATABASE_URL_ENV = "VEIL_SITE_CONFIG", "VEIL_DATABASE_URL"
+Id = Annotated[int, PathParam(ge=1, le=limits.INT64[1])]
 log = logging.getLogger("veil.executor")
 
 
-class BodyLimit:
-    """Pure ASGI middleware: refuse request bodies over `limit` bytes before anything parses them."""
+class Gate:
+    """Pure ASGI middleware: who is calling, whether they are within their rate, and how large a body they
+    may send are settled before any body is read or any route runs."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, weights_limit: int = MAX_WEIGHTS_BYTES) -> None:
-        self.app, self.limit, self.weights_limit = app, limit, weights_limit
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.weights_limit if scope["path"].endswith(WEIGHTS_PATHS) else self.limit
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._too_large(scope, send, limit)
-        chunks, size, more = [], 0, True
-        while more:  # read (at most limit + 1 bytes of) the body, then replay it
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > limit:
-                return await self._too_large(scope, send, limit)
-        body = b"".join(chunks)
+        site: Site = scope["app"].state.site
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
+        identity: Principal | AuthError = ANONYMOUS_CALLER
+        if authorization is not None:
+            identity = await run_in_threadpool(_authenticate, site, authorization)
+        scope.setdefault("state", {})["identity"] = identity
+        address = scope["client"][0] if scope.get("client") else "unknown"
+        known = isinstance(identity, Principal)
+        key, per_minute = ((f"token:{identity.name}", site.catalog.limits.requests_per_minute) if known
+                           else (f"address:{address}", site.catalog.limits.anonymous_per_minute))
+        if not site.rates.allow(key, per_minute):
+            error = VeilError("rate_limited", f"more than {per_minute} requests a minute from "
+                              f"{'this token' if known else 'this address without a valid token'}",
+                              hint="slow down and retry in a few seconds", status=429)
+            site.refusals.count(address, error.code)
+            return await _refusal_response(error, None)(scope, _no_receive, send)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        limit = await self._body_limit(site, identity, scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        announced = declared.isdigit() and (len(declared) > 18 or int(declared) > limit)
+        body = b"" if announced else await _read_body(receive, limit)
+        if body is None:  # the client went away
+            return None
+        if announced or len(body) > limit:
+            error = VeilError("body_too_large", f"the request body exceeds {limit} bytes",
+                              hint="send one query per request (a few hundred bytes), or a smaller model"
+                              if known else "send a valid bearer token", status=413)
+            receipt = await _audit_refusal(site, identity, address, _action(scope["path"]), error)
+            return await _refusal_response(error, receipt)(scope, _no_receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -88,15 +117,59 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, send: Send, limit: int) -> None:
-        error = VeilError("body_too_large", f"the request body exceeds {limit} bytes",
-                          hint="send one query per request (a few hundred bytes), or a smaller model", status=413)
-        site: Site = scope["app"].state.site
-        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
-        who = await run_in_threadpool(identify, site.engine, authorization)
-        receipt = await run_in_threadpool(site.refuse, who, scope["path"].strip("/") or "request", error)
-        response = _refusal_response(error, receipt)
-        await response(scope, _no_receive, send)
+    @staticmethod
+    async def _body_limit(site: Site, identity: Principal | AuthError, path: str) -> int:
+        if not isinstance(identity, Principal):
+            return MAX_ANONYMOUS_BODY_BYTES
+        weights = WEIGHTS_PATH.match(path)
+        if weights and identity.role == "researcher" and await run_in_threadpool(
+                site.trainer.holds, identity, int(weights.group(1))):
+            return MAX_WEIGHTS_BYTES
+        return MAX_BODY_BYTES
+
+
+ANONYMOUS_CALLER = AuthError("missing_token", "this request carries no bearer token",
+                             hint="send 'Authorization: Bearer <token>'; a steward creates tokens with "
+                                  "'veil executor token create'")
+
+
+def _authenticate(site: Site, authorization: str) -> Principal | AuthError:
+    try:
+        return authenticate(site.engine, authorization)
+    except AuthError as exc:
+        return exc
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The body, read up to `limit` + 1 bytes (then reading stops); None if the client disconnected."""
+    chunks, size, more = [], 0, True
+    while more and size <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _action(path: str) -> str:
+    """The audit log's action for a request path: its first segment, if it is one of the API's."""
+    first = path.strip("/").split("/")[0]
+    return first if first in ACTIONS else "request"
+
+
+ACTIONS = {"query", "datasets", "whoami", "grants", "jobs", "catalog", "levels", "applications", "budgets",
+           "audit", "receipts", "health", "openapi.json", "docs"}
+
+
+async def _audit_refusal(site: Site, identity: Principal | AuthError, address: str, action: str,
+                         error: VeilError, dataset: str | None = None, query: str | None = None) -> str | None:
+    """An accountable refusal (a valid token) gets its own audit entry and receipt; the others are counted."""
+    if not isinstance(identity, Principal):
+        site.refusals.count(address, error.code)
+        return None
+    return await run_in_threadpool(site.refuse, identity, action, error, dataset, query)
 
 
 async def _no_receive() -> Message:
@@ -109,28 +182,42 @@ def _refusal_response(error: VeilError, receipt: str | None) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=error.status)
 
 
+_HTTP_CODES = {404: ("unknown_route", "there is no such route", "see the routes at /openapi.json"),
+               405: ("method_not_allowed", "this route does not take that method", "see /openapi.json"),
+               400: ("malformed_request", "the body could not be parsed", "send JSON as /openapi.json describes")}
+
+
 def create_app(site: Site) -> FastAPI:
     """The executor app for one site."""
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # threads wait on query workers and the database: enough of them that one client's stalled
+        # requests (at most query_pool.MAX_IN_FLIGHT) cannot take them all
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        yield
+        await run_in_threadpool(site.close)
+
     app = FastAPI(
         title=f"Veil site executor: {site.catalog.title}",
         version=__version__,
         description="Answers only with differentially private releases, charged to a ledger and audited.",
+        lifespan=lifespan,
     )
     app.state.site = site
-    app.add_middleware(BodyLimit)
+    app.add_middleware(Gate)
 
-    def principal(request: Request, authorization: str | None = Header(default=None)) -> Principal:
-        who = authenticate(site.engine, authorization)
-        request.state.principal = who
-        return who
+    def principal(request: Request) -> Principal:
+        identity = request.state.identity
+        if isinstance(identity, AuthError):
+            raise identity
+        return identity  # type: ignore[no-any-return]
 
     async def audited_refusal(request: Request, error: VeilError) -> JSONResponse:
-        who = getattr(request.state, "principal", None)
-        if who is None:  # refused before authentication (e.g. a body that is not JSON)
-            who = await run_in_threadpool(identify, site.engine, request.headers.get("authorization"))
         context: dict[str, Any] = getattr(request.state, "context", {})
-        receipt = await run_in_threadpool(site.refuse, who, request.url.path.strip("/").split("/")[0] or "request",
-                                          error, context.get("dataset"), context.get("query"))
+        address = request.client.host if request.client else "unknown"
+        identity = getattr(request.state, "identity", ANONYMOUS_CALLER)
+        receipt = await _audit_refusal(site, identity, address, _action(request.url.path), error,
+                                       context.get("dataset"), context.get("query"))
         return _refusal_response(error, receipt)
 
     @app.exception_handler(VeilError)
@@ -141,6 +228,13 @@ def create_app(site: Site) -> FastAPI:
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = VeilError("malformed_request", f"the request is not valid: {validation_problems(exc.errors())}",
                           hint="see the request schema at /openapi.json", status=422)
+        return await audited_refusal(request, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code, message, hint = _HTTP_CODES.get(exc.status_code, (f"http_{exc.status_code}", "refused", None))
+        where = f"{request.method} {request.url.path}"[:200]
+        error = VeilError(code, f"{message} ({where})", hint=hint, status=exc.status_code)
         return await audited_refusal(request, error)
 
     @app.exception_handler(Exception)
@@ -200,17 +294,17 @@ def create_app(site: Site) -> FastAPI:
         return site.train(who, body)
 
     @app.get("/jobs/{job_id}", response_model=JobInfo)
-    def job(job_id: int, who: Principal = Depends(principal)) -> JobInfo:
+    def job(job_id: Id, who: Principal = Depends(principal)) -> JobInfo:
         """A job's state, progress (share of steps, epoch, epsilon spent so far) and, when done, its DP evaluation."""
         return site.job(who, job_id)
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobInfo)
-    def cancel_job(job_id: int, who: Principal = Depends(principal)) -> JobInfo:
+    def cancel_job(job_id: Id, who: Principal = Depends(principal)) -> JobInfo:
         return site.cancel_job(who, job_id)
 
     @app.post("/jobs/{job_id}/round", response_class=Response,
               responses={200: {"content": {"application/x-protobuf": {}}}})
-    async def job_round(job_id: int, request: Request, who: Principal = Depends(principal)) -> Response:
+    async def job_round(job_id: Id, request: Request, who: Principal = Depends(principal)) -> Response:
         """One round of a federated study: a Flower train message's content (protobuf RecordDict) in,
         the site's DP weights and public numbers out, in the same format."""
         body = await request.body()
@@ -218,7 +312,7 @@ def create_app(site: Site) -> FastAPI:
         return Response(reply, media_type="application/x-protobuf")
 
     @app.post("/jobs/{job_id}/finish", response_model=JobInfo)
-    async def finish_job(job_id: int, request: Request, who: Principal = Depends(principal)) -> JobInfo:
+    async def finish_job(job_id: Id, request: Request, who: Principal = Depends(principal)) -> JobInfo:
         """End a site's part of a federated study: with the final weights (safetensors) as the body, a DP
         evaluation on held-out patients; the budget is settled to what the site's accountant spent."""
         body = await request.body()
@@ -226,7 +320,7 @@ def create_app(site: Site) -> FastAPI:
 
     @app.get("/jobs/{job_id}/weights", response_class=Response,
              responses={200: {"content": {"application/octet-stream": {}}}})
-    def job_weights(job_id: int, who: Principal = Depends(principal)) -> Response:
+    def job_weights(job_id: Id, who: Principal = Depends(principal)) -> Response:
         """The trained weights as safetensors (never a pickle)."""
         return Response(site.job_weights(who, job_id), media_type="application/octet-stream")
 
@@ -253,25 +347,25 @@ def create_app(site: Site) -> FastAPI:
         return site.applications(who, status)
 
     @app.get("/applications/{application_id}", response_model=ApplicationInfo)
-    def application(application_id: int, who: Principal = Depends(principal)) -> ApplicationInfo:
+    def application(application_id: Id, who: Principal = Depends(principal)) -> ApplicationInfo:
         return site.application(who, application_id)
 
     @app.put("/applications/{application_id}", response_model=ApplicationInfo)
-    def amend(application_id: int, body: ApplicationRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
+    def amend(application_id: Id, body: ApplicationRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
         """Change your application: it becomes a new version that needs a new review."""
         return site.amend(who, application_id, body)
 
     @app.post("/applications/{application_id}/withdraw", response_model=ApplicationInfo)
-    def withdraw(application_id: int, who: Principal = Depends(principal)) -> ApplicationInfo:
+    def withdraw(application_id: Id, who: Principal = Depends(principal)) -> ApplicationInfo:
         return site.withdraw(who, application_id)
 
     @app.post("/applications/{application_id}/reviews", response_model=ApplicationInfo)
-    def review(application_id: int, body: ReviewRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
+    def review(application_id: Id, body: ReviewRequest, who: Principal = Depends(principal)) -> ApplicationInfo:
         """A steward approves or rejects the version they read, with a comment."""
         return site.review(who, application_id, body)
 
     @app.post("/grants/{grant_id}/revoke", response_model=GrantInfo)
-    def revoke(grant_id: int, body: RevokeRequest, who: Principal = Depends(principal)) -> GrantInfo:
+    def revoke(grant_id: Id, body: RevokeRequest, who: Principal = Depends(principal)) -> GrantInfo:
         return site.revoke_grant(who, grant_id, body.reason)
 
     @app.get("/budgets", response_model=list[DatasetBudget])
@@ -284,7 +378,7 @@ def create_app(site: Site) -> FastAPI:
         return site.set_cap(who, dataset, body.epsilon, body.reason)
 
     @app.get("/audit", response_model=list[AuditEntry])
-    def audit_log(since: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000),
+    def audit_log(since: int = Query(0, ge=0, le=limits.INT64[1]), limit: int = Query(1000, ge=1, le=10_000),
                   who: Principal = Depends(principal)) -> list[AuditEntry]:
         """Audit entries after sequence number `since` (stewards)."""
         return site.audit_log(who, since, limit)

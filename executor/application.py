@@ -4,6 +4,11 @@ A researcher applies (purpose, datasets, budget, duration, uses); reviewers appr
 version they read. When the approvals meet the rule of the strictest dataset's level, the grants
 are created in the same transaction. Any change makes a new version that needs a new review.
 Every step is an audit entry; every refusal changes nothing.
+
+A rule that needs no reviewer (L1) approves at most each dataset's per-project share of its lifetime
+cap (`ledger.project_share`; an application sets the project's grant total, so this bounds what the
+project holds however many applications it files); a larger application waits for one steward's
+review, who sees the figures and may approve it. A researcher is never told what the cap has left.
 """
 
 from __future__ import annotations
@@ -61,10 +66,15 @@ def _info(conn: Connection, catalog: Catalog, row: dict) -> ApplicationInfo:
     rule = combined([catalog.rule(catalog.datasets[d]) for d in request.datasets if d in catalog.datasets])
     found = _reviews(conn, row["id"], row["version"])
     approvals = [(r.reviewer, r.office) for r in found if r.decision == "approve"]
+    needs = None
+    if row["status"] == "pending":
+        needs = missing(rule, approvals)
+        if needs is None and not approvals:  # a rule without reviewers held it: above the project share
+            needs = "1 approving reviewer: " + "; ".join(_above_share(conn, catalog, request) or [
+                "when filed, it was above what this level's rule approves without review"])
     return ApplicationInfo(
         id=row["id"], project=row["project"], applicant=row["applicant"], status=row["status"],
-        version=row["version"], request=request, rule=rule, reviews=found,
-        needs=missing(rule, approvals) if row["status"] == "pending" else None,
+        version=row["version"], request=request, rule=rule, reviews=found, needs=needs,
         created_at=row["created_at"], updated_at=row["updated_at"], decided_at=row["decided_at"],
     )
 
@@ -75,13 +85,37 @@ def _audit(conn: Connection, who: Principal, decision: str, row: dict, reason: s
                  project=row["project"], reason=f"application {row['id']} v{row['version']}: {reason}")
 
 
+def _above_share(conn: Connection, catalog: Catalog, request: ApplicationRequest) -> list[str]:
+    """Why a rule without reviewers may not approve `request` alone, one line per dataset whose
+    epsilon is above the project's share of its lifetime cap; empty when it may."""
+    lines = []
+    for name in request.datasets:
+        dataset = catalog.datasets.get(name)
+        if dataset is None:  # gone from the catalog since: nothing the rule could approve there
+            continue
+        share = ledger.project_share(conn, catalog, dataset)
+        if request.epsilon > share * (1 + 1e-9):
+            lines.append(f"epsilon {request.epsilon:g} on '{name}' is above the most one project may hold there "
+                         f"without review (epsilon {share:.4g}, {catalog.rule(dataset).max_project_share:.0%} of "
+                         "its lifetime cap)")
+    return lines
+
+
 def _approve(conn: Connection, catalog: Catalog, row: dict, request: ApplicationRequest, by: Principal) -> None:
-    """Create the grants of an approved application, if every dataset's remaining cap affords them."""
+    """Create the grants of an approved application, if every dataset's remaining cap affords them.
+
+    A steward approving is told what the cap has left; the researcher whose application the site's rule
+    approves is not (it would tell them what other projects spent)."""
     for name in request.datasets:
         held = ledger.grant_row(conn, row["project"], name)
         would_spend = rho_for_epsilon(request.epsilon, catalog.reporting_delta) - (held["rho_spent"] if held else 0.0)
         left = ledger.cap_remaining(conn, name, catalog.reporting_delta)
         if would_spend > left * (1 + 1e-9):
+            if by is SITE_POLICY:
+                raise GovernanceError(
+                    "cap_exceeded", f"epsilon {request.epsilon:g} on '{name}' cannot be granted: this dataset's "
+                    "site-wide budget cannot cover it",
+                    hint="apply for a smaller budget; the site's data stewards can tell you more")
             raise GovernanceError(
                 "cap_exceeded", f"approving epsilon {request.epsilon:g} on '{name}' exceeds what its lifetime cap "
                 f"has left (epsilon {epsilon_of(left, catalog.reporting_delta):.4g})",
@@ -102,8 +136,12 @@ def _decide_if_met(conn: Connection, catalog: Catalog, row: dict, by: Principal)
     rule = rule_for(catalog, request)
     approvals = [(r.reviewer, r.office) for r in _reviews(conn, row["id"], row["version"]) if r.decision == "approve"]
     if missing(rule, approvals) is None:
-        if rule.reviewers == 0:
-            by = SITE_POLICY  # no review needed: the site's rule approves it
+        if not approvals:  # no review needed: the site's rule approves it, up to each dataset's project share
+            above = _above_share(conn, catalog, request)
+            if above:
+                _audit(conn, SITE_POLICY, "held", row, "needs a steward's review: " + "; ".join(above))
+                return row
+            by = SITE_POLICY
         _approve(conn, catalog, row, request, by)
         now = audit.now()
         conn.execute(update(applications).where(applications.c.id == row["id"])

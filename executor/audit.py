@@ -3,7 +3,8 @@
 Each entry hashes its own fields together with the previous entry's hash, so editing, deleting,
 inserting or reordering any entry breaks the chain at that point; the head row (last seq and
 hash) catches a truncated tail. `verify` also checks that the ledger's spent totals equal the
-sum of the charges recorded in released entries.
+sum of the charges recorded in released entries and, given the site's key, that the chain still
+matches the heads the site signed (executor/checkpoints.py), which a recomputed chain does not.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
-from veil.executor.store import GENESIS, audit, audit_head, caps, grants
-from veil.wire import AuditEntry
+from veil.executor import checkpoints
+from veil.executor.checkpoints import SiteKey
+from veil.executor.store import GENESIS, audit, audit_head, caps, grants, head_moved
+from veil.wire import AuditEntry, Checkpoint
 
 FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "epsilon", "delta",
           "result_digest", "decision", "reason", "prev_hash")
@@ -34,6 +39,19 @@ def entry_hash(entry: dict[str, Any]) -> str:
     """SHA-256 over the entry's fields (canonical JSON), the previous hash included."""
     body = json.dumps({k: entry[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+MAX_FIELD_CHARS = 4000
+"""No text field of an entry is longer: what a client sends cannot grow the log beyond this per entry."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _line(text: str | None) -> str | None:
+    """A text field as the log keeps it: one line (control characters escaped), at most MAX_FIELD_CHARS."""
+    if text is None:
+        return None
+    line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return line if len(line) <= MAX_FIELD_CHARS else line[:MAX_FIELD_CHARS - 13] + " [truncated]"
 
 
 def now() -> str:
@@ -60,13 +78,15 @@ def append(
     (`+ 0.0` turns -0.0 into 0.0: the database keeps no sign on zero, and the hash must match what it keeps.)"""
     head = conn.execute(_HEAD).one()
     entry: dict[str, Any] = dict(
-        seq=head.seq + 1, ts=now(), principal=principal, role=role, project=project, action=action,
-        dataset=dataset, query=query, rho=float(rho) + 0.0, epsilon=float(epsilon) + 0.0, delta=float(delta) + 0.0, result_digest=result_digest,
-        decision=decision, reason=reason, prev_hash=head.hash,
+        seq=head.seq + 1, ts=now(), principal=_line(principal), role=_line(role), project=_line(project),
+        action=_line(action), dataset=_line(dataset), query=_line(query), rho=float(rho) + 0.0,
+        epsilon=float(epsilon) + 0.0, delta=float(delta) + 0.0, result_digest=result_digest,
+        decision=_line(decision), reason=_line(reason), prev_hash=head.hash,
     )
     entry["hash"] = entry_hash(entry)
     conn.execute(_INSERT, entry)
     conn.execute(_MOVE_HEAD, {"new_seq": entry["seq"], "new_hash": entry["hash"]})
+    head_moved(conn, entry["seq"], entry["hash"])  # the site's key signs the new head before commit
     return AuditEntry(**entry)
 
 
@@ -82,6 +102,7 @@ class Verification:
 
     entries: int = 0
     problems: list[str] = field(default_factory=list)
+    checkpoints: int = 0  # signed heads checked (stored and published)
 
     @property
     def ok(self) -> bool:
@@ -98,11 +119,15 @@ SPENT = ("rho", "delta", "epsilon")
 LEDGER_COLUMNS = ("rho_spent", "delta_spent", "approx_epsilon_spent")
 
 
-def verify(engine: Engine) -> Verification:
-    """Walk the chain from the genesis hash; compare the head and the ledger with what it records."""
+def verify(engine: Engine, site_key: SiteKey | None = None, published: Iterable[Checkpoint] = ()) -> Verification:
+    """Walk the chain from the genesis hash; compare the head and the ledger with what it records.
+
+    With the site's key, every stored checkpoint and each `published` one must be signed by that key
+    and name the hash the chain still has at its seq; otherwise the log was rewritten after signing."""
     result = Verification()
     spent: dict[tuple[str, str], list[float]] = {}
     with engine.connect() as conn:
+        signed = _signed_heads(conn, result, site_key, published)
         expected_prev, expected_seq = GENESIS, 1
         for row in conn.execute(select(audit).order_by(audit.c.seq)).mappings():
             entry = dict(row)
@@ -113,11 +138,19 @@ def verify(engine: Engine) -> Verification:
                 result.problems.append(f"entry {entry['seq']}: does not follow the previous entry (deleted, inserted or reordered)")
             if entry_hash(entry) != entry["hash"]:
                 result.problems.append(f"entry {entry['seq']}: its content does not match its hash (edited)")
+            for label, head in signed.pop(entry["seq"], []):
+                if head != entry["hash"]:
+                    result.problems.append(
+                        f"{label} at entry {entry['seq']}: the site signed hash {head[:16]}..., the log now has "
+                        f"{entry['hash'][:16]}... (the log was rewritten after it was signed)")
             if entry["decision"] in CHARGES:
                 totals = spent.setdefault((entry["project"], entry["dataset"]), [0.0, 0.0, 0.0])
                 for i, name in enumerate(SPENT):
                     totals[i] += entry[name]
             expected_prev, expected_seq = entry["hash"], entry["seq"] + 1
+        for seq, heads in sorted(signed.items()):
+            for label, _ in heads:
+                result.problems.append(f"{label} at entry {seq}: the log has no entry {seq} (truncated or rewritten)")
         head = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).one()
         if (head.seq, head.hash) != (expected_seq - 1, expected_prev):
             result.problems.append(f"the log ends at entry {expected_seq - 1} but its head says {head.seq} (truncated)")
@@ -132,6 +165,23 @@ def verify(engine: Engine) -> Verification:
         for c in conn.execute(select(caps)).mappings():
             _compare(result, f"dataset cap {c['dataset']}", c, per_dataset.get(c["dataset"], [0.0, 0.0, 0.0]))
     return result
+
+
+def _signed_heads(conn: Connection, result: Verification, site_key: SiteKey | None,
+                  published: Iterable[Checkpoint]) -> dict[int, list[tuple[str, str]]]:
+    """seq -> [(which checkpoint, signed hash)] for each validly signed checkpoint; bad signatures noted."""
+    heads: dict[int, list[tuple[str, str]]] = {}
+    if site_key is None:
+        return heads
+    for label, found in (("checkpoint", checkpoints.stored(conn, site_key.site)), ("published checkpoint", published)):
+        for cp in found:
+            result.checkpoints += 1
+            if not site_key.signed(cp):
+                result.problems.append(f"{label} at entry {cp.seq}: not signed by this site's key {site_key.key_id} "
+                                       "(forged or altered)")
+                continue
+            heads.setdefault(cp.seq, []).append((label, cp.hash))
+    return heads
 
 
 def _compare(result: Verification, what: str, row: Any, logged: list[float]) -> None:

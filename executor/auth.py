@@ -36,9 +36,6 @@ class Principal:
     office: str | None = None
 
 
-ANONYMOUS = Principal("anonymous", "none")
-
-
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -89,14 +86,6 @@ def authenticate(engine: Engine, authorization: str | None) -> Principal:
         raise AuthError("invalid_token", "the bearer token is not valid for this site",
                         hint="check the token file your study config names, or ask the steward for a new token")
     return Principal(row["principal"], row["role"], row["project"], row["office"])
-
-
-def identify(engine: Engine, authorization: str | None) -> Principal:
-    """Who sent a request that was refused before authentication (for the audit log); never raises."""
-    try:
-        return authenticate(engine, authorization)
-    except AuthError:
-        return ANONYMOUS
 
 
 def require(principal: Principal, *roles: str) -> None:

@@ -6,6 +6,7 @@ number of rows per patient are public facts declared by the steward, never read 
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import polars as pl
 
+from veil import limits
 from veil.errors import CatalogError
 from veil.executor.policy import DEFAULT_RULES, level_rules
 from veil.wire import NAME_PATTERN, ColumnInfo, DatasetInfo, LevelRule
@@ -103,6 +105,22 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class SiteLimits:
+    """How much one client may ask of the site (`[limits]` in site.toml); see README, "Hostile input"."""
+
+    query_seconds: float = 30.0
+    """A query's planning and run time; past it the query is stopped, refused and charged nothing."""
+    query_workers: int = 2
+    """Processes that plan and run queries (each killed and replaced when a query overruns)."""
+    requests_per_minute: int = 600
+    """Requests per token (and per address for tokens' requests), refused beyond with `rate_limited`."""
+    anonymous_per_minute: int = 60
+    """Requests without a valid token, per client address."""
+    audit_window_seconds: float = 60.0
+    """Anonymous and rate-limited refusals are counted into one audit entry per window."""
+
+
+@dataclass(frozen=True)
 class Catalog:
     """A site: its name, database URL, accounting settings and datasets."""
 
@@ -113,8 +131,10 @@ class Catalog:
     default_l1_epsilon: float
     datasets: dict[str, Dataset]
     path: Path
+    audit_key: Path  # the site's Ed25519 audit-signing key, outside the state database
     levels: dict[str, LevelRule] = field(default_factory=dict)
     max_training_seconds: float = 3600.0
+    limits: SiteLimits = field(default_factory=SiteLimits)
 
     def rule(self, dataset: Dataset) -> LevelRule:
         """The review rule and release bounds of the dataset's privacy level."""
@@ -164,6 +184,35 @@ def _column(name: str, raw: dict[str, Any], where: str) -> Column:
     )
 
 
+def _number(raw: dict[str, Any], key: str, where: str, low: float, high: float, default: float | None = None) -> float:
+    """A number from the catalog within [low, high], or a CatalogError naming the key and the range."""
+    value = raw.get(key, default) if default is not None else _require(raw, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise CatalogError("bad_catalog", f"{where}: {key} = {value!r} must be a number from {low:g} to {high:g}",
+                           hint="fix the value in site.toml and restart the executor")
+    return float(value)
+
+
+def _budget(raw: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
+    return _number(raw, key, where, limits.MIN_EPSILON, limits.MAX_BUDGET_EPSILON, default)
+
+
+def _site_limits(raw: dict[str, Any]) -> SiteLimits:
+    known = set(SiteLimits.__dataclass_fields__)
+    if set(raw) - known:
+        raise CatalogError("bad_catalog", f"[limits]: unknown key(s) {sorted(set(raw) - known)}",
+                           hint=f"the keys are {', '.join(sorted(known))}")
+    d = SiteLimits()
+    return SiteLimits(
+        query_seconds=_number(raw, "query_seconds", "[limits]", 0.01, 3600, d.query_seconds),
+        query_workers=int(_number(raw, "query_workers", "[limits]", 1, 64, d.query_workers)),
+        requests_per_minute=int(_number(raw, "requests_per_minute", "[limits]", 1, 1e6, d.requests_per_minute)),
+        anonymous_per_minute=int(_number(raw, "anonymous_per_minute", "[limits]", 1, 1e6, d.anonymous_per_minute)),
+        audit_window_seconds=_number(raw, "audit_window_seconds", "[limits]", 1, 86400, d.audit_window_seconds),
+    )
+
+
 def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
     where = f"dataset '{name}'"
     level = _require(raw, "level", where)
@@ -189,8 +238,8 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         privacy_unit=unit,
         max_rows_per_unit=max_per_unit,
         max_rows=int(_require(raw, "max_rows", where)),
-        lifetime_epsilon=float(_require(raw, "lifetime_epsilon", where)),
-        lifetime_delta=float(raw.get("lifetime_delta", 1e-4)),
+        lifetime_epsilon=_budget(raw, "lifetime_epsilon", where),
+        lifetime_delta=_number(raw, "lifetime_delta", where, limits.MIN_DELTA, 0.1, 1e-4),
         columns=columns,
     )
 
@@ -210,17 +259,19 @@ def load_catalog(path: str | Path) -> Catalog:
     if database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
         database_url = "sqlite:///" + str((base / database_url.removeprefix("sqlite:///")).resolve())
     datasets = {name: _dataset(name, d, base) for name, d in raw.get("datasets", {}).items()}
-    default_l1_epsilon = float(site.get("default_l1_epsilon", 1.0))
+    default_l1_epsilon = _budget(site, "default_l1_epsilon", "[site]", 1.0)
     return Catalog(
         site=_check_name(_require(site, "name", "[site]"), "[site]"),
         title=site.get("title", site["name"]),
         database_url=database_url,
-        reporting_delta=float(site.get("reporting_delta", 1e-6)),
+        reporting_delta=_number(site, "reporting_delta", "[site]", limits.MIN_DELTA, 1e-3, 1e-6),
         default_l1_epsilon=default_l1_epsilon,
         datasets=datasets,
         path=path,
+        audit_key=(base / site.get("audit_key", "audit-signing.key")).resolve(),
         levels=level_rules(raw.get("levels", {}), default_l1_epsilon),
-        max_training_seconds=float(site.get("max_training_seconds", 3600.0)),
+        max_training_seconds=_number(site, "max_training_seconds", "[site]", 1, 7 * 86400, 3600.0),
+        limits=_site_limits(raw.get("limits", {})),
     )
 
 

@@ -4,15 +4,21 @@ The noise multiplier is calibrated once, up front, for every planned step (PRV a
 PRV fails) and checked against the target. Each step draws a Poisson batch straight from the tensors
 (`rand(n) < q`, the sampling the accountant assumes), clips per-sample gradients with ghost clipping
 (or hooks, for comparison) and adds Gaussian noise; a live accountant records each step, so a
-cancelled job reports what its steps actually spent. Only the weights (safetensors), the (epsilon,
-delta) spent and private held-out counts come out; the counts are not for release as they are.
+cancelled job reports what its steps actually spent. The noise generator gets a fresh state from the
+operating system's CSPRNG before every step (`reseed_from_os`), never from the job's seed: whoever knew
+or guessed a seed could regenerate the noise and subtract it (Opacus' secure mode needs torchcsprng,
+which is not available for current PyTorch). A seed fixes only the initial weights and the batches.
+Only the weights (safetensors), the (epsilon, delta) spent and private held-out counts come out; the
+counts are not for release as they are.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -20,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -39,6 +46,11 @@ ACCOUNTANTS = ("prv", "rdp")
 ACCOUNTANT_FAILURES = (ValueError, ArithmeticError, IndexError, RuntimeError)
 MAX_STEPS = 1_000_000
 EVAL_CHUNK = 65_536
+_MT_STATE_BYTES = 5056
+"""Size of torch's CPU generator state (CPUGeneratorImplState): a legacy header (seed u64, left i32,
+seeded i32, next u64), 624 Mersenne Twister words kept as u64 (their low 32 bits are the state), the
+cached normal samples."""
+_MT_WORDS, _MT_OFFSET = 624, 24
 
 # Opacus' hooks make PyTorch warn on every backward pass that the input needs no gradient: expected here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -152,7 +164,8 @@ def train(
     `layout` describes the columns of x (default: all numeric, two classes or one regression output).
     `progress` is called after every epoch and on cancellation; setting `cancel` stops before the next
     step. `device` defaults to CUDA when available. `seed` (tests and benchmarks only; never from a
-    request) makes the run reproducible; otherwise the randomness is seeded from the OS.
+    request) fixes the initial weights and the Poisson batches; otherwise they are seeded from the OS.
+    The noise is drawn from the OS before every step whatever the seed, so no run is reproducible.
     `audit_noise_scale` exists only for the empirical privacy audit: it multiplies the noise actually
     added while the accountant keeps the calibrated multiplier, so anything but 1 breaks the guarantee.
     `public_rows` (a DP count of the training rows) sets the sampling rate and the number of steps, so
@@ -318,6 +331,35 @@ def history_epsilon(history: Sequence[tuple[float, float, int]], mechanism: str,
         return accountant_epsilon(list(history), "rdp", delta)
 
 
+def reseed_from_os(generator: torch.Generator) -> None:
+    """Give `generator` a fresh state from the operating system's CSPRNG (`os.urandom`), so that no
+    seed anyone knows or could guess predicts what it draws next.
+
+    On the CPU (Mersenne Twister) all 624 state words are drawn, 19,968 bits, because `manual_seed`
+    keeps only 32 bits of a seed there; on CUDA (Philox) a 64-bit seed, the most `manual_seed` takes.
+    Either way a fast generator that is not cryptographic then expands it (about 25 us a call)."""
+    if generator.device.type != "cpu":
+        generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        return
+    state = _mt_template().clone()
+    words = state.numpy()[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(np.uint64)
+    words[:] = np.frombuffer(os.urandom(4 * _MT_WORDS), dtype=np.uint32)
+    generator.set_state(state)
+
+
+@functools.cache
+def _mt_template() -> torch.Tensor:
+    """A freshly seeded CPU generator's state (valid header, no cached normal samples), layout checked."""
+    state = torch.Generator().manual_seed(1).get_state()
+    header = state[:24].numpy()
+    if (state.numel() != _MT_STATE_BYTES or sys.byteorder != "little"
+            or header[:16].tobytes() != (1).to_bytes(8, "little") + (1).to_bytes(4, "little") * 2):
+        raise RuntimeError(f"torch's CPU generator state ({state.numel()} bytes) has a layout this engine does "
+                           "not know, so the DP-SGD noise cannot be seeded from the OS: check reseed_from_os "
+                           "against this torch version")
+    return state
+
+
 class _Run:
     """The Opacus objects of one job: wrapped module, DP optimizer, criterion and live accountant."""
 
@@ -344,7 +386,9 @@ class _Run:
         base = (torch.optim.Adam if hyper.optimizer == "adam" else torch.optim.SGD)(
             self.model.parameters(), lr=hyper.learning_rate, weight_decay=hyper.weight_decay
         )
-        self.noise = torch.Generator(dev).manual_seed(seed + 1)
+        # The noise never comes from `seed`: `fit` reseeds it from the OS before every step.
+        self.noise = torch.Generator(dev)
+        reseed_from_os(self.noise)
         self.sampling = torch.Generator(dev).manual_seed(seed + 2)
         self.optimizer = get_optimizer_class(
             clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode
@@ -392,6 +436,7 @@ class _Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.model(xb)
                 (self.criterion(out.squeeze(1) if self.regression else out, yb) * weight).backward()
+                reseed_from_os(self.noise)  # this step's noise: from a state nobody could know or recompute
                 self.optimizer.step()
                 steps += 1
             if progress is not None:

@@ -7,6 +7,10 @@ granted epsilon, and every delta spent within the grant's delta. A
 grant's own `delta` is a separate budget for thresholding, which adds to the reporting delta. A charge
 is checked against both the grant and the cap and recorded in the same write transaction as its
 audit entry, so concurrent requests cannot overspend and a crash cannot split them.
+
+What the site's rule gives without review (an L1 default grant, an L1 approval) is at most a project's
+share of the dataset's lifetime cap (`project_share`). A researcher's refusal speaks of their own grant
+only: that the dataset's site-wide budget is short says nothing of how much other projects spent.
 """
 
 from __future__ import annotations
@@ -212,10 +216,26 @@ def cap_remaining(conn: Connection, dataset: str, reporting_delta: float) -> flo
     return rho_left(dict(conn.execute(_CAP, {"dataset": dataset}).mappings().one()), reporting_delta)
 
 
-def _remaining(grant: dict, cap: dict, reporting_delta: float) -> dict[str, float]:
+def project_share(conn: Connection, catalog: Catalog, dataset: Dataset) -> float:
+    """The most epsilon one project may hold on `dataset` by the site's rule alone, without a review:
+    its level's `max_project_share` of the dataset's lifetime cap, as a steward last set it."""
+    cap = conn.execute(_CAP, {"dataset": dataset.name}).mappings().one()
+    return catalog.rule(dataset).max_project_share * cap["epsilon"]
+
+
+def default_grant_epsilon(conn: Connection, catalog: Catalog, dataset: Dataset) -> float | None:
+    """The grant a project gets on its first use of `dataset` without applying (L1): the level's
+    `default_grant_epsilon`, but no more than `project_share`; None where the level gives none."""
+    default = catalog.rule(dataset).default_grant_epsilon
+    return None if default is None else min(default, project_share(conn, catalog, dataset))
+
+
+def _remaining(grant: dict, reporting_delta: float) -> dict[str, float]:
+    """What a refusal tells the caller remains: their own grant's figures only, never the cap's, which
+    would tell them what other projects have spent."""
     return {
-        "rho": min(rho_left(grant, reporting_delta), rho_left(cap, reporting_delta)),
-        "delta": max(0.0, min(grant["delta"] - grant["delta_spent"], cap["delta"] - cap["delta_spent"])),
+        "rho": rho_left(grant, reporting_delta),
+        "delta": max(0.0, grant["delta"] - grant["delta_spent"]),
         "rho_granted": grant["rho_total"],
         "epsilon_granted": grant["epsilon"],
     }
@@ -246,7 +266,7 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
     found = grant_row(conn, project, dataset.name)
     grant = found
     if grant is None:
-        default = catalog.rule(dataset).default_grant_epsilon
+        default = default_grant_epsilon(conn, catalog, dataset)
         if default is None:
             raise _no_grant(project, dataset)
         grant = dict(rho_total=rho_for_epsilon(default, catalog.reporting_delta), rho_spent=0.0, revoked=False,
@@ -256,16 +276,24 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
     cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
     grant_ok = affords(grant, rho, delta, epsilon, catalog.reporting_delta)
     if not (grant_ok and affords(cap, rho, delta, epsilon, catalog.reporting_delta)):
-        left = _remaining(grant, cap, catalog.reporting_delta)
-        which = f"project '{project}''s grant" if not grant_ok else "the dataset's lifetime cap"
+        left = _remaining(grant, catalog.reporting_delta)
         asked = (f"epsilon={epsilon:.4g}" if epsilon else f"rho={rho:.4g}") + (f", delta={delta:.2g}" if delta else "")
-        left_text = f"rho={left['rho']:.4g} (epsilon {epsilon_of(left['rho'], catalog.reporting_delta):.4g})" + (
-            f", delta={left['delta']:.2g}" if delta else "")
-        raise BudgetError(
+        if not grant_ok:
+            left_text = f"rho={left['rho']:.4g} (epsilon {epsilon_of(left['rho'], catalog.reporting_delta):.4g})" + (
+                f", delta={left['delta']:.2g}" if delta else "")
+            raise BudgetError(
+                "budget_exhausted",
+                f"this release costs {asked} but project '{project}''s grant on '{dataset.name}' has {left_text} left",
+                hint="ask for a smaller epsilon (wider intervals), reuse releases you already have, "
+                     "or ask the data steward for more budget",
+                remaining=left,
+            )
+        raise BudgetError(  # the cap's figures would tell what other projects spent: not for a researcher
             "budget_exhausted",
-            f"this release costs {asked} but {which} on '{dataset.name}' has {left_text} left",
-            hint="ask for a smaller epsilon (wider intervals), reuse releases you already have, "
-                 "or ask the data steward for more budget",
+            f"this release costs {asked}, which your grant on '{dataset.name}' covers, but this dataset's "
+            "site-wide budget cannot cover it",
+            hint="ask for a smaller epsilon (wider intervals) or reuse releases you already have; the site's "
+                 "data stewards can tell you more",
             remaining=left,
         )
     return found
@@ -276,7 +304,7 @@ def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, r
     """Check and add the cost to the grant and the cap, inside the caller's write transaction."""
     grant = check(conn, catalog, project, dataset, rho, delta, use, epsilon)
     if grant is None:  # first use of a dataset with a default grant (L1): created now, audited like any grant
-        default = catalog.rule(dataset).default_grant_epsilon
+        default = default_grant_epsilon(conn, catalog, dataset)  # at most the project's share of the cap
         assert default is not None
         set_grant(conn, catalog, project, dataset, default, by="site-default", role="system")
         grant = grant_row(conn, project, dataset.name)

@@ -17,7 +17,7 @@ import polars as pl
 from opendp.domains import _lazyframe_from_domain, with_margin
 
 from veil.errors import QueryError
-from veil.executor.catalog import Column, Dataset
+from veil.executor.catalog import DTYPES, Column, Dataset
 from veil.wire import Aggregate, And, Comparison, Condition, Not, Or, QuerySpec
 
 dp.enable_features("contrib")
@@ -76,8 +76,7 @@ def _literal(column: Column, value: Any) -> Any:
 
 def _predicate(dataset: Dataset, cond: Condition) -> pl.Expr:
     if isinstance(cond, And):
-        exprs = [_predicate(dataset, c) for c in cond.all]
-        return pl.all_horizontal(exprs) if len(exprs) > 2 else _fold(exprs, "and")
+        return _fold([_predicate(dataset, c) for c in cond.all], "and")
     if isinstance(cond, Or):
         return _fold([_predicate(dataset, c) for c in cond.any], "or")
     if isinstance(cond, Not):
@@ -89,9 +88,8 @@ def _predicate(dataset: Dataset, cond: Condition) -> pl.Expr:
         return col.is_null()
     if cond.op == "is_not_null":
         return col.is_not_null()
-    if cond.op == "in":  # OpenDP 0.16 has no is_in: an OR of equalities is the same predicate
-        return _fold([_predicate(dataset, Comparison(column=column.name, op="==", value=v))
-                      for v in cond.value], "or")  # type: ignore[union-attr]
+    if cond.op == "in":
+        return _membership(column, col, [_literal(column, v) for v in cond.value])  # type: ignore[union-attr]
     value = _literal(column, cond.value)
     if column.dtype == "Date":  # OpenDP 0.16 takes no date literals: compare days since 1970-01-01
         col, value = col.cast(pl.Int32), (value - EPOCH).days
@@ -100,11 +98,24 @@ def _predicate(dataset: Dataset, cond: Condition) -> pl.Expr:
             "<=": col <= value, ">": col > value, ">=": col >= value}[cond.op]
 
 
+def _membership(column: Column, col: pl.Expr, values: list[Any]) -> pl.Expr:
+    """`col IN (values)` as one lookup: OpenDP 0.16 has no `is_in`, but it does take `replace_strict`, and a
+    lookup of the value in the list costs the same however long the list is (an OR of equalities grows
+    with it). A null stays null, so the row is left out, as SQL's IN does."""
+    if column.dtype == "Date":  # OpenDP 0.16 takes no date literals: compare days since 1970-01-01
+        col, values = col.cast(pl.Int32), [(v - EPOCH).days for v in values]
+    old = pl.Series(values, dtype=pl.Int32 if column.dtype == "Date" else DTYPES[column.dtype])
+    return col.replace_strict(old.unique(), True, default=False, return_dtype=pl.Boolean)
+
+
 def _fold(exprs: list[pl.Expr], how: str) -> pl.Expr:
-    out = exprs[0]
-    for e in exprs[1:]:
-        out = (out & e) if how == "and" else (out | e)
-    return out
+    """`e1 & e2 & ...` (or `|`) as a balanced tree: its depth grows with log2 of the terms, so OpenDP's
+    recursion over the expression stays shallow (a left-deep chain of 2,000 terms overflows its stack)."""
+    while len(exprs) > 1:
+        pairs = [(exprs[i] & exprs[i + 1]) if how == "and" else (exprs[i] | exprs[i + 1])
+                 for i in range(0, len(exprs) - 1, 2)]
+        exprs = pairs + exprs[len(exprs) - len(exprs) % 2:]
+    return exprs[0]
 
 
 def _bounded(dataset: Dataset, agg: Aggregate) -> tuple[Column, tuple[Any, Any]]:

@@ -1,7 +1,10 @@
 """Privacy levels and their review rules: who must approve an application, and what a release may be.
 
 Each site may override the defaults in its catalog (`[levels.L2]` ...). An application naming
-several datasets is reviewed under the strictest rule among them (`combined`).
+several datasets is reviewed under the strictest rule among them (`combined`). What a rule approves
+without any reviewer (L1) is bounded per project by `max_project_share` of each dataset's lifetime cap,
+so that no project can take a whole dataset for itself and close it to the others; a larger request
+waits for a steward's review.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from veil.errors import CatalogError
 from veil.wire import LevelRule
 
 DEFAULT_RULES: dict[str, dict[str, Any]] = {
-    "L1": dict(reviewers=0, max_epsilon_per_release=1.0, min_group_threshold=10),
+    "L1": dict(reviewers=0, max_epsilon_per_release=1.0, min_group_threshold=10, max_project_share=0.25),
     "L2": dict(reviewers=1, max_epsilon_per_release=1.0, min_group_threshold=10),
     "L3": dict(reviewers=2, offices=["data_center", "data_committee"], ethics_required=True,
                max_epsilon_per_release=0.5, min_group_threshold=20, max_epsilon_per_model=4.0),
@@ -57,6 +60,7 @@ def combined(rules: list[LevelRule]) -> LevelRule:
         min_group_threshold=max(r.min_group_threshold for r in rules),
         training=all(r.training for r in rules),
         default_grant_epsilon=None,
+        max_project_share=min(r.max_project_share for r in rules),
     )
 
 

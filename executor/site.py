@@ -8,17 +8,15 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
-from veil.executor import application, audit, custom_model, federated, ledger, mocks
+from veil.errors import CatalogError, GovernanceError, VeilError
+from veil.executor import application, audit, checkpoints, custom_model, federated, ledger, mocks
 from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
-from veil.executor.calibrate import certify, fits
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
-from veil.executor.plan import build_plan
-from veil.executor.prepared import Prepared, PreparedQueries
-from veil.executor.release import can_stream, describe, run
+from veil.executor.query_pool import QueryPool, QueryTask
 from veil.executor.rounds import Rounds
 from veil.executor.store import open_store, write
+from veil.executor.throttle import RateLimiter, RefusalCounter
 from veil.executor.training import Trainer
 from veil.executor.unit_bound import most_rows_per_unit
 from veil.sql import canonical_sql, parse_sql
@@ -56,15 +54,26 @@ class Site:
 
     catalog: Catalog
     engine: Engine
-    prepared: PreparedQueries = field(default_factory=PreparedQueries)
+    queries: QueryPool = None  # type: ignore[assignment]  # made from the catalog's limits when not given
     _bounds: dict[str, _BoundCheck] = field(default_factory=dict)
     _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
     trainer: Trainer = field(init=False)
     rounds: Rounds = field(init=False)
+    rates: RateLimiter = field(default_factory=RateLimiter)
+    refusals: RefusalCounter = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.queries is None:
+            self.queries = QueryPool(self.catalog.path, self.catalog.limits.query_workers,
+                                     self.catalog.limits.query_seconds)
         self.trainer = Trainer(self.engine, self.catalog)
         self.rounds = Rounds(self.trainer)
+        self.refusals = RefusalCounter(self.catalog.limits.audit_window_seconds, self._log_refusals)
+
+    def close(self) -> None:
+        """Write the last window of counted refusals and stop the query workers (the executor stops)."""
+        self.refusals.close()
+        self.queries.close()
 
     @classmethod
     def open(cls, catalog_path: str | Path, database_url: str | None = None) -> Site:
@@ -72,9 +81,12 @@ class Site:
         catalog = load_catalog(catalog_path)
         for ds in catalog.datasets.values():
             check_data_matches(ds)
-        custom_model.hide([catalog.path.parent, *(ds.path.parent for ds in catalog.datasets.values()),
+        signer = checkpoints.Signer.load(catalog.site, catalog.audit_key)  # once per process; created if absent
+        custom_model.hide([catalog.path.parent, catalog.audit_key.parent,
+                           *(ds.path.parent for ds in catalog.datasets.values()),
                            *_database_dir(database_url or catalog.database_url)])
         site = cls(catalog, open_store(database_url or catalog.database_url))
+        checkpoints.register(site.engine, signer)  # before any write: every moved head gets signed
         ledger.sync_caps(site.engine, catalog)
         site.trainer.recover()
         site.rounds.recover()
@@ -125,12 +137,14 @@ class Site:
         return ledger.list_grants(self.engine, project, self.catalog.reporting_delta)
 
     def receipt(self, principal: Principal, receipt: str) -> AuditEntry:
-        """An audit entry by its hash; researchers may read only their own project's entries."""
+        """An audit entry by its hash, with the signed checkpoint that covers it; researchers may read
+        only their own project's entries."""
         entry = audit.find(self.engine, receipt)
         if entry is None or (principal.role == "researcher" and entry.project != principal.project):
             raise CatalogError("unknown_receipt", f"no receipt {receipt[:16]}... that you may read on this site",
                                hint="check the receipt string; receipts are the hash of an audit entry", status=404)
-        return entry
+        with self.engine.connect() as conn:
+            return entry.model_copy(update={"checkpoint": checkpoints.covering(conn, entry.seq)})
 
     # ------------------------------------------------------------ queries
 
@@ -155,22 +169,14 @@ class Site:
                      "several releases", status=403)
         verified = self.bound_holds(dataset)
         delta = request.delta if spec.group_by else None
-
-        def prepare() -> Prepared:
-            plan = build_plan(dataset, spec, verified_bound=verified, thresholded=delta is not None)
-            certified = certify(plan, rho, delta if not plan.public_keys else None, rule.min_group_threshold)
-            return Prepared(plan, certified, describe(plan, certified, request.confidence),
-                            can_stream(dataset, plan, certified))
-
         key = (dataset.name, text, verified, rho, delta, request.confidence, rule.min_group_threshold)
-        prepared = self.prepared.get_or_prepare(key, prepare)
-        plan, certified = prepared.plan, prepared.certified
-        if not fits(certified, plan, rho, delta):
-            raise QueryError("calibration_failed", "the prepared measurement no longer fits its loss",
-                             hint="retry; if it persists, tell the site's administrators")
-        with self.engine.connect() as conn:  # fail early, before touching the data
-            ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
-        output = run(dataset, plan, certified, prepared.description, prepared.streaming)
+        task = QueryTask(key, dataset.name, spec.model_dump_json(), verified, rho, delta, request.confidence,
+                         rule.min_group_threshold)
+        with self.queries.session(principal.name) as worker:
+            certified = worker.prepare(task)  # planned and certified in the worker, within the time limit
+            with self.engine.connect() as conn:  # fail early, before touching the data
+                ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
+            output = worker.run(task)
         cost = Cost(rho=certified.rho, delta=certified.delta,
                     epsilon=epsilon_of(certified.rho, self.catalog.reporting_delta),
                     epsilon_delta=self.catalog.reporting_delta)
@@ -190,10 +196,12 @@ class Site:
 
     def apply(self, who: Principal, request: ApplicationRequest) -> ApplicationInfo:
         require(who, "researcher")
+        self._convert(request.epsilon)
         return application.submit(self.engine, self.catalog, who, request)
 
     def amend(self, who: Principal, application_id: int, request: ApplicationRequest) -> ApplicationInfo:
         require(who, "researcher")
+        self._convert(request.epsilon)
         return application.amend(self.engine, self.catalog, who, application_id, request)
 
     def withdraw(self, who: Principal, application_id: int) -> ApplicationInfo:
@@ -222,6 +230,7 @@ class Site:
 
     def set_cap(self, who: Principal, dataset: str, epsilon: float, reason: str) -> DatasetBudget:
         require(who, "steward")
+        self._convert(epsilon)
         with write(self.engine) as conn:
             ledger.set_cap(conn, self.catalog, self.catalog.dataset(dataset), epsilon, by=who.name, reason=reason)
         return next(b for b in self.budgets(who) if b.dataset == dataset)
@@ -274,8 +283,19 @@ class Site:
 
     def verify(self, who: Principal) -> AuditVerification:
         require(who, "steward", "admin")
-        result = audit.verify(self.engine)
+        signer = checkpoints.signer(self.engine)
+        result = audit.verify(self.engine, signer.key if signer else None)
         return AuditVerification(ok=result.ok, entries=result.entries, problems=result.problems)
+
+    def _convert(self, epsilon: float) -> None:
+        """Convert a budget to rho before a write transaction opens: the ledger's conversion inside it is
+        then a cache hit, so the site-wide write lock is never held while OpenDP searches."""
+        rho_for_epsilon(epsilon, self.catalog.reporting_delta)
+
+    def _log_refusals(self, reason: str) -> None:
+        with write(self.engine) as conn:
+            audit.append(conn, principal="anonymous", role="none", action="requests", decision="refused",
+                         reason=reason)
 
     def refuse(self, principal: Principal, action: str, error: VeilError, dataset: str | None = None,
                query: str | None = None) -> str:

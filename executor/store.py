@@ -3,12 +3,14 @@
 Every write runs in `write()`: one transaction that first takes the site-wide write lock
 (SQLite: BEGIN IMMEDIATE; PostgreSQL: a row lock on the audit head), so a charge, its grant and
 cap updates and its audit entry commit together or not at all, in one order for all replicas.
+A write that moved the audit head runs the engine's head hook before it commits (the site's signer,
+executor/checkpoints.py), so the signed checkpoint commits with the entries it covers.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from weakref import WeakKeyDictionary
 
@@ -172,6 +174,16 @@ audit_head = Table(
     Column("hash", String(64), nullable=False),
 )
 
+checkpoints = Table(  # the audit head signed with the site's key (executor/checkpoints.py)
+    "checkpoints", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),  # the head entry it covers
+    Column("hash", String(64), nullable=False),
+    Column("ts", String(40), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("public_key", String(64), nullable=False),  # raw Ed25519 key, hex; verify never trusts it
+    Column("signature", String(128), nullable=False),
+)
+
 GENESIS = "0" * 64
 
 
@@ -233,6 +245,42 @@ def _check_columns(engine: Engine) -> None:
 _SQLITE_WRITERS: WeakKeyDictionary[Engine, threading.Lock] = WeakKeyDictionary()
 _HEAD_FOR_UPDATE = select(audit_head.c.seq).where(audit_head.c.id == 1).with_for_update()
 
+HeadHook = Callable[[Connection, int, str], None]
+_HEAD_HOOKS: WeakKeyDictionary[Engine, HeadHook] = WeakKeyDictionary()
+_MOVED = "veil_head_moved"
+
+
+def on_head_moved(engine: Engine, hook: HeadHook) -> None:
+    """Run `hook(conn, seq, hash)` in every write transaction on `engine` that moved the audit head,
+    just before it commits (the site's signer registers here)."""
+    _HEAD_HOOKS[engine] = hook
+
+
+def head_moved(conn: Connection, seq: int, head: str) -> None:
+    """Note that this write transaction moved the audit head to (seq, head); `seal` acts on it."""
+    conn.info[_MOVED] = (seq, head)
+
+
+def seal(conn: Connection) -> None:
+    """Run the engine's head hook now for the head this write transaction moved, if not yet done."""
+    if not conn.get_execution_options().get("veil_write", False):
+        return
+    moved = conn.info.pop(_MOVED, None)
+    hook = _HEAD_HOOKS.get(conn.engine)
+    if moved is not None and hook is not None:
+        hook(conn, *moved)
+
+
+@contextmanager
+def _sealed(conn: Connection) -> Iterator[Connection]:
+    """Seal the transaction's head before it commits; `conn.info` outlives the checkout, so clear it."""
+    conn.info.pop(_MOVED, None)
+    try:
+        yield conn
+        seal(conn)
+    finally:
+        conn.info.pop(_MOVED, None)
+
 
 @contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
@@ -243,8 +291,9 @@ def write(engine: Engine) -> Iterator[Connection]:
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
             conn.execute(_HEAD_FOR_UPDATE)
-            yield conn
+            with _sealed(conn):
+                yield conn
         return
     with _SQLITE_WRITERS.setdefault(engine, threading.Lock()):
-        with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
+        with engine.connect() as conn, conn.execution_options(veil_write=True).begin(), _sealed(conn):
             yield conn

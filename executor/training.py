@@ -124,6 +124,14 @@ class Trainer:
             self._timed_out.add(job_id)
             cancel.set()
 
+    def holds(self, who: Principal, job_id: int) -> bool:
+        """Whether the caller's project holds job `job_id` (a weights upload is accepted only then)."""
+        try:
+            self.row(who, job_id)
+        except VeilError:
+            return False
+        return True
+
     def weights(self, who: Principal, job_id: int) -> bytes:
         """The trained weights (safetensors) of a finished or cancelled job."""
         row = self.row(who, job_id)

@@ -58,7 +58,7 @@ def test_no_interleaving_overspends(base_site: Site, tmp_path: Path) -> None:
         def fresh_site(self) -> None:
             engine = open_store(f"sqlite:///{tmp_path / f'prop-{next(counter)}.db'}")
             # the catalog, certified queries and bound checks are shared; the state database is new
-            self.site = Site(base_site.catalog, engine, base_site.prepared, base_site._bounds)
+            self.site = Site(base_site.catalog, engine, base_site.queries, base_site._bounds)
             ledger.sync_caps(engine, base_site.catalog)
             self.grant: dict[tuple[str, str], Budget] = {}
             self.cap: dict[str, Budget] = {

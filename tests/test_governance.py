@@ -118,11 +118,11 @@ def assert_refused(d: Deployment, response: Any, status: int, code: str, before:
 
 
 def test_l1_application_is_approved_by_the_rule_at_once(gov: Deployment) -> None:
-    app = apply(gov, datasets=["patients"], epsilon=3.0, purpose="Age distribution of enrolled patients")
+    app = apply(gov, datasets=["patients"], epsilon=2.5, purpose="Age distribution of enrolled patients")
     assert app["status"] == "approved" and app["needs"] is None and app["rule"]["reviewers"] == 0
     grant = next(g for g in gov.client().grants() if g.dataset == "patients")
     assert grant.application_id == app["id"] and grant.status == "active" and grant.expires_at
-    assert grant.epsilon == 3.0
+    assert grant.epsilon == 2.5  # the most the L1 rule approves alone: a quarter of the cap
     decisions = [(e.action, e.decision, e.principal) for e in audit.entries(gov.engine)
                  if e.reason and f"application {app['id']}" in e.reason]
     assert ("application", "submitted", "alice") in decisions

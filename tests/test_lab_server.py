@@ -139,7 +139,7 @@ def test_a_steward_approves_revokes_and_caps_from_the_desk(lab: Lab, sites: dict
     assert cap["cap_epsilon"] == 90.0
     load_study(lab.root / "study.toml").sites["central"].datasets["patients"].sql(
         "SELECT COUNT(*) AS n FROM patients").release(epsilon=0.2)  # something spent on central's patients
-    below = lab.post("steward/budgets/central/patients/cap", {"epsilon": 1e-6, "reason": "oops"}, expect=409)
+    below = lab.post("steward/budgets/central/patients/cap", {"epsilon": 0.01, "reason": "oops"}, expect=409)
     assert "spent" in below["message"]
 
     entries = lab.get("steward/audit", site="central", since=0, limit=500)["entries"]

@@ -205,7 +205,9 @@ def test_cancel_reports_the_epsilon_spent(cancer: features.Encoded) -> None:
 
 def test_breast_cancer_accuracy(cancer: features.Encoded, capsys: pytest.CaptureFixture[str]) -> None:
     """DP logistic regression near the non-private baseline (notes: 95.7% at epsilon 1, 97.3% at 2).
-    On the CPU, where seeded runs are reproducible, so the floors cannot flake (CUDA draws other noise)."""
+    The noise is fresh from the OS in every run, seed or not, so the floors sit 3.8 or more standard
+    deviations below the means measured over 30 repetitions of this test (94.7%, 95.9%, 96.6%; sd 1.0,
+    0.65, 0.35 points): a broken engine falls far below them, chance almost never."""
     seeds = [0, 1, 2]
     accuracy: dict[str, list[float]] = {"non-private": [], "1": [], "2": [], "8": []}
     for seed in seeds:
@@ -234,7 +236,7 @@ def test_breast_cancer_accuracy(cancer: features.Encoded, capsys: pytest.Capture
             {k: round(v, 3) for k, v in mean.items()},
         )
     assert mean["non-private"] >= 0.96
-    assert mean["1"] >= 0.93 and mean["2"] >= 0.94 and mean["8"] >= 0.94
+    assert mean["1"] >= 0.91 and mean["2"] >= 0.93 and mean["8"] >= 0.94
 
 
 def test_linear_regression_reports_private_squared_error() -> None:
@@ -272,3 +274,55 @@ def test_empty_poisson_batches_still_take_a_noise_step() -> None:
         seed=0,
     )
     assert out.steps == out.planned_steps == 80 and out.epsilon <= 5.0
+
+
+# ---------------------------------------------------------------- noise from the OS
+
+
+def test_same_seed_same_batches_but_fresh_noise(cancer: features.Encoded) -> None:
+    """A seed (tests and benchmarks only) fixes the initial weights and the Poisson batches: with the noise
+    switched off two runs agree exactly. It never fixes the noise: with it, the same two runs differ."""
+    x_train, y_train, _, _ = split(cancer, 0)
+
+    def weights(noise_scale: float) -> dict[str, torch.Tensor]:
+        out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0, "epochs": 2}, x_train, y_train,
+                          device="cpu", seed=7, audit_noise_scale=noise_scale)
+        return models.load_weights(models.build_model(ModelSpec.logistic(), FeatureLayout.numeric_only(
+            x_train.shape[1])), out.weights).state_dict()
+
+    quiet = [weights(0.0), weights(0.0)]
+    assert all(torch.equal(quiet[0][k], quiet[1][k]) for k in quiet[0])  # same init, same batches
+    noised = [weights(1.0), weights(1.0)]
+    assert all(not torch.equal(noised[0][k], noised[1][k]) for k in noised[0])  # never the same noise
+
+
+def test_noise_generator_is_reseeded_from_the_os_before_every_step(
+        cancer: features.Encoded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step's noise comes from a generator state drawn from os.urandom just before it: all 624 words
+    of the Mersenne Twister, not a seed (torch's `manual_seed` would keep 32 bits of it)."""
+    x_train, y_train, _, _ = split(cancer, 0)
+    draws: list[int] = []
+    urandom = dpsgd.os.urandom
+    monkeypatch.setattr(dpsgd.os, "urandom", lambda n: draws.append(n) or urandom(n))
+    out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0, "epochs": 2}, x_train, y_train,
+                      device="cpu", seed=0)
+    assert out.steps == 8 and draws.count(4 * 624) == out.steps + 1  # each step, and once when built
+    monkeypatch.undo()
+
+    def seeded_stream(words: np.ndarray) -> bool:
+        """Whether the 624 words follow MT19937's seeding recurrence (what `manual_seed` writes)."""
+        w = [int(v) for v in words]
+        return all((1812433253 * (w[i - 1] ^ (w[i - 1] >> 30)) + i) & 0xFFFFFFFF == w[i] for i in range(1, 624))
+
+    def state_words(g: torch.Generator) -> np.ndarray:
+        return g.get_state().numpy()[24:24 + 8 * 624].view(np.uint64)
+
+    assert seeded_stream(state_words(torch.Generator().manual_seed(12345)))
+    g, noise = torch.Generator(), []
+    for _ in range(3):
+        dpsgd.reseed_from_os(g)
+        assert not seeded_stream(state_words(g)) and len(set(state_words(g).tolist())) > 600
+        noise.append(torch.randn(256, generator=g))
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])
+    for seed in (0, 1, 2, g.initial_seed()):  # not the stream of any seed a job could have had
+        assert not torch.equal(noise[0], torch.randn(256, generator=torch.Generator().manual_seed(seed)))

@@ -21,21 +21,23 @@ def _synth(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from veil.executor.app import DATABASE_URL_ENV, SITE_CONFIG_ENV, create_app
+    from veil.executor.app import DATABASE_URL_ENV, SHUTDOWN_SECONDS, SITE_CONFIG_ENV, create_app
     from veil.executor.site import Site
 
     site = Site.open(args.site_config, args.database_url)  # fails early, with a clear message
     print(f"veil executor for site '{site.catalog.site}' on http://{args.host}:{args.port}"
           f" ({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
     if args.workers == 1:
-        uvicorn.run(create_app(site), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(site), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=SHUTDOWN_SECONDS)
         return 0
+    site.close()
     site.engine.dispose()
     os.environ[SITE_CONFIG_ENV] = str(Path(args.site_config).resolve())
     if args.database_url:
         os.environ[DATABASE_URL_ENV] = args.database_url
     uvicorn.run("veil.executor.app:app_from_environment", factory=True, workers=args.workers,
-                host=args.host, port=args.port, log_level=args.log_level)
+                host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_SECONDS)
     return 0
 
 
@@ -97,17 +99,59 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from veil.executor import checkpoints
     from veil.executor.audit import verify
 
-    _, engine = _open(args)
-    result = verify(engine)
+    catalog, engine = _open(args)
+    key = checkpoints.site_key(catalog.site, catalog.audit_key)
+    published: list[checkpoints.Checkpoint] = []
+    if args.checkpoints:
+        try:
+            with open(args.checkpoints) as f:
+                published = checkpoints.read(f)
+        except (OSError, ValidationError, ValueError) as exc:
+            print(f"error: cannot read checkpoints from {args.checkpoints}: {exc}", file=sys.stderr)
+            return 2
+    result = verify(engine, key, published)
+    if key is None:
+        with engine.connect() as conn:
+            signed = bool(checkpoints.stored(conn, catalog.site, latest=True))
+        if signed or published:
+            result.problems.append(f"no audit-signing key at {catalog.audit_key} (or its .pub): the signed "
+                                   "checkpoints cannot be checked; restore the key or set audit_key in site.toml")
     if result.ok:
-        print(f"audit log OK: {result.entries} entries, chain intact, ledger matches the releases")
+        if key is None:
+            signed_note = f" (no audit-signing key at {catalog.audit_key}: no checkpoints checked)"
+        else:
+            signed_note = f", {result.checkpoints - len(published)} signed checkpoints match (site key {key.key_id})"
+        print(f"audit log OK: {result.entries} entries, chain intact, ledger matches the releases{signed_note}")
+        if published:
+            print(f"all {len(published)} checkpoints in {args.checkpoints} are signed by this site and match the log")
         return 0
     print(f"audit log FAILED verification ({result.entries} entries):")
     for problem in result.problems:
         print(f"  - {problem}")
     return 1
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    from veil.executor import checkpoints
+
+    catalog, engine = _open(args)
+    with engine.connect() as conn:
+        found = checkpoints.stored(conn, catalog.site, latest=args.latest)
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for cp in found:
+            out.write(cp.model_dump_json() + "\n")
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {len(found)} signed checkpoints to {args.out}; publish them outside the site")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -124,11 +168,11 @@ def _export(args: argparse.Namespace) -> int:
     try:
         if args.format == "jsonl":
             for e in found:
-                out.write(json.dumps(e.model_dump(), sort_keys=True) + "\n")
+                out.write(json.dumps(e.model_dump(exclude={"checkpoint"}), sort_keys=True) + "\n")
         else:
             writer = csv.DictWriter(out, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(e.model_dump() for e in found)
+            writer.writerows(e.model_dump(exclude={"checkpoint"}) for e in found)
     finally:
         if args.out:
             out.close()
@@ -229,9 +273,20 @@ def parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=_revoke)
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
-    verify = audit.add_parser("verify", help="check the hash chain and that the ledger matches it")
+    verify = audit.add_parser("verify", help="check the hash chain, the signed checkpoints and that the ledger "
+                              "matches the chain")
     _site_args(verify)
+    verify.add_argument("--checkpoints", default=None, metavar="FILE",
+                        help="checkpoints published earlier (JSON lines from 'veil audit checkpoints'): each must be "
+                             "signed by this site's key and still match the log")
     verify.set_defaults(func=_verify)
+
+    signed = audit.add_parser("checkpoints", help="write the signed checkpoints of the audit log (JSON lines), "
+                              "to publish outside the site")
+    _site_args(signed)
+    signed.add_argument("--latest", action="store_true", help="only the latest checkpoint")
+    signed.add_argument("--out", default=None, help="a file (default: standard output)")
+    signed.set_defaults(func=_checkpoints)
 
     export = audit.add_parser("export", help="write the audit log as JSON lines or CSV")
     _site_args(export)

@@ -56,6 +56,14 @@ class GovernanceError(VeilError):
 
 
 def validation_problems(errors: Sequence[Any], limit: int = 5) -> str:
-    """Pydantic's validation errors in one line: `where: what` for each (at most `limit`)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                     for e in list(errors)[:limit])
+    """Pydantic's validation errors in one line: `where: what` for each (at most `limit`). When a value
+    fails every member of a union, the type mismatches are left out if a more specific reason exists
+    (a text too long says so, not "input should be a valid boolean")."""
+    specific = [e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    return "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in list(specific or errors)[:limit])
+
+
+def _where(loc: Sequence[Any]) -> str:
+    """A field's path without the body prefix and pydantic's union-member tags (`constrained-str`, ...)."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or "constrained" in p))]
+    return ".".join(parts) or "body"

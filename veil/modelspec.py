@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from veil import limits
 from veil.names import Name
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"]
@@ -138,8 +139,8 @@ class TrainSpec(_Strict):
     There is deliberately no seed: a researcher who knew the seed could regenerate and subtract the noise.
     """
 
-    epsilon: float = Field(gt=0.0, le=50.0)
-    delta: float = Field(gt=0.0, lt=1e-2)
+    epsilon: float = Field(ge=limits.MIN_EPSILON, le=50.0)
+    delta: float = Field(ge=limits.MIN_DELTA, lt=1e-2)
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=1_000_000)
     learning_rate: float = Field(gt=0.0, le=100.0)

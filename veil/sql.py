@@ -9,6 +9,7 @@ The executor never runs the SQL text itself: the spec is what it turns into a Po
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -16,7 +17,8 @@ import sqlglot
 from pydantic import ValidationError
 from sqlglot import exp
 
-from veil.errors import QueryError
+from veil import limits
+from veil.errors import QueryError, validation_problems
 from veil.wire import Aggregate, And, Comparison, Condition, Not, Or, QuerySpec
 
 _COMPARISONS: dict[type[exp.Expression], str] = {
@@ -44,9 +46,49 @@ def _refuse(construct: str, hint: str) -> QueryError:
     return QueryError("unsupported_query", f"{construct} is not supported in a DP query", hint=hint)
 
 
+def _too_large(what: str, hint: str) -> QueryError:
+    return QueryError("query_too_large", f"the query {what}", hint=hint)
+
+
+def nesting_depth(sql: str) -> int:
+    """The deepest nesting of parentheses outside quoted text (measured before any parser sees the text)."""
+    depth = deepest = 0
+    quote: str | None = None
+    for ch in sql:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"`":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
+
+
+def check_sql_size(sql: str) -> None:
+    """Refuse SQL text longer or more deeply nested than the limits, before it is parsed."""
+    if len(sql) > limits.MAX_SQL_CHARS:
+        raise _too_large(f"is {len(sql)} characters long, more than {limits.MAX_SQL_CHARS}",
+                         "shorten it: use IN lists or BETWEEN instead of many comparisons")
+    if nesting_depth(sql) > limits.MAX_SQL_NESTING:
+        raise _too_large(f"nests parentheses deeper than {limits.MAX_SQL_NESTING} levels",
+                         "write the filter flatter; the meaning of AND / OR does not need deep nesting")
+
+
 @lru_cache(maxsize=4096)
 def parse_sql(sql: str) -> QuerySpec:
     """Turn `SELECT ... FROM dataset [WHERE ...] [GROUP BY ...]` into a QuerySpec, or refuse."""
+    check_sql_size(sql)
+    try:
+        return _parse(sql)
+    except RecursionError:  # e.g. thousands of chained NOTs: the text is small but the tree is deep
+        raise _too_large(f"nests expressions deeper than {limits.MAX_CONDITION_DEPTH} levels",
+                         "write the filter flatter") from None
+
+
+def _parse(sql: str) -> QuerySpec:
     try:
         statements = [s for s in sqlglot.parse(sql) if s is not None]
     except sqlglot.errors.ParseError as exc:
@@ -67,11 +109,10 @@ def parse_sql(sql: str) -> QuerySpec:
             raise _refuse(construct, hint)
     try:
         return _spec(select)
-    except ValidationError as exc:  # a quoted name outside the allowed pattern, and the like
-        problem = exc.errors()[0]
-        raise QueryError("malformed_sql", f"the query names something Veil does not accept: {problem['msg']}",
-                         hint="dataset, column and alias names are letters, digits and _ (no quotes needed)"
-                         ) from None
+    except ValidationError as exc:  # a quoted name outside the allowed pattern, a filter too large, ...
+        raise QueryError("malformed_sql", f"the query is not one Veil accepts: {validation_problems(exc.errors(), 1)}",
+                         hint="names are letters, digits and _ (no quotes needed); filters stay within the "
+                              "limits the message names") from None
 
 
 def _spec(select: exp.Select) -> QuerySpec:
@@ -166,7 +207,15 @@ def _literal(node: exp.Expression) -> Any:
         if node.is_string:
             return node.this
         text = node.this
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        try:
+            value = float(text) if any(c in text for c in ".eE") else int(text) if len(text) <= 20 else None
+        except ValueError:
+            value = None
+        if value is None or not limits.INT64[0] <= value <= limits.INT64[1] and isinstance(value, int) \
+                or isinstance(value, float) and not math.isfinite(value):
+            raise QueryError("bad_value", f"the number {text[:40]} is out of range",
+                             hint="compare with numbers within the column's range (64-bit integers, finite decimals)")
+        return value
     if isinstance(node, exp.Boolean):
         return node.this
     if isinstance(node, exp.Cast) and isinstance(node.this, exp.Literal) and node.this.is_string:
@@ -174,13 +223,30 @@ def _literal(node: exp.Expression) -> Any:
     raise _refuse(f"the value {node.sql()}", "compare columns with literal values (numbers, 'text', DATE 'YYYY-MM-DD')")
 
 
+def _operands(node: exp.Expression, kind: type[exp.Expression]) -> list[exp.Expression]:
+    """The operands of a chain `a AND b AND c ...` (parsed left-deep), flattened without recursion."""
+    out, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        while isinstance(current, exp.Paren):
+            current = current.this
+        if isinstance(current, kind):
+            stack += [current.expression, current.this]
+        else:
+            out.append(current)
+    if len(out) > limits.MAX_CONDITION_NODES:
+        raise _too_large(f"chains {len(out)} conditions, more than {limits.MAX_CONDITION_NODES}",
+                         "use IN lists or ranges (BETWEEN) instead of many comparisons")
+    return out
+
+
 def _condition(node: exp.Expression) -> Condition:
     if isinstance(node, exp.Paren):
         return _condition(node.this)
     if isinstance(node, exp.And):
-        return And(all=[_condition(node.this), _condition(node.expression)])
+        return And(all=[_condition(c) for c in _operands(node, exp.And)])
     if isinstance(node, exp.Or):
-        return Or(any=[_condition(node.this), _condition(node.expression)])
+        return Or(any=[_condition(c) for c in _operands(node, exp.Or)])
     if isinstance(node, exp.Not):
         inner = node.this
         if isinstance(inner, exp.Is):
@@ -191,6 +257,9 @@ def _condition(node: exp.Expression) -> Condition:
     if isinstance(node, exp.In):
         if node.args.get("query"):
             raise _refuse("IN (subquery)", "list the values: col IN ('a', 'b')")
+        if len(node.expressions) > limits.MAX_IN_VALUES:
+            raise _too_large(f"lists {len(node.expressions)} values in IN (...), more than {limits.MAX_IN_VALUES}",
+                             "split it into several queries, or GROUP BY the column and select groups afterwards")
         return Comparison(column=_column_name(node.this, "WHERE"), op="in",
                           value=[_literal(v) for v in node.expressions])
     if isinstance(node, exp.Between):

@@ -7,15 +7,30 @@ a *request* (a query), a *release* (a DP result with its accuracy and cost) or a
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from veil import limits
 from veil.modelspec import ModelSpec, TrainSpec
 from veil.names import NAME_PATTERN as NAME_PATTERN  # re-exported: both sides import it from the contract
 from veil.names import Name
 
-Scalar = Union[bool, int, float, str]
+
+def _printable(text: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("text values may not hold control characters (line breaks, tabs)")
+    return text
+
+
+Scalar = Union[
+    bool,
+    Annotated[int, Field(ge=limits.INT64[0], le=limits.INT64[1])],
+    Annotated[float, Field(allow_inf_nan=False)],
+    Annotated[str, Field(max_length=limits.MAX_TEXT_VALUE), AfterValidator(_printable)],
+]
+Epsilon = Annotated[float, Field(ge=limits.MIN_EPSILON, le=limits.MAX_BUDGET_EPSILON)]
+"""A budget in epsilon (grant, cap, application): within the range the ledger's conversions handle."""
 
 
 class _Strict(BaseModel):
@@ -40,17 +55,20 @@ class Comparison(_Strict):
         elif self.op == "in":
             if not isinstance(self.value, list) or not self.value:
                 raise ValueError("operator 'in' needs a non-empty list of values")
+            if len(self.value) > limits.MAX_IN_VALUES:
+                raise ValueError(f"an 'in' list holds at most {limits.MAX_IN_VALUES} values, "
+                                 f"this one {len(self.value)}: split the query, or group by the column")
         elif self.value is None or isinstance(self.value, list):
             raise ValueError(f"operator {self.op} needs a single value")
         return self
 
 
 class And(_Strict):
-    all: list[Condition] = Field(min_length=1)
+    all: list[Condition] = Field(min_length=1, max_length=limits.MAX_CONDITION_NODES)
 
 
 class Or(_Strict):
-    any: list[Condition] = Field(min_length=1)
+    any: list[Condition] = Field(min_length=1, max_length=limits.MAX_CONDITION_NODES)
 
 
 class Not(_Strict):
@@ -96,6 +114,38 @@ class QuerySpec(_Strict):
     group_by: list[Name] = Field(default_factory=list, max_length=4)
     aggregates: list[Aggregate] = Field(min_length=1, max_length=16)
 
+    @model_validator(mode="after")
+    def _filter_size(self) -> QuerySpec:
+        if self.where is not None:
+            check_condition_size(self.where)
+        return self
+
+
+def check_condition_size(condition: Condition) -> None:
+    """ValueError when a filter is deeper, larger or holds more values than the limits allow.
+    Iterative, so that no filter can exhaust the stack while it is being measured."""
+    nodes = values = 0
+    stack: list[tuple[Condition, int]] = [(condition, 1)]
+    while stack:
+        cond, depth = stack.pop()
+        nodes += 1
+        if depth > limits.MAX_CONDITION_DEPTH:
+            raise ValueError(f"the filter nests AND / OR / NOT deeper than {limits.MAX_CONDITION_DEPTH} levels: "
+                             "write it flatter (a IN (...) instead of chained ORs)")
+        if isinstance(cond, And):
+            stack.extend((c, depth + 1) for c in cond.all)
+        elif isinstance(cond, Or):
+            stack.extend((c, depth + 1) for c in cond.any)
+        elif isinstance(cond, Not):
+            stack.append((cond.negate, depth + 1))
+        else:
+            values += len(cond.value) if isinstance(cond.value, list) else 1
+    if nodes > limits.MAX_CONDITION_NODES:
+        raise ValueError(f"the filter has {nodes} conditions, more than {limits.MAX_CONDITION_NODES}: "
+                         "use IN lists or ranges (BETWEEN) instead of many comparisons")
+    if values > limits.MAX_FILTER_VALUES:
+        raise ValueError(f"the filter holds {values} values, more than {limits.MAX_FILTER_VALUES}")
+
 
 class QueryRequest(_Strict):
     """Run one DP query. Give `sql` or `spec`, and the privacy loss as `epsilon` or `rho`.
@@ -104,12 +154,12 @@ class QueryRequest(_Strict):
     `delta` is only needed to release group keys that are not public (thresholding).
     """
 
-    sql: str | None = Field(default=None, max_length=20_000)
+    sql: str | None = Field(default=None, max_length=limits.MAX_SQL_CHARS)
     spec: QuerySpec | None = None
-    epsilon: float | None = Field(default=None, gt=0.0, le=10.0)
-    rho: float | None = Field(default=None, gt=0.0, le=10.0)
-    delta: float | None = Field(default=None, gt=0.0, lt=1e-3)
-    confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
+    epsilon: float | None = Field(default=None, ge=limits.MIN_EPSILON, le=limits.MAX_RELEASE_EPSILON)
+    rho: float | None = Field(default=None, ge=limits.MIN_RHO, le=limits.MAX_RHO)
+    delta: float | None = Field(default=None, ge=limits.MIN_DELTA, lt=1e-3)
+    confidence: float = Field(default=0.95, ge=limits.MIN_CONFIDENCE, le=limits.MAX_CONFIDENCE)
     project: Name | None = None
 
     @model_validator(mode="after")
@@ -145,6 +195,21 @@ class Statistic(_Strict):
     note: str | None = None
 
 
+class Checkpoint(_Strict):
+    """The site's Ed25519 signature over its audit log's head: entry `seq` has hash `hash`.
+
+    The signed bytes are `veil-audit-checkpoint:v1:{site}:{seq}:{hash}:{ts}` (UTF-8); a checkpoint
+    published outside the site later proves that the log up to `seq` was not rewritten."""
+
+    site: str
+    seq: int
+    hash: str
+    ts: str
+    key_id: str = Field(description="the first 16 hex digits of SHA-256 over the raw public key")
+    public_key: str = Field(description="the raw 32-byte Ed25519 public key, hex")
+    signature: str = Field(description="Ed25519 signature, hex")
+
+
 class Release(_Strict):
     """A DP release: rows with estimate, lower and upper per statistic, its cost and receipt."""
 
@@ -161,6 +226,7 @@ class Release(_Strict):
     cost: Cost
     receipt: str
     released_at: str
+    checkpoint: Checkpoint | None = Field(default=None, description="the signed head that covers this receipt")
 
 
 class Refusal(_Strict):
@@ -234,12 +300,18 @@ class LevelRule(_Strict):
     offices: list[Office] = Field(default_factory=list,
                                   description="offices that must each be among the approving reviewers")
     ethics_required: bool = False
-    max_epsilon_per_release: float = Field(gt=0)
+    max_epsilon_per_release: float = Field(ge=limits.MIN_EPSILON, le=limits.MAX_RELEASE_EPSILON)
     min_group_threshold: int = Field(ge=0, description="least count a thresholded group may be released at")
     training: bool = True
-    max_epsilon_per_model: float = Field(default=8.0, gt=0, description="most a training job may spend")
-    default_grant_epsilon: float | None = Field(
+    max_epsilon_per_model: float = Field(default=8.0, ge=limits.MIN_EPSILON, le=50.0,
+                                         description="most a training job may spend")
+    default_grant_epsilon: Epsilon | None = Field(
         default=None, description="a budget every project gets without applying (L1); None: apply first")
+    max_project_share: float = Field(
+        default=0.25, gt=0, le=1,
+        description="most of a dataset's lifetime cap (as a fraction of its epsilon) one project may hold by "
+                    "the rule alone, without a reviewer (approvals of a level with 0 reviewers, default "
+                    "grants); above it an application waits for a steward's review")
 
 
 class CatalogEntry(_Strict):
@@ -256,7 +328,7 @@ class ApplicationRequest(_Strict):
 
     purpose: str = Field(min_length=10, max_length=4000)
     datasets: list[Name] = Field(min_length=1, max_length=20)
-    epsilon: float = Field(gt=0, le=100, description="budget per dataset, at the site's reporting delta")
+    epsilon: float = Field(ge=limits.MIN_EPSILON, le=100, description="budget per dataset, at the site's reporting delta")
     delta: float | None = Field(default=None, ge=0, lt=1e-3,
                                 description="budget for thresholded GROUP BY (default: the site's reporting delta)")
     duration_days: float = Field(gt=0, le=3650)
@@ -319,7 +391,7 @@ class RevokeRequest(_Strict):
 class CapRequest(_Strict):
     """A new lifetime cap for a dataset, in epsilon at the site's reporting delta."""
 
-    epsilon: float = Field(gt=0, le=1000)
+    epsilon: Epsilon
     reason: str = Field(default="", max_length=1000)
 
 
@@ -342,7 +414,7 @@ class MockRequest(_Strict):
     """The steward's choice of mock: schema-only rows (free) or DP synthetic rows (charged to the cap)."""
 
     kind: Literal["schema", "synthetic"]
-    epsilon: float | None = Field(default=None, gt=0, le=10)
+    epsilon: float | None = Field(default=None, ge=limits.MIN_EPSILON, le=10)
     rows: int | None = Field(default=None, ge=1, le=100_000)
 
     @model_validator(mode="after")
@@ -399,7 +471,7 @@ class TrainRequest(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec
     holdout: float = Field(default=0.2, ge=0.05, le=0.5)
-    evaluation_epsilon: float = Field(default=0.1, gt=0.0, le=1.0)
+    evaluation_epsilon: float = Field(default=0.1, ge=limits.MIN_EPSILON, le=1.0)
     federated: Federation | None = Field(
         default=None, description="set: this site's part in a federated study, trained round by round")
 
@@ -454,6 +526,7 @@ class AuditEntry(_Strict):
     reason: str | None
     prev_hash: str
     hash: str
+    checkpoint: Checkpoint | None = Field(default=None, description="the first signed head at or after this entry")
 
 
 class WhoAmI(_Strict):

@@ -1,0 +1,272 @@
+"""Queries are planned, certified and run in worker processes under a time limit: the site's watchdog.
+
+OpenDP's native code cannot be interrupted from Python: a query that runs long, recurses deep or eats
+memory would hold a thread of the web server for good (or crash the executor). Each query therefore runs
+in one of a few worker processes. The executor waits at most the site's `query_seconds` (planning and
+run together), then kills the worker, starts a fresh one and refuses the query; a worker that dies (a
+native crash) is replaced the same way. Nothing is charged for either: the charge is written only after
+the result is back. Processes, not threads, because only a process can be stopped while it runs native
+code, and its memory goes back to the system with it. One principal may hold at most `workers - 1`
+workers at a time, so a stalled request of one project leaves a worker to everyone else.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from veil import errors
+from veil.errors import VeilError
+from veil.executor.release import Output
+
+MAX_WORKER_RSS_BYTES = 3 * 1024**3
+"""A worker whose resident memory passes this after a query is replaced (its memory goes back)."""
+STARTUP_SECONDS = 120.0
+"""How long a new worker may take to import and warm up (not counted against a query's time limit)."""
+MAX_IN_FLIGHT = 64
+"""Queries one principal may have in the executor at once (running or waiting for a worker)."""
+
+
+@dataclass(frozen=True)
+class QueryTask:
+    """What a worker needs to plan and certify a query; all of it plain data."""
+
+    key: tuple
+    dataset: str
+    spec_json: str
+    verified_bound: bool
+    rho: float
+    delta: float | None
+    confidence: float
+    min_threshold: int
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The loss OpenDP certified for a prepared query: what the ledger will charge."""
+
+    rho: float
+    delta: float
+    threshold: int | None
+
+
+def _timeout(seconds: float) -> VeilError:
+    return VeilError("query_timeout", f"the query ran past this site's limit of {seconds:g} s and was stopped; "
+                     "nothing was charged",
+                     hint="simplify it (fewer groups, fewer statistics, a smaller IN list) or ask at a quieter "
+                          "time; the site's stewards set the limit ([limits] query_seconds)", status=503)
+
+
+def _crashed() -> VeilError:
+    return VeilError("query_failed", "the query stopped the process that ran it (an error in native code); "
+                     "nothing was charged",
+                     hint="simplify the query; if a simple query fails, tell the site's administrators", status=422)
+
+
+def _busy(seconds: float) -> VeilError:
+    return VeilError("site_busy", f"no query worker was free within {seconds:g} s; nothing was charged",
+                     hint="retry in a moment", status=503)
+
+
+class _Worker:
+    """One worker process and the parent's end of its pipe."""
+
+    def __init__(self, catalog_path: Path) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, str(catalog_path)), daemon=True,
+                                       name="veil-query-worker")
+        self.process.start()
+        child.close()
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Wait until the worker's imports are done and OpenDP is warm (it says so once)."""
+        if not self.ready:
+            self._receive(time.monotonic() + STARTUP_SECONDS)
+            self.ready = True
+
+    def call(self, message: tuple, deadline: float) -> Any:
+        """Send one message and wait for the answer until `deadline` (monotonic); raise on overrun."""
+        self.conn.send(message)
+        status, value = self._receive(deadline)
+        if status == "refused":
+            kind, code, message_text, hint, http_status = value
+            raise getattr(errors, kind, VeilError)(code, message_text, hint=hint, status=http_status)
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def _receive(self, deadline: float) -> Any:
+        if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class QueryPool:
+    """A few query worker processes for one site; `session` lends one to a request under a deadline."""
+
+    def __init__(self, catalog_path: Path, workers: int, seconds: float) -> None:
+        self.catalog_path, self.seconds = catalog_path, seconds
+        self.per_principal = max(1, workers - 1)
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._lock = threading.Lock()
+        self._holding: dict[str, int] = {}
+        self._closed = False
+        self._workers: set[_Worker] = set()
+        for _ in range(workers):
+            self._idle.put(self._start())
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self.catalog_path)
+        with self._lock:
+            self._workers.add(worker)
+        return worker
+
+    @contextmanager
+    def session(self, principal: str) -> Iterator[Session]:
+        """A worker for one query of `principal`, returned (or replaced, after an overrun) afterwards."""
+        deadline = time.monotonic() + self.seconds
+        with self._lock:
+            if self._holding.get(principal, 0) >= MAX_IN_FLIGHT:
+                raise VeilError("too_many_queries", f"you have {MAX_IN_FLIGHT} queries in flight at this site",
+                                hint="wait for answers before sending more", status=429)
+            self._holding[principal] = self._holding.get(principal, 0) + 1
+        try:
+            worker = self._acquire(principal, deadline)
+            session = Session(worker, deadline, self.seconds)
+            try:
+                session.start()  # a fresh worker's start-up is not the query's time
+                yield session
+            finally:
+                self._release(principal, session)
+        finally:
+            with self._lock:
+                self._holding[principal] -= 1
+                if not self._holding[principal]:
+                    del self._holding[principal]
+
+    def _acquire(self, principal: str, deadline: float) -> _Worker:
+        while True:
+            with self._lock:
+                running = self._holding.get(f"running:{principal}", 0)
+                if running < self.per_principal:
+                    try:
+                        worker = self._idle.get_nowait()
+                    except queue.Empty:
+                        worker = None
+                    if worker is not None:
+                        self._holding[f"running:{principal}"] = running + 1
+                        return worker
+            if time.monotonic() >= deadline:
+                raise _busy(self.seconds)
+            time.sleep(0.002)
+
+    def _release(self, principal: str, session: Session) -> None:
+        with self._lock:
+            key = f"running:{principal}"
+            self._holding[key] -= 1
+            if not self._holding[key]:
+                del self._holding[key]
+        worker = session.worker
+        if self._closed or session.broken or _rss(worker.process.pid) > MAX_WORKER_RSS_BYTES:
+            worker.stop()
+            with self._lock:
+                self._workers.discard(worker)
+            if self._closed:
+                return
+            worker = self._start()
+        self._idle.put(worker)
+
+    def close(self) -> None:
+        """Stop every worker, busy ones too (the executor is shutting down; their queries are refused)."""
+        self._closed = True
+        with self._lock:
+            workers, self._workers = list(self._workers), set()
+        for worker in workers:
+            worker.stop()
+
+
+class Session:
+    """One request's use of a worker: prepare (plan + certify), then run, both before the deadline."""
+
+    def __init__(self, worker: _Worker, deadline: float, seconds: float) -> None:
+        self.worker, self.deadline, self.seconds, self.broken = worker, deadline, seconds, False
+
+    def start(self) -> None:
+        """Wait for the worker to be ready, then start the query's clock."""
+        try:
+            self.worker.wait_ready()
+        except (TimeoutError, EOFError, OSError):
+            self.broken = True
+            raise _crashed() from None
+        self.deadline = time.monotonic() + self.seconds
+
+    def _call(self, message: tuple) -> Any:
+        try:
+            return self.worker.call(message, self.deadline)
+        except TimeoutError:
+            self.broken = True
+            raise _timeout(self.seconds) from None
+        except (EOFError, OSError, BrokenPipeError):
+            self.broken = True
+            raise _crashed() from None
+
+    def prepare(self, task: QueryTask) -> Certificate:
+        """Plan and certify the query (kept by the worker for `run`); its certified loss."""
+        return self._call(("prepare", task))  # type: ignore[no-any-return]
+
+    def run(self, task: QueryTask) -> Output:
+        """Run the prepared query on the data: rows with intervals, statistics and the result's digest."""
+        return self._call(("run", task))  # type: ignore[no-any-return]
+
+
+def _rss(pid: int | None) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+def _serve(conn: Connection, catalog_path: str) -> None:
+    """A worker's loop: prepare and run queries for its parent until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a native crash leaves no core file with data in it
+    from veil.executor.queries import QueryRunner
+
+    runner = QueryRunner(catalog_path)
+    runner.warm()
+    conn.send(("ready", None))
+    while True:
+        try:
+            kind, task = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", runner.prepare(task) if kind == "prepare" else runner.run(task))
+        except VeilError as exc:
+            reply = ("refused", (type(exc).__name__, exc.code, exc.message, exc.hint, exc.status))
+        except Exception as exc:  # a bug: the parent logs it and answers internal_error
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        conn.send(reply)
