@@ -190,7 +190,8 @@ class Site:
             entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",
                                  decision="released", project=project, dataset=dataset.name, query=text,
                                  rho=certified.rho, delta=certified.delta, result_digest=output.digest)
-        return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts})
+            checkpoint = checkpoints.covering(conn, entry.seq)  # signs this head now (the commit won't again)
+        return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts, "checkpoint": checkpoint})
 
     # ------------------------------------------------------------ governance
 

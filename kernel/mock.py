@@ -94,7 +94,8 @@ class MockSite:
         self.name = name
         self._dir = tempfile.TemporaryDirectory(prefix=f"veil-mock-{name}-")
         root = Path(self._dir.name)
-        lines = ["[site]", f'name = "{name}"', 'database = "sqlite:///mock.db"', "default_l1_epsilon = 1000.0"]
+        lines = ["[site]", f'name = "{name}"', 'database = "sqlite:///mock.db"', "default_l1_epsilon = 1000.0",
+                 "[limits]", "query_workers = 1"]  # one query process per mock site is plenty
         for info in datasets:
             given = (rows or {}).get(info.name)
             (given if given is not None else mock_rows(info)).write_parquet(root / f"{info.name}.parquet")

@@ -285,7 +285,7 @@ def test_same_seed_same_batches_but_fresh_noise(cancer: features.Encoded) -> Non
     x_train, y_train, _, _ = split(cancer, 0)
 
     def weights(noise_scale: float) -> dict[str, torch.Tensor]:
-        out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0, "epochs": 2}, x_train, y_train,
+        out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0}, x_train, y_train,
                           device="cpu", seed=7, audit_noise_scale=noise_scale)
         return models.load_weights(models.build_model(ModelSpec.logistic(), FeatureLayout.numeric_only(
             x_train.shape[1])), out.weights).state_dict()
@@ -304,9 +304,9 @@ def test_noise_generator_is_reseeded_from_the_os_before_every_step(
     draws: list[int] = []
     urandom = dpsgd.os.urandom
     monkeypatch.setattr(dpsgd.os, "urandom", lambda n: draws.append(n) or urandom(n))
-    out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0, "epochs": 2}, x_train, y_train,
+    out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0}, x_train, y_train,
                       device="cpu", seed=0)
-    assert out.steps == 8 and draws.count(4 * 624) == out.steps + 1  # each step, and once when built
+    assert out.steps == 80 and draws.count(4 * 624) == out.steps + 1  # each step, and once when built
     monkeypatch.undo()
 
     def seeded_stream(words: np.ndarray) -> bool:

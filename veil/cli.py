@@ -59,18 +59,24 @@ def _supernode(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
-def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _open(args: argparse.Namespace, signing: bool = False):  # type: ignore[no-untyped-def]
+    """The site's catalog and state database; `signing` for commands that write audit entries."""
     from veil.executor.catalog import load_catalog
     from veil.executor.store import open_store
 
+    from veil.executor import checkpoints
+
     catalog = load_catalog(args.site_config)
-    return catalog, open_store(args.database_url or catalog.database_url)
+    engine = open_store(args.database_url or catalog.database_url)
+    if signing:  # the entries this command writes are checkpointed like the executor's
+        checkpoints.register(engine, checkpoints.Signer.load(catalog.site, catalog.audit_key))
+    return catalog, engine
 
 
 def _token(args: argparse.Namespace) -> int:
     from veil.executor.auth import create_token
 
-    _, engine = _open(args)
+    _, engine = _open(args, signing=True)
     try:
         token = create_token(engine, args.principal, args.role, args.project, args.office)
     except ValueError as exc:
@@ -89,7 +95,7 @@ def _token(args: argparse.Namespace) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     from veil.executor.auth import revoke_token
 
-    _, engine = _open(args)
+    _, engine = _open(args, signing=True)
     token_id = args.token.split("_")[1] if args.token.startswith("veil_") else args.token
     if not revoke_token(engine, token_id, by=args.by):
         print(f"error: no active token with id '{token_id}'", file=sys.stderr)
