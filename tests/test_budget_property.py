@@ -64,6 +64,7 @@ def test_no_interleaving_overspends(base_site: Site, tmp_path: Path) -> None:
             self.cap: dict[str, Budget] = {
                 d: {"total": rho_for_epsilon(base_site.catalog.datasets[d].lifetime_epsilon, delta), "spent": 0.0,
                     "approx": 0.0} for d in DATASETS}
+            self.cap_epsilon = {d: base_site.catalog.datasets[d].lifetime_epsilon for d in DATASETS}
 
         @rule(project=st.sampled_from(PROJECTS), dataset=st.sampled_from(DATASETS),
               epsilon=st.sampled_from([0.2, 0.5, 1.5, 3.0]))
@@ -99,14 +100,17 @@ def test_no_interleaving_overspends(base_site: Site, tmp_path: Path) -> None:
                         or epsilon < spent_epsilon(self.cap[dataset], delta))
                 return
             self.cap[dataset]["total"] = rho_for_epsilon(epsilon, delta)
+            self.cap_epsilon[dataset] = epsilon
 
         @rule(project=st.sampled_from(PROJECTS), dataset=st.sampled_from(DATASETS),
               epsilon=st.sampled_from([0.1, 0.3, 0.6, 1.0]))
         def release(self, project: str, dataset: str, epsilon: float) -> None:
             who = Principal(f"{project}_researcher", "researcher", project)
             grant = self.grant.get((project, dataset))
-            if grant is None and dataset == "patients":  # L1: the default grant a first release creates
-                grant = {"total": rho_for_epsilon(self.site.catalog.default_l1_epsilon, delta), "spent": 0.0,
+            if grant is None and dataset == "patients":  # L1: the default grant a first release creates,
+                share = self.site.catalog.levels["L1"].max_project_share * self.cap_epsilon[dataset]  # at most
+                default = min(self.site.catalog.default_l1_epsilon, share)  # the project's share of the cap
+                grant = {"total": rho_for_epsilon(default, delta), "spent": 0.0,
                          "approx": 0.0, "revoked": False, "training": False}
             asked = rho_for_epsilon(epsilon, delta)
             try:

@@ -209,10 +209,11 @@ def test_each_site_was_charged_as_one_accountant_over_all_rounds(
 
 
 def test_the_federated_model_is_useful(study: federated.FederatedResult) -> None:
-    """Logistic regression at epsilon 2 per site: the notes' anchor is 97.3% (one site, all data);
-    the floor leaves room for 114 test rows and one seed."""
+    """Logistic regression at epsilon 2 per site: the notes' anchor is 97.3% (one site, all data). The noise
+    is fresh from the OS on every run: over 20 runs the accuracy averaged 0.936 (sd 0.018, lowest 0.904);
+    the floor sits about four standard deviations below the mean."""
     assert len(study.evaluation) == ROUNDS
-    assert study.evaluation[-1]["accuracy"] >= 0.90
+    assert study.evaluation[-1]["accuracy"] >= 0.86
     module = models.load_weights(models.build_model(PLAN.model, study_layout(study)), study.weights)
     assert isinstance(module, torch.nn.Module)
 

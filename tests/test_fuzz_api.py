@@ -1,9 +1,13 @@
 """Property-based fuzzing of the executor's HTTP API, generated from the live `/openapi.json` (schemathesis).
 
 One real executor per backend (not rate-limited, so the fuzzing is not just a wall of 429s) answers
-schema-generated requests, valid and invalid, to every operation the schema lists, as three callers: a
-researcher (project study1, grants on `encounters` and `patients`), a steward, and a caller without a
-token. Every response must:
+generated requests to every operation the schema lists, as three callers in turn: a researcher (project
+study1, grants on `encounters` and `patients`), a steward, and a caller without a token. Each operation
+gets three kinds of cases: valid data (schema "positive"), invalid data ("negative"), and grounded data
+(valid data pointed at the site's real datasets, columns, ids and receipts, and SQL over its catalog, so
+that releases, reviews, revocations, caps, mocks and jobs are reached, not just the first lookup). Every
+path is also sent the methods it does not take, and FastAPI's own pages (`/openapi.json`, `/docs`,
+`/docs/oauth2-redirect`, `/redoc`, which the schema does not list) are fetched. Every response must:
 
 * never be a 5xx (a 500 `internal_error` is a bug in the executor),
 * arrive within `RESPONSE_SECONDS` (no request hangs past the site's query time limit),
@@ -14,19 +18,20 @@ token. Every response must:
 After each caller the audit chain and the ledger must still agree (`audit.verify`), and no grant or
 dataset cap may have spent more than it holds.
 
-Not in the schema, so not fuzzed here: FastAPI's own `/openapi.json`, `/docs`, `/docs/oauth2-redirect` and
-`/redoc` (no parameters, no body). The weights uploads (`POST /jobs/{job_id}/round` and `/finish`) take a
-raw protobuf / safetensors body that the schema does not describe, so schemathesis can only send them
-bodiless requests with generated job ids; `check` therefore also sends each such case a second time with a
-pseudo-random binary body (seeded by the case, so reproducible), sometimes past the body limits.
+The weights uploads (`POST /jobs/{job_id}/round` and `/finish`) take a raw protobuf / safetensors body the
+schema does not describe, so schemathesis can only send them bodiless requests with generated job ids;
+`check` also sends each such case a second time with a pseudo-random binary body (seeded by the case, so
+reproducible), sometimes past the body limits. No job here holds weights, so these bodies meet the
+refusals in front of Flower's parser, not the parser itself.
 
 Generation: each operation's cases come from schemathesis' public per-operation strategies
-(`APIOperation.as_strategy`, valid and invalid data) under Hypothesis with `derandomize=True` (the same
-cases on every run), no shrinking (a failing case is reported as found, with its request) and no example
-database. `schemathesis.pytest.from_fixture` would do the same per operation for a schema known only at
-run time, but with pytest 9.2 it fails before running anything (it sets `Function._nodeid`, which pytest
-9.2 no longer has), and `@schema.parametrize()` needs the schema at import time, before any executor runs.
-Schemathesis' deterministic "coverage" phase is reachable only through those, so it is not used here.
+(`APIOperation.as_strategy`) under Hypothesis with `derandomize=True` (the same cases on every run), no
+shrinking (a failing case is reported as found, with its request) and no example database. Each failing
+operation is reported with its first failing request, and the others still run.
+`schemathesis.pytest.from_fixture` would run a schema known only at run time per operation, but with
+pytest 9.2 it fails before running anything (it sets `Function._nodeid`, which pytest 9.2 no longer has),
+and `@schema.parametrize()` needs the schema at import time, before any executor runs; schemathesis'
+deterministic "coverage" phase is reachable only through those, so it is not used here.
 """
 
 from __future__ import annotations
@@ -112,10 +117,8 @@ def check(d: Deployment, case: schemathesis.Case, who: str | None, session: requ
     try:
         response = case.call(base_url=d.url, session=session, headers=headers, timeout=RESPONSE_SECONDS)
     except requests.Timeout:
-        response = None
-    assert response is not None, f"no response within {RESPONSE_SECONDS} s\n{describe(case, None, headers)}"
-    judge(d, case, who, headers, response.status_code, response.text, time.monotonic() - start,
-          describe(case, response, headers))
+        raise AssertionError(f"no response within {RESPONSE_SECONDS} s\n{describe(case, None, headers)}") from None
+    judge(d, who, response.status_code, response.text, time.monotonic() - start, describe(case, response, headers))
     if 200 <= response.status_code < 300:
         case.validate_response(response, checks=[response_schema_conformance], headers=headers)
     if case.operation.path in WEIGHTS_ROUTES:
@@ -134,14 +137,13 @@ def send_weights(d: Deployment, case: schemathesis.Case, who: str | None, header
         response = session.post(d.url + case.formatted_path, data=body, timeout=RESPONSE_SECONDS,
                                 headers={**headers, "Content-Type": "application/octet-stream"})
     except requests.Timeout:
-        response = None
-    assert response is not None, f"no response within {RESPONSE_SECONDS} s\n{describe(case, None, headers, body)}"
-    judge(d, case, who, headers, response.status_code, response.text, time.monotonic() - start,
+        raise AssertionError(f"no response within {RESPONSE_SECONDS} s\n{describe(case, None, headers, body)}") from None
+    judge(d, who, response.status_code, response.text, time.monotonic() - start,
           describe(case, response, headers, body))
 
 
-def judge(d: Deployment, case: schemathesis.Case, who: str | None, headers: dict[str, str], status: int,
-          text: str, seconds: float, what: str) -> None:
+def judge(d: Deployment, who: str | None, status: int, text: str, seconds: float, what: str) -> None:
+    """The properties of one response (`what` describes the request and the response)."""
     assert status < 500, f"server error\n{what}"
     assert seconds < RESPONSE_SECONDS, f"took {seconds:.1f} s\n{what}"
     if status < 400:
@@ -294,6 +296,33 @@ def exercise(d: Deployment, operation: schemathesis.APIOperation, kind: str, who
     run()
 
 
+UNDECLARED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""Methods sent to paths that do not take them (HEAD is left out: its answers carry no body to check)."""
+FASTAPI_PAGES = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+def undeclared(d: Deployment, api: schemathesis.BaseSchema, who: str | None, session: requests.Session) -> None:
+    """Every path with each method it does not take (a 405 refusal, audited), and FastAPI's own pages."""
+    declared: dict[str, set[str]] = {}
+    for result in api.get_all_operations():
+        operation = result.ok()
+        declared.setdefault(operation.path, set()).add(operation.method.upper())
+    headers = {"Authorization": f"Bearer {d.tokens[who]}"} if who else {}
+    sends = [(method, path.replace("{job_id}", "1").replace("{application_id}", "1").replace("{grant_id}", "1")
+              .replace("{receipt}", "0" * 64).replace("{name}", "patients").replace("{dataset}", "patients"))
+             for path, methods in declared.items() for method in UNDECLARED_METHODS if method not in methods]
+    sends += [("GET", page) for page in FASTAPI_PAGES]
+    for method, path in sends:
+        start = time.monotonic()
+        response = session.request(method, d.url + path, headers=headers, timeout=RESPONSE_SECONDS, data=b"{}")
+        what = f"request: {method} {path} with body {{}}\nresponse: {response.status_code} {response.text[:2000]}"
+        judge(d, who, response.status_code, response.text, time.monotonic() - start, what)
+        if path in FASTAPI_PAGES:
+            assert response.status_code == 200, what
+        else:
+            assert response.status_code == 405, what
+
+
 def fuzz(d: Deployment, api: schemathesis.BaseSchema, who: str | None, session: requests.Session) -> None:
     """Every operation of the schema as `who`: valid, then invalid, then grounded data. Fails listing every
     operation and kind of data whose cases broke a property (each with the first case that did)."""
@@ -310,6 +339,10 @@ def fuzz(d: Deployment, api: schemathesis.BaseSchema, who: str | None, session: 
                 assert kind == "negative", operation.label
             except Exception as exc:  # every operation runs; each failure is reported with its request
                 failures.append(f"{operation.label} ({kind} data): " + "".join(traceback.format_exception_only(exc)))
+    try:
+        undeclared(d, api, who, session)
+    except Exception as exc:
+        failures.append(f"undeclared methods and FastAPI's pages: {exc}")
     assert not failures, f"{len(failures)} operation(s) broke a property as {who or 'anonymous'}:\n\n" \
         + "\n\n".join(failures)
 

@@ -106,7 +106,7 @@ def test_an_in_list_of_the_allowed_length_costs_about_a_comparison(site: Deploym
 # ---------------------------------------------------------------- 2. freeze: tiny losses, huge budgets
 
 
-@pytest.mark.parametrize("loss", [{"epsilon": 1e-20}, {"rho": 1e-30}, {"epsilon": 1e308}, {"epsilon": 0.1, "confidence": 0.99999999}])
+@pytest.mark.parametrize("loss", [{"epsilon": 1e-20}, {"rho": 1e-30}, {"epsilon": 1e308}, {"epsilon": 0.1, "confidence": 0.9999999999}])
 def test_losses_outside_the_limits_are_refused_at_once(site: Deployment, loss: dict[str, float]) -> None:
     with site.http() as http:
         start = time.monotonic()

@@ -35,5 +35,5 @@ MIN_RHO, MAX_RHO = 1e-6, 10.0
 """The zCDP range of one release (rho 1e-6 is about epsilon 0.007 at delta 1e-6)."""
 MIN_DELTA = 1e-12
 """Smallest delta of a thresholded release or a grant (a positive delta below it is refused)."""
-MIN_CONFIDENCE, MAX_CONFIDENCE = 0.5, 0.999
-"""Interval levels a release may be asked for."""
+MIN_CONFIDENCE, MAX_CONFIDENCE = 0.5, 1 - 1e-9
+"""Interval levels a release may be asked for (multi-center releases ask each site at 1 - alpha/m)."""
