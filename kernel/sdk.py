@@ -134,8 +134,8 @@ class Site:
               model_source: str | None = None) -> ApplicationInfo:
         """Apply to this site's data stewards for access for your project (budget per dataset, in epsilon).
 
-        L1 datasets are approved at once up to the project's share of the cap (more waits for a steward); L2 needs a steward's approval, L3 an ethics reference and two
-        reviewers. The result says what the application still needs; `applications()` shows its progress.
+        L1 datasets are approved at once up to the project's share of the cap (more waits for a steward);
+        L2 needs a steward's approval, L3 an ethics reference and two reviewers. The result says what the application still needs; `applications()` shows its progress.
         `model_source` (with 'training' in `uses`) asks to train a custom `nn.Module` (`ModelSpec.custom`)."""
         request = ApplicationRequest(purpose=purpose, datasets=list(datasets), epsilon=epsilon,
                                      duration_days=duration_days, uses=list(uses), delta=delta,  # type: ignore[arg-type]

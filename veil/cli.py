@@ -61,10 +61,9 @@ def _supernode(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace, signing: bool = False):  # type: ignore[no-untyped-def]
     """The site's catalog and state database; `signing` for commands that write audit entries."""
+    from veil.executor import checkpoints
     from veil.executor.catalog import load_catalog
     from veil.executor.store import open_store
-
-    from veil.executor import checkpoints
 
     catalog = load_catalog(args.site_config)
     engine = open_store(args.database_url or catalog.database_url)
