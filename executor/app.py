@@ -62,7 +62,7 @@ SHUTDOWN_SECONDS = 10
 """How long the executor lets requests in flight finish after SIGTERM (queries stop at their own limit)."""
 THREADS = 2 * MAX_IN_FLIGHT
 SITE_CONFIG_ENV, DATABASE_URL_ENV = "VEIL_SITE_CONFIG", "VEIL_DATABASE_URL"
-Id = Annotated[int, PathParam(ge=1, le=limits.INT64[1])]
+Id = Annotated[int, PathParam(ge=1, le=limits.MAX_ID)]
 log = logging.getLogger("veil.executor")
 
 
@@ -182,6 +182,7 @@ def _refusal_response(error: VeilError, receipt: str | None) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=error.status)
 
 
+REFUSAL_STATUSES = (400, 401, 403, 404, 405, 409, 413, 422, 429, 503)
 _HTTP_CODES = {404: ("unknown_route", "there is no such route", "see the routes at /openapi.json"),
                405: ("method_not_allowed", "this route does not take that method", "see /openapi.json"),
                400: ("malformed_request", "the body could not be parsed", "send JSON as /openapi.json describes")}
@@ -202,6 +203,7 @@ def create_app(site: Site) -> FastAPI:
         version=__version__,
         description="Answers only with differentially private releases, charged to a ledger and audited.",
         lifespan=lifespan,
+        responses={status: {"model": Refusal} for status in REFUSAL_STATUSES},  # every refusal has one shape
     )
     app.state.site = site
     app.add_middleware(Gate)
@@ -257,7 +259,7 @@ def create_app(site: Site) -> FastAPI:
     def dataset(name: str, who: Principal = Depends(principal)) -> DatasetInfo:
         return site.dataset_for(who, name).info()
 
-    @app.post("/query", response_model=Release, responses={400: {"model": Refusal}, 409: {"model": Refusal}})
+    @app.post("/query", response_model=Release)
     def query(body: QueryRequest, request: Request, who: Principal = Depends(principal)) -> Release:
         """Run one DP query (SQL or JSON spec); the release carries intervals, cost and receipt."""
         request.state.context = {
@@ -378,7 +380,7 @@ def create_app(site: Site) -> FastAPI:
         return site.set_cap(who, dataset, body.epsilon, body.reason)
 
     @app.get("/audit", response_model=list[AuditEntry])
-    def audit_log(since: int = Query(0, ge=0, le=limits.INT64[1]), limit: int = Query(1000, ge=1, le=10_000),
+    def audit_log(since: int = Query(0, ge=0, le=limits.MAX_ID), limit: int = Query(1000, ge=1, le=10_000),
                   who: Principal = Depends(principal)) -> list[AuditEntry]:
         """Audit entries after sequence number `since` (stewards)."""
         return site.audit_log(who, since, limit)

@@ -22,7 +22,9 @@ MAX_FILTER_VALUES = 2_000
 MAX_TEXT_VALUE = 256
 """Longest text literal in a filter."""
 INT64 = (-(2**63), 2**63 - 1)
-"""Integers in filters and ids in paths lie in this range (the ledger's and Polars' integers)."""
+"""Integers in filters lie in this range (Polars' integers)."""
+MAX_ID = 2**31 - 1
+"""Ids in paths (jobs, applications, grants, audit sequence numbers): the state database's integers."""
 
 MIN_EPSILON = 0.01
 """Smallest epsilon anyone may ask for (a release, a grant, a cap, a model): below it a release is noise,
