@@ -4,7 +4,7 @@ site's rate limit ([1/9] hostile input).
     python bench/hostile_load.py [--seconds 20] [--rate 600]
 
 One site (~2,000 patients) with `[limits] requests_per_minute = --rate`. Phase 1 (quiet): the honest
-client sends `COUNT(*)` releases one after another for `--seconds` seconds. Phase 2 (attack): the same,
+client sends a `COUNT(*)` release every 0.2 s for `--seconds` seconds. Phase 2 (attack): the same,
 while attacker threads (one researcher token of another project, and anonymous clients) send, in a
 round robin at the token's rate limit: an IN list of the largest allowed length, one over it, 5,000
 nested parentheses, 3,000 chained NOTs, an epsilon of 1e-20, a slow grouped query with five statistics
@@ -70,7 +70,8 @@ def attacks() -> list[tuple[str, str, str, dict[str, Any]]]:
     ]
 
 
-def honest_run(url: str, token: str, seconds: float) -> tuple[list[float], int]:
+def honest_run(url: str, token: str, seconds: float, per_second: float = 5.0) -> tuple[list[float], int]:
+    """An honest researcher: one release every 1/per_second s (within any sane rate limit), timed."""
     latencies, failed = [], 0
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
         end = time.monotonic() + seconds
@@ -79,6 +80,7 @@ def honest_run(url: str, token: str, seconds: float) -> tuple[list[float], int]:
             response = client.post("/query", json=HONEST)
             latencies.append(time.perf_counter() - start)
             failed += response.status_code != 200
+            time.sleep(max(0.0, 1.0 / per_second - (time.perf_counter() - start)))
     return latencies, failed
 
 
