@@ -12,13 +12,16 @@ workers at a time, so a stalled request of one project leaves a worker to everyo
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import multiprocessing.context
 import os
 import queue
 import resource
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,11 +82,21 @@ def _busy(seconds: float) -> VeilError:
                      hint="retry in a moment", status=503)
 
 
+@functools.cache
+def _context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a forkserver that has imported Polars, OpenDP and the planner once: a new worker
+    (at start, or replacing a killed one) costs a fork, not a second of imports. The forkserver itself is
+    single-threaded, so forking it is safe even though the executor's own process runs threads."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["veil.executor.queries"])
+    return context
+
+
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
     def __init__(self, catalog_path: Path) -> None:
-        context = multiprocessing.get_context("spawn")
+        context = _context()
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, str(catalog_path)), daemon=True,
                                        name="veil-query-worker")
@@ -128,7 +141,8 @@ class QueryPool:
         self.per_principal = max(1, workers - 1)
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
-        self._holding: dict[str, int] = {}
+        self._in_flight: Counter[str] = Counter()  # a principal's queries in the executor
+        self._running: Counter[str] = Counter()  # ... and those holding a worker
         self._closed = False
         self._workers: set[_Worker] = set()
         for _ in range(workers):
@@ -145,10 +159,10 @@ class QueryPool:
         """A worker for one query of `principal`, returned (or replaced, after an overrun) afterwards."""
         deadline = time.monotonic() + self.seconds
         with self._lock:
-            if self._holding.get(principal, 0) >= MAX_IN_FLIGHT:
+            if self._in_flight[principal] >= MAX_IN_FLIGHT:
                 raise VeilError("too_many_queries", f"you have {MAX_IN_FLIGHT} queries in flight at this site",
                                 hint="wait for answers before sending more", status=429)
-            self._holding[principal] = self._holding.get(principal, 0) + 1
+            self._in_flight[principal] += 1
         try:
             worker = self._acquire(principal, deadline)
             session = Session(worker, deadline, self.seconds)
@@ -159,21 +173,20 @@ class QueryPool:
                 self._release(principal, session)
         finally:
             with self._lock:
-                self._holding[principal] -= 1
-                if not self._holding[principal]:
-                    del self._holding[principal]
+                self._in_flight[principal] -= 1
+                if not self._in_flight[principal]:
+                    del self._in_flight[principal]
 
     def _acquire(self, principal: str, deadline: float) -> _Worker:
         while True:
             with self._lock:
-                running = self._holding.get(f"running:{principal}", 0)
-                if running < self.per_principal:
+                if self._running[principal] < self.per_principal:
                     try:
                         worker = self._idle.get_nowait()
                     except queue.Empty:
                         worker = None
                     if worker is not None:
-                        self._holding[f"running:{principal}"] = running + 1
+                        self._running[principal] += 1
                         return worker
             if time.monotonic() >= deadline:
                 raise _busy(self.seconds)
@@ -181,10 +194,9 @@ class QueryPool:
 
     def _release(self, principal: str, session: Session) -> None:
         with self._lock:
-            key = f"running:{principal}"
-            self._holding[key] -= 1
-            if not self._holding[key]:
-                del self._holding[key]
+            self._running[principal] -= 1
+            if not self._running[principal]:
+                del self._running[principal]
         worker = session.worker
         if self._closed or session.broken or _rss(worker.process.pid) > MAX_WORKER_RSS_BYTES:
             worker.stop()

@@ -45,6 +45,7 @@ def fits(b: Budget, delta: float, rho: float = 0.0, epsilon: float = 0.0) -> boo
 def base_site(site_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     site = Site.open(site_config, f"sqlite:///{tmp_path_factory.mktemp('prop') / 'base.db'}")
     yield site
+    site.close()
     site.engine.dispose()
 
 
@@ -177,6 +178,7 @@ def test_no_interleaving_overspends(base_site: Site, tmp_path: Path) -> None:
 
         def teardown(self) -> None:
             if hasattr(self, "site"):
+                self.site.refusals.close()  # its own refusal counter; the query workers are base_site's
                 self.site.engine.dispose()
 
     Ledger.TestCase.settings = settings(max_examples=120, stateful_step_count=30, deadline=None, database=None,
