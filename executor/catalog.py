@@ -270,7 +270,7 @@ def load_catalog(path: str | Path) -> Catalog:
         path=path,
         audit_key=(base / site.get("audit_key", "audit-signing.key")).resolve(),
         levels=level_rules(raw.get("levels", {}), default_l1_epsilon),
-        max_training_seconds=_number(site, "max_training_seconds", "[site]", 1, 7 * 86400, 3600.0),
+        max_training_seconds=_number(site, "max_training_seconds", "[site]", 0.01, 7 * 86400, 3600.0),
         limits=_site_limits(raw.get("limits", {})),
     )
 

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ def working_tree(target: Path) -> Path:
     return target
 
 
+@pytest.mark.timeout(1500)  # a fresh environment, the whole setup and four tutorials: 10+ min on 2 cores
 def test_binder_builds_and_runs_every_tutorial(tmp_path: Path) -> None:
     spec = yaml.safe_load((REPO / "binder" / "environment.yml").read_text())
     dependencies = spec["dependencies"]
