@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
