@@ -171,6 +171,13 @@ def shared(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: 
     drop()
 
 
+def limited_config(site_config: Path, name: str, **settings: float) -> Path:
+    """A copy of the site's catalog (beside it, so its relative paths hold) with a `[limits]` table."""
+    path = site_config.with_name(f"site-{name}.toml")
+    path.write_text(site_config.read_text() + "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    return path
+
+
 SITES = ("north", "central", "valley")
 
 

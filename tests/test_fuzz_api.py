@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import FlakyFailure, Unsatisfiable
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from conftest import BACKENDS, Deployment, deploy, make_database
+from conftest import BACKENDS, Deployment, deploy, limited_config, make_database
 from veil.executor import audit, ledger
 from veil.executor.accounting import epsilon_of
 from veil.executor.catalog import Catalog
@@ -69,21 +69,14 @@ FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, data
                 report_multiple_bugs=False)
 
 
-def unlimited_config(site_config: Path) -> Path:
-    """A copy of the site's catalog (beside it, so its relative paths hold) whose rate limits fuzzing never meets."""
-    path = site_config.with_name("site-fuzz.toml")
-    path.write_text(site_config.read_text()
-                    + "\n[limits]\nrequests_per_minute = 100000\nanonymous_per_minute = 100000\n")
-    return path
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def fuzzed(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Deployment]:
     """One executor per backend for the whole module; the callers' fuzzing runs one after the other on it."""
     state = tmp_path_factory.mktemp("fuzz")
     url, drop = make_database(request.param, state)
-    d = deploy(unlimited_config(site_config), url, state, {"encounters": 50.0, "patients": 50.0})
+    config = limited_config(site_config, "fuzz", requests_per_minute=100_000, anonymous_per_minute=100_000)
+    d = deploy(config, url, state, {"encounters": 50.0, "patients": 50.0})  # rate limits fuzzing never meets
     yield d
     d.stop()
     drop()

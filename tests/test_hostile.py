@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import BACKENDS, Deployment, deploy, make_database
+from conftest import BACKENDS, Deployment, deploy, limited_config, make_database
 from veil import limits
 from veil.errors import CatalogError
 from veil.executor import audit
@@ -27,13 +27,6 @@ SLOW = ("SELECT department, icd10, outcome, COUNT(*) AS n, AVG(crp_mg_l) AS crp,
         "QUANTILE_CONT(crp_mg_l, 0.1) AS c10, MEDIAN(length_of_stay_days) AS los FROM encounters "
         "GROUP BY department, icd10, outcome")
 """Legitimate but heavy: 7 x 25 x 4 public groups, eleven statistics; seconds on the large cohort below."""
-
-
-def limited_config(site_config: Path, name: str, **settings: float) -> Path:
-    """A copy of the site's catalog (beside it, so its relative paths hold) with a `[limits]` table."""
-    path = site_config.with_name(f"site-{name}.toml")
-    path.write_text(site_config.read_text() + "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
-    return path
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
