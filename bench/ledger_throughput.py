@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 )
 
 from veil.executor import audit, ledger  # noqa: E402
-from veil.executor.accounting import epsilon_of  # noqa: E402
+from veil.query.accounting import epsilon_of  # noqa: E402
 from veil.executor.auth import Principal  # noqa: E402
 from veil.executor.catalog import load_catalog  # noqa: E402
 from veil.executor.site import Site  # noqa: E402

@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
     workdir,
 )
 
-from veil.executor.accounting import rho_for_epsilon  # noqa: E402
+from veil.query.accounting import rho_for_epsilon  # noqa: E402
 from veil.executor.auth import Principal  # noqa: E402
 from veil.executor.catalog import Dataset  # noqa: E402
 from veil.executor.site import Site  # noqa: E402

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from veil.errors import CatalogError, GovernanceError
 from veil.executor import audit, ledger
-from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.catalog import Catalog
 from veil.executor.policy import combined, may_review, missing

@@ -18,80 +18,22 @@ import polars as pl
 from veil import limits
 from veil.errors import CatalogError
 from veil.executor.policy import DEFAULT_RULES, level_rules
-from veil.wire import NAME_PATTERN, ColumnInfo, DatasetInfo, LevelRule
-
-DTYPES: dict[str, pl.DataType] = {
-    "Int64": pl.Int64(),
-    "Int32": pl.Int32(),
-    "Float64": pl.Float64(),
-    "String": pl.String(),
-    "Date": pl.Date(),
-    "Boolean": pl.Boolean(),
-}
+from veil.query.table import DTYPES, Column, Table
+from veil.wire import NAME_PATTERN, DatasetInfo, LevelRule, Pricing
 
 
-@dataclass(frozen=True)
-class Column:
-    """A column and what the steward declared public about it."""
+@dataclass(frozen=True, kw_only=True)
+class Dataset(Table):
+    """One dataset of a site: its public metadata (`Table`) and, on the site only, the Parquet file."""
 
-    name: str
-    dtype: str
-    description: str | None = None
-    bounds: tuple[float, float] | None = None
-    categories: tuple[Any, ...] | None = None
-    nullable: bool = False
-
-    @property
-    def is_numeric(self) -> bool:
-        return self.dtype in ("Int64", "Int32", "Float64")
-
-    @property
-    def is_integer(self) -> bool:
-        return self.dtype in ("Int64", "Int32")
-
-    def info(self) -> ColumnInfo:
-        return ColumnInfo(
-            name=self.name,
-            dtype=self.dtype,
-            description=self.description,
-            bounds=self.bounds,
-            categories=list(self.categories) if self.categories is not None else None,
-            nullable=self.nullable,
-        )
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """One dataset of a site: a Parquet file and its public metadata."""
-
-    name: str
     title: str
     description: str
     path: Path
     level: str
-    privacy_unit: str
-    max_rows_per_unit: int
-    max_rows: int
     lifetime_epsilon: float
-    columns: dict[str, Column] = field(default_factory=dict)
     lifetime_delta: float = 1e-4
 
-    def column(self, name: str) -> Column:
-        """The column called `name`, or a CatalogError listing the columns that exist."""
-        try:
-            return self.columns[name]
-        except KeyError:
-            known = ", ".join(self.columns)
-            raise CatalogError(
-                "unknown_column",
-                f"dataset '{self.name}' has no column '{name}'",
-                hint=f"columns are: {known}",
-            ) from None
-
-    def schema(self) -> pl.Schema:
-        return pl.Schema({c.name: DTYPES[c.dtype] for c in self.columns.values()})
-
-    def info(self) -> DatasetInfo:
+    def info(self, pricing: Pricing | None = None) -> DatasetInfo:
         return DatasetInfo(
             name=self.name,
             title=self.title,
@@ -101,6 +43,7 @@ class Dataset:
             max_rows_per_unit=self.max_rows_per_unit,
             max_rows=self.max_rows,
             columns=[c.info() for c in self.columns.values()],
+            pricing=pricing,
         )
 
 
@@ -139,6 +82,12 @@ class Catalog:
     def rule(self, dataset: Dataset) -> LevelRule:
         """The review rule and release bounds of the dataset's privacy level."""
         return self.levels[dataset.level]
+
+    def pricing(self, dataset: Dataset) -> Pricing:
+        """What a release on the dataset costs and may ask for here (public: mock mode prices with it)."""
+        rule = self.rule(dataset)
+        return Pricing(reporting_delta=self.reporting_delta, max_epsilon_per_release=rule.max_epsilon_per_release,
+                       min_group_threshold=rule.min_group_threshold)
 
     def dataset(self, name: str) -> Dataset:
         try:

@@ -34,7 +34,8 @@ from opendp.extras.mbi._utilities import (
 from opendp.mod import binary_search_chain
 
 from veil.errors import VeilError
-from veil.executor.catalog import DTYPES, Column, Dataset
+from veil.executor.catalog import Dataset
+from veil.query.table import DTYPES, Column
 
 dp.enable_features("contrib")
 

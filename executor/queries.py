@@ -6,14 +6,36 @@ queries are kept per (dataset, canonical query, privacy-unit mode, loss, confide
 
 from __future__ import annotations
 
+import dataclasses
+
+import opendp.prelude as dp
+import polars as pl
+from opendp.mod import OpenDPException
+
 from veil.errors import QueryError
-from veil.executor.calibrate import certify, fits
-from veil.executor.catalog import load_catalog
-from veil.executor.plan import build_plan
-from veil.executor.prepared import Prepared, PreparedQueries
+from veil.executor.catalog import Dataset, load_catalog
 from veil.executor.query_pool import Certificate, QueryTask
-from veil.executor.release import Output, can_stream, describe, run
+from veil.query.calibrate import Certified, fits
+from veil.query.plan import Plan
+from veil.query.prepared import Prepared, PreparedQueries, prepare
+from veil.query.release import Output, run
 from veil.wire import Aggregate, QuerySpec
+
+# The executor is the trusted party OpenDP's "honest-but-curious" flag speaks of: it collects each lazy
+# result exactly once, on the streaming engine (see `release.run`). Only query workers enable it.
+dp.enable_features("honest-but-curious")
+
+
+def can_stream(dataset: Dataset, plan: Plan, certified: Certified) -> bool:
+    """Whether OpenDP can hand this measurement's plan back as a LazyFrame (quantiles cannot).
+
+    Tried on an empty frame of the plan's columns: no data is involved."""
+    schema = dataset.schema()
+    try:
+        certified.measurement(pl.LazyFrame(schema={c: schema[c] for c in plan.columns})).lazy()
+    except OpenDPException:
+        return False
+    return True
 
 
 class QueryRunner:
@@ -27,13 +49,12 @@ class QueryRunner:
         dataset = self.catalog.dataset(task.dataset)
         spec = QuerySpec.model_validate_json(task.spec_json)
 
-        def prepare() -> Prepared:
-            plan = build_plan(dataset, spec, verified_bound=task.verified_bound, thresholded=task.delta is not None)
-            certified = certify(plan, task.rho, task.delta if not plan.public_keys else None, task.min_threshold)
-            return Prepared(plan, certified, describe(plan, certified, task.confidence),
-                            can_stream(dataset, plan, certified))
+        def prepared_here() -> Prepared:
+            made = prepare(dataset, spec, verified_bound=task.verified_bound, rho=task.rho, delta=task.delta,
+                           confidence=task.confidence, min_threshold=task.min_threshold)
+            return dataclasses.replace(made, streaming=can_stream(dataset, made.plan, made.certified))
 
-        prepared = self.prepared.get_or_prepare(task.key, prepare)
+        prepared = self.prepared.get_or_prepare(task.key, prepared_here)
         if not fits(prepared.certified, prepared.plan, task.rho, task.delta):
             raise QueryError("calibration_failed", "the prepared measurement no longer fits its loss",
                              hint="retry; if it persists, tell the site's administrators")
@@ -44,8 +65,7 @@ class QueryRunner:
         pay for OpenDP's first-use costs (about a second) inside its time limit."""
         for dataset in list(self.catalog.datasets.values())[:1]:
             spec = QuerySpec(dataset=dataset.name, aggregates=[Aggregate(fn="count")])
-            plan = build_plan(dataset, spec, verified_bound=True, thresholded=False)
-            describe(plan, certify(plan, 0.1, None), 0.95)
+            prepare(dataset, spec, verified_bound=True, rho=0.1, delta=None, confidence=0.95, min_threshold=0)
 
     def prepare(self, task: QueryTask) -> Certificate:
         """The certified loss of the query (planned and certified once, then kept)."""
@@ -55,5 +75,6 @@ class QueryRunner:
     def run(self, task: QueryTask) -> Output:
         """Run the query on the data (the prepared measurement, re-checked by OpenDP's map)."""
         prepared = self._prepared(task)
-        return run(self.catalog.dataset(task.dataset), prepared.plan, prepared.certified, prepared.description,
+        dataset = self.catalog.dataset(task.dataset)
+        return run(pl.scan_parquet(dataset.path), dataset, prepared.plan, prepared.certified, prepared.description,
                    prepared.streaming)

@@ -31,7 +31,7 @@ from typing import Any
 
 from veil import errors
 from veil.errors import VeilError
-from veil.executor.release import Output
+from veil.query.release import Output
 
 MAX_WORKER_RSS_BYTES = 3 * 1024**3
 """A worker whose resident memory passes this after a query is replaced (its memory goes back)."""

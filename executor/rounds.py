@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 
 from veil.errors import CatalogError, GovernanceError, QueryError
 from veil.executor import audit, dpsgd, models
-from veil.executor.accounting import rho_for_epsilon
+from veil.query.accounting import rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.catalog import Dataset
 from veil.executor.features import Encoded

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from veil.errors import CatalogError, GovernanceError, VeilError
+from veil.errors import CatalogError, VeilError
 from veil.executor import application, audit, checkpoints, custom_model, federated, ledger, mocks
-from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal, require
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
 from veil.executor.query_pool import QueryPool, QueryTask
@@ -19,13 +18,14 @@ from veil.executor.store import open_store, write
 from veil.executor.throttle import RateLimiter, RefusalCounter
 from veil.executor.training import Trainer
 from veil.executor.unit_bound import most_rows_per_unit
+from veil.query.accounting import rho_for_epsilon
+from veil.query.pricing import requested_loss, unsigned_release
 from veil.sql import canonical_sql, parse_sql
 from veil.wire import (
     ApplicationInfo,
     ApplicationRequest,
     AuditEntry,
     AuditVerification,
-    Cost,
     DatasetBudget,
     DatasetInfo,
     GrantInfo,
@@ -123,7 +123,7 @@ class Site:
                 if principal.project and (self.catalog.rule(ds).default_grant_epsilon is not None or ds.name in granted)]
 
     def datasets(self, principal: Principal) -> list[DatasetInfo]:
-        return [ds.info() for ds in self.visible(principal)]
+        return [ds.info(self.catalog.pricing(ds)) for ds in self.visible(principal)]
 
     def dataset_for(self, principal: Principal, name: str) -> Dataset:
         """The dataset if the caller may see it; an unseen one is 'unknown', not 'forbidden'."""
@@ -158,33 +158,20 @@ class Site:
         spec: QuerySpec = parse_sql(request.sql) if request.sql is not None else request.spec  # type: ignore[assignment]
         dataset = self.dataset_for(principal, spec.dataset)
         text = canonical_sql(spec)
-        rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, self.catalog.reporting_delta)
-        rule = self.catalog.rule(dataset)
-        epsilon = request.epsilon if request.epsilon is not None else epsilon_of(rho, self.catalog.reporting_delta)
-        if epsilon > rule.max_epsilon_per_release * (1 + 1e-9):
-            raise GovernanceError(
-                "epsilon_above_level", f"{dataset.level} data allows at most epsilon "
-                f"{rule.max_epsilon_per_release:g} per release at this site; this query asks for {epsilon:.4g}",
-                hint=f"ask for epsilon <= {rule.max_epsilon_per_release:g}; to narrow intervals further, combine "
-                     "several releases", status=403)
+        pricing = self.catalog.pricing(dataset)
+        rho, _ = requested_loss(request, dataset.level, pricing)
         verified = self.bound_holds(dataset)
         delta = request.delta if spec.group_by else None
-        key = (dataset.name, text, verified, rho, delta, request.confidence, rule.min_group_threshold)
+        key = (dataset.name, text, verified, rho, delta, request.confidence, pricing.min_group_threshold)
         task = QueryTask(key, dataset.name, spec.model_dump_json(), verified, rho, delta, request.confidence,
-                         rule.min_group_threshold)
+                         pricing.min_group_threshold)
         with self.queries.session(principal.name) as worker:
             certified = worker.prepare(task)  # planned and certified in the worker, within the time limit
             with self.engine.connect() as conn:  # fail early, before touching the data
                 ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
             output = worker.run(task)
-        cost = Cost(rho=certified.rho, delta=certified.delta,
-                    epsilon=epsilon_of(certified.rho, self.catalog.reporting_delta),
-                    epsilon_delta=self.catalog.reporting_delta)
-        release = Release(
-            site=self.catalog.site, dataset=dataset.name, project=project, query=text,
-            confidence=request.confidence, group_by=list(spec.group_by), statistics=output.statistics,
-            rows=output.rows, threshold=certified.threshold, cost=cost, receipt="", released_at="",
-        )
+        release = unsigned_release(self.catalog.site, dataset.name, project, text, request, spec.group_by,
+                                   certified, output, pricing)
         with write(self.engine) as conn:
             ledger.charge(conn, self.catalog, project, dataset, certified.rho, certified.delta)
             entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",

@@ -16,9 +16,7 @@ import logging
 import os
 import secrets
 import socket
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,14 +26,14 @@ from sqlalchemy import Engine, insert, select, update
 
 from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
 from veil.executor import application, audit, dpsgd, ledger, models
-from veil.executor.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal
-from veil.executor.calibrate import certify
 from veil.executor.catalog import Catalog, Column, Dataset
 from veil.executor.features import Encoded, FeatureLayout, encode
-from veil.executor.plan import build_plan
-from veil.executor.release import describe, run
 from veil.executor.store import jobs, write
+from veil.query.accounting import epsilon_of, rho_for_epsilon
+from veil.query.prepared import prepare
+from veil.query.release import run
+from veil.query.table import Table
 from veil.sql import parse_sql
 from veil.wire import Cost, JobInfo, Layout, Release, TrainRequest
 
@@ -342,12 +340,9 @@ def me() -> str:
 def _release(frame: pl.DataFrame, sql: str, rho: float, max_rows: int, columns: dict[str, Column]) -> Any:
     """A DP release over an in-executor frame (one row per patient), through the query path's own
     planning, OpenDP calibration and intervals."""
-    with tempfile.TemporaryDirectory(prefix="veil-train-") as tmp:
-        path = Path(tmp) / "data.parquet"
-        frame.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64)).write_parquet(path)
-        dataset = Dataset(name="data", title="data", description="", path=path, level="L1", privacy_unit="row_id",
-                          max_rows_per_unit=1, max_rows=max_rows, lifetime_epsilon=0.0,
-                          columns={"row_id": Column("row_id", "Int64"), **columns})
-        plan = build_plan(dataset, parse_sql(sql), verified_bound=True, thresholded=False)
-        certified = certify(plan, rho, None)
-        return run(dataset, plan, certified, describe(plan, certified, CONFIDENCE), streaming=False)
+    table = Table(name="data", privacy_unit="row_id", max_rows_per_unit=1, max_rows=max_rows,
+                  columns={"row_id": Column("row_id", "Int64"), **columns})
+    prepared = prepare(table, parse_sql(sql), verified_bound=True, rho=rho, delta=None, confidence=CONFIDENCE,
+                       min_threshold=0)
+    rows = frame.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64)).lazy()
+    return run(rows, table, prepared.plan, prepared.certified, prepared.description)

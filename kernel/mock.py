@@ -1,25 +1,29 @@
-"""Mock mode: the same queries, run locally on mock rows made from public metadata only.
+"""Mock mode: the same queries, run in the researcher's process on mock rows made from public metadata.
 
-A mock site is the executor's own engine (planning, OpenDP calibration, intervals) over a Parquet
-file of made-up rows that respect each column's public bounds and categories. Nothing is read from
-any hospital and nothing is spent: costs come out as a live run would charge them, because they
-depend only on the query, the public metadata and the requested loss, never on the data.
+A mock site is the shared query core (`veil.query`: planning, OpenDP calibration, intervals, pricing)
+over made-up rows that respect each column's public bounds and categories, or over the steward's DP
+synthetic rows. Nothing is read from any hospital and nothing is spent: costs come out as a live run
+charges them, to the last digit, because they depend only on the query, the dataset's public metadata,
+the site's published pricing and the requested loss, never on the data. No executor, database or
+child process is involved.
 """
 
 from __future__ import annotations
 
-import tempfile
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from veil.errors import CatalogError
+from veil.query.prepared import Prepared, PreparedQueries, prepare
+from veil.query.pricing import requested_loss, unsigned_release
+from veil.query.release import run
+from veil.query.table import DTYPES, Table
+from veil.sql import canonical_sql
 from veil.wire import ColumnInfo, DatasetInfo, MockInfo, QueryRequest, QuerySpec, Release
 
 MOCK_ROWS = 2000
-DTYPES = {"Int64": pl.Int64, "Int32": pl.Int32, "Float64": pl.Float64, "String": pl.String, "Date": pl.Date,
-          "Boolean": pl.Boolean}
 _DATES = (date(2015, 1, 1), date(2025, 12, 31))
 
 
@@ -72,52 +76,42 @@ def synthetic_rows(info: DatasetInfo, mock: MockInfo) -> pl.DataFrame | None:
     )
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value).lower() if isinstance(value, bool) else repr(value)
-
-
 class MockSite:
-    """A local executor over mock rows for one site's datasets; answers like `SiteClient.query`.
+    """One site's datasets over mock rows, answering like `SiteClient.query` but locally and for free.
 
     `rows` gives a dataset's rows (the steward's DP synthetic mock); others get `mock_rows`."""
 
     def __init__(self, name: str, datasets: list[DatasetInfo], rows: dict[str, pl.DataFrame] | None = None) -> None:
-        from veil.executor import ledger
-        from veil.executor.auth import Principal
-        from veil.executor.site import Site
-        from veil.executor.store import write
-
         self.name = name
-        self._dir = tempfile.TemporaryDirectory(prefix=f"veil-mock-{name}-")
-        root = Path(self._dir.name)
-        lines = ["[site]", f'name = "{name}"', 'database = "sqlite:///mock.db"', "default_l1_epsilon = 1000.0",
-                 "[limits]", "query_workers = 1"]  # one query process per mock site is plenty
-        for info in datasets:
-            given = (rows or {}).get(info.name)
-            (given if given is not None else mock_rows(info)).write_parquet(root / f"{info.name}.parquet")
-            lines += [f"[datasets.{info.name}]", f'path = "{info.name}.parquet"', f'level = "{info.level}"',
-                      f'privacy_unit = "{info.privacy_unit}"', f"max_rows_per_unit = {info.max_rows_per_unit}",
-                      f"max_rows = {info.max_rows}", "lifetime_epsilon = 1000.0"]
-            for c in info.columns:
-                lines.append(f"[datasets.{info.name}.columns.{c.name}]")
-                lines.append(f'dtype = "{c.dtype}"')
-                if c.bounds is not None:
-                    lines.append(f"bounds = {_toml_value(list(c.bounds))}")
-                if c.categories is not None:
-                    lines.append(f"categories = {_toml_value(list(c.categories))}")
-                lines.append(f"nullable = {_toml_value(c.nullable)}")
-        (root / "site.toml").write_text("\n".join(lines) + "\n")
-        self._site = Site.open(root / "site.toml")
-        self._who = Principal("mock", "researcher", "mock")
-        with write(self._site.engine) as conn:
-            for info in datasets:
-                ledger.set_grant(conn, self._site.catalog, "mock", self._site.catalog.dataset(info.name),
-                                 1000.0, by="mock")
+        self._infos = {info.name: info for info in datasets}
+        self._rows = {info.name: given if (given := (rows or {}).get(info.name)) is not None else mock_rows(info)
+                      for info in datasets}
+        self._prepared = PreparedQueries(size=256)
+
+    def _bound_holds(self, info: DatasetInfo) -> bool:
+        """Whether no unit has more mock rows than the public maximum (as a site checks its data)."""
+        most = self._rows[info.name].group_by(info.privacy_unit).len()["len"].max()
+        return most is None or int(most) <= info.max_rows_per_unit  # type: ignore[arg-type]
 
     def query(self, spec: QuerySpec, **loss: object) -> Release:
-        """The release a live query would give, on mock rows; the mock ledger is the only one charged."""
-        return self._site.query(self._who, QueryRequest(spec=spec, **loss))  # type: ignore[arg-type]
+        """The release a live query would give, on mock rows: same plan, same measurement, same price."""
+        request = QueryRequest(spec=spec, **loss)  # type: ignore[arg-type]
+        info = self._infos.get(spec.dataset)
+        if info is None or info.pricing is None:
+            raise CatalogError("unknown_dataset", f"site '{self.name}' publishes no dataset '{spec.dataset}' you may "
+                               "query", hint="list the datasets you may use with `%veil datasets`", status=404)
+        rho, _ = requested_loss(request, info.level, info.pricing)
+        verified = self._bound_holds(info)
+        delta = request.delta if spec.group_by else None
+        threshold = info.pricing.min_group_threshold
+        text = canonical_sql(spec)
+
+        def prepared_here() -> Prepared:
+            return prepare(Table.from_info(info), spec, verified_bound=verified, rho=rho, delta=delta,
+                           confidence=request.confidence, min_threshold=threshold)
+
+        prepared = self._prepared.get_or_prepare((text, verified, rho, delta, request.confidence), prepared_here)
+        output = run(self._rows[info.name].lazy(), Table.from_info(info), prepared.plan, prepared.certified,
+                     prepared.description)
+        return unsigned_release(self.name, info.name, "mock", text, request, list(spec.group_by),
+                                prepared.certified, output, info.pricing)

@@ -13,10 +13,11 @@ from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates, site_confidence
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable
-from veil.kernel.mock import DTYPES, MockSite, mock_rows, synthetic_rows
+from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
 from veil.modelspec import ModelSpec, TrainSpec
+from veil.query.table import DTYPES
 from veil.sql import parse_sql
 from veil.wire import (
     ApplicationInfo,

@@ -15,7 +15,7 @@ import pytest
 from conftest import BACKENDS, Deployment, deploy, make_database
 from veil.errors import CatalogError
 from veil.executor import ledger
-from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import create_token
 from veil.executor.policy import level_rules
 

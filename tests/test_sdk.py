@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SITES, Deployment, write_study
 from veil.executor import ledger
-from veil.executor.accounting import epsilon_of, rho_for_epsilon
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.store import write
 from veil.kernel import (
     VeilAuthError,

@@ -252,6 +252,15 @@ class ColumnInfo(_Strict):
     nullable: bool = False
 
 
+class Pricing(_Strict):
+    """How this site prices and bounds a release on a dataset (public): mock mode uses it to charge,
+    to the last digit, what a live release will."""
+
+    reporting_delta: float = Field(gt=0, lt=1, description="the delta at which epsilons are stated")
+    max_epsilon_per_release: float = Field(gt=0, description="the level's ceiling on one release")
+    min_group_threshold: int = Field(ge=0, description="least count a thresholded group may be released at")
+
+
 class DatasetInfo(_Strict):
     """What a caller may see of a dataset: schema and public metadata, never rows."""
 
@@ -263,6 +272,7 @@ class DatasetInfo(_Strict):
     max_rows_per_unit: int
     max_rows: int = Field(description="public upper bound on the number of rows")
     columns: list[ColumnInfo]
+    pricing: Pricing | None = Field(default=None, description="set where the caller may query the dataset")
 
 
 Use = Literal["query", "training"]

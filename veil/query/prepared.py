@@ -9,17 +9,33 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from veil.executor.calibrate import Certified
-from veil.executor.plan import Plan
-from veil.executor.release import Description
+from veil.query.calibrate import Certified, certify
+from veil.query.plan import Plan, build_plan
+from veil.query.release import Description, describe
+from veil.query.table import Table
+from veil.wire import QuerySpec
 
 
 @dataclass(frozen=True)
 class Prepared:
+    """A query planned, certified by OpenDP at its loss, and described at its confidence."""
+
     plan: Plan
     certified: Certified
     description: Description
-    streaming: bool
+    streaming: bool = False
+    """Whether the site may collect the result on Polars' streaming engine (see `release.run`)."""
+
+
+def prepare(dataset: Table, spec: QuerySpec, *, verified_bound: bool, rho: float, delta: float | None,
+            confidence: float, min_threshold: int) -> Prepared:
+    """Plan `spec` on the dataset's public metadata and let OpenDP certify it at (rho, delta): no rows
+    are involved, so the researcher's mock mode and the site arrive at the same measurement and price.
+
+    `delta` is only used for groups whose keys are not public (thresholding)."""
+    plan = build_plan(dataset, spec, verified_bound=verified_bound, thresholded=delta is not None)
+    certified = certify(plan, rho, delta if not plan.public_keys else None, min_threshold)
+    return Prepared(plan, certified, describe(plan, certified, confidence))
 
 
 class PreparedQueries:

@@ -1,4 +1,4 @@
-"""A query spec to a Polars plan of OpenDP expressions, built on the executor from the catalog.
+"""A query spec to a Polars plan of OpenDP expressions, built from a dataset's public metadata.
 
 The plan is built over OpenDP's placeholder frame for the dataset's domain, never over the data:
 OpenDP turns it into a measurement, certifies its privacy loss, and only then runs it on the scan.
@@ -17,7 +17,7 @@ import polars as pl
 from opendp.domains import _lazyframe_from_domain, with_margin
 
 from veil.errors import QueryError
-from veil.executor.catalog import DTYPES, Column, Dataset
+from veil.query.table import DTYPES, Column, Table
 from veil.wire import Aggregate, And, Comparison, Condition, Not, Or, QuerySpec
 
 dp.enable_features("contrib")
@@ -74,7 +74,7 @@ def _literal(column: Column, value: Any) -> Any:
     return value
 
 
-def _predicate(dataset: Dataset, cond: Condition) -> pl.Expr:
+def _predicate(dataset: Table, cond: Condition) -> pl.Expr:
     if isinstance(cond, And):
         return _fold([_predicate(dataset, c) for c in cond.all], "and")
     if isinstance(cond, Or):
@@ -118,7 +118,7 @@ def _fold(exprs: list[pl.Expr], how: str) -> pl.Expr:
     return exprs[0]
 
 
-def _bounded(dataset: Dataset, agg: Aggregate) -> tuple[Column, tuple[Any, Any]]:
+def _bounded(dataset: Table, agg: Aggregate) -> tuple[Column, tuple[Any, Any]]:
     column = dataset.column(agg.column)  # type: ignore[arg-type]
     if not column.is_numeric:
         raise QueryError("unsupported_query", f"{agg.fn} needs a numeric column; '{column.name}' is {column.dtype}",
@@ -142,7 +142,7 @@ def _candidates(column: Column, bounds: tuple[Any, Any]) -> list[Any]:
     return sorted({int(round(x)) for x in grid}) if column.is_integer else grid
 
 
-def _parts(dataset: Dataset, agg: Aggregate) -> list[tuple[Part, pl.Expr]]:
+def _parts(dataset: Table, agg: Aggregate) -> list[tuple[Part, pl.Expr]]:
     name = agg.name
     if agg.fn == "count":
         if agg.column is None:
@@ -162,7 +162,7 @@ def _parts(dataset: Dataset, agg: Aggregate) -> list[tuple[Part, pl.Expr]]:
     return [(Part(name, agg, "value"), values.dp.quantile(q, _candidates(column, bounds)).alias(name))]
 
 
-def _public_keys(dataset: Dataset, group_by: list[str]) -> pl.LazyFrame | None:
+def _public_keys(dataset: Table, group_by: list[str]) -> pl.LazyFrame | None:
     """The cartesian product of the group columns' public values, or None if one is not public."""
     values = []
     for name in group_by:
@@ -196,7 +196,7 @@ def _condition_columns(cond: Condition) -> set[str]:
     return {cond.column}
 
 
-def _columns(dataset: Dataset, spec: QuerySpec, truncate: bool) -> list[str]:
+def _columns(dataset: Table, spec: QuerySpec, truncate: bool) -> list[str]:
     """The columns a query touches, in catalog order; unknown names are refused. The privacy unit is
     read when rows are truncated per patient, or when nothing else is (a bare COUNT(*) needs a column)."""
     used = {*spec.group_by, *(a.column for a in spec.aggregates if a.column)}
@@ -209,7 +209,7 @@ def _columns(dataset: Dataset, spec: QuerySpec, truncate: bool) -> list[str]:
     return [name for name in dataset.columns if name in used]
 
 
-def build_plan(dataset: Dataset, spec: QuerySpec, verified_bound: bool, thresholded: bool) -> Plan:
+def build_plan(dataset: Table, spec: QuerySpec, verified_bound: bool, thresholded: bool) -> Plan:
     """Compile `spec` over the dataset's domain.
 
     With `verified_bound` the executor has checked that no patient has more rows than the catalog's

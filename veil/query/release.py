@@ -1,4 +1,4 @@
-"""Run a certified measurement on the data and shape its output as a release with intervals.
+"""Run a certified measurement on rows and shape its output as a release with intervals.
 
 Intervals are post-processing of what OpenDP releases and reports (`summarize`): a count or sum
 is estimate +/- OpenDP's accuracy at the stated level; a mean is the DP sum over the DP count,
@@ -14,17 +14,13 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-import opendp.prelude as dp
 import polars as pl
 from opendp.accuracy import summarize_polars_measurement
-from opendp.mod import OpenDPException
 
-from veil.executor.calibrate import Certified
-from veil.executor.catalog import Dataset
-from veil.executor.plan import Part, Plan
+from veil.query.calibrate import Certified
+from veil.query.plan import Part, Plan
+from veil.query.table import Table
 from veil.wire import Aggregate, Statistic
-
-dp.enable_features("honest-but-curious")  # see run(): the executor collects each result exactly once
 
 QUANTILE_NOTE = "OpenDP gives no interval for quantiles (exponential mechanism over public candidates)"
 MEAN_NOTE = "interval from the DP sum and DP count, each at level 1 - alpha/2; clamped to the public bounds"
@@ -93,25 +89,15 @@ def describe(plan: Plan, certified: Certified, confidence: float) -> Description
     return Description(statistics, by_stat, acc, acc_half)
 
 
-def can_stream(dataset: Dataset, plan: Plan, certified: Certified) -> bool:
-    """Whether OpenDP can hand this measurement's plan back as a LazyFrame (quantiles cannot).
+def run(rows: pl.LazyFrame, dataset: Table, plan: Plan, certified: Certified, description: Description,
+        streaming: bool = False) -> Output:
+    """Invoke the measurement on `rows` (projected to the plan's columns here); add intervals; digest.
 
-    Tried on an empty frame of the plan's columns: no data is involved."""
-    schema = dataset.schema()
-    try:
-        certified.measurement(pl.LazyFrame(schema={c: schema[c] for c in plan.columns})).lazy()
-    except OpenDPException:
-        return False
-    return True
-
-
-def run(dataset: Dataset, plan: Plan, certified: Certified, description: Description, streaming: bool) -> Output:
-    """Invoke the measurement on the lazily scanned Parquet file; add intervals; digest the result."""
-    data = pl.scan_parquet(dataset.path).select(plan.columns)
-    # OpenDP's OnceFrame collects with the in-memory engine (the whole projected file in RAM). The
-    # executor is the trusted party OpenDP's "honest-but-curious" flag speaks of: it collects the lazy
-    # result exactly once, on the streaming engine, and sorts the rows so that their order carries nothing.
-    release = certified.measurement(data)
+    OpenDP's OnceFrame collects with the in-memory engine. With `streaming` the caller collects the lazy
+    result once on the streaming engine instead, which needs OpenDP's "honest-but-curious" feature:
+    only the executor, the trusted party that flag speaks of, enables it (`executor/queries.py`).
+    The rows are sorted so that their order carries nothing."""
+    release = certified.measurement(rows.select(plan.columns))
     frame: pl.DataFrame = release.lazy().collect(engine="streaming") if streaming else release.collect()
     if plan.group_by:
         frame = frame.sort(plan.group_by, nulls_last=True)

@@ -18,7 +18,7 @@ import opendp.prelude as dp
 from opendp.mod import Measurement, OpenDPException
 
 from veil.errors import QueryError
-from veil.executor.plan import Plan
+from veil.query.plan import Plan
 
 NO_THRESHOLD = 2**32 - 1
 
