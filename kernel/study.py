@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from veil.extras import needs
 from veil.kernel.errors import VeilConfigError, VeilError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.modelspec import ModelSpec
@@ -88,7 +89,8 @@ class Study:
         request = train_request(dataset, features, label, epsilon, delta, model, epochs, batch_size, learning_rate,
                                 optimizer, max_grad_norm, holdout, evaluation_epsilon,
                                 Federation(study=self.name, rounds=rounds))
-        from veil.kernel.federation import train_federated  # Flower and torch load only when a study trains
+        with needs("a federated study"):  # Flower and torch load only when a study trains (veil[train])
+            from veil.kernel.federation import train_federated
 
         return train_federated([self.sites[s].client for s in names], request, progress)
 

@@ -336,11 +336,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from veil.errors import VeilError
+    from veil.extras import needs
     from veil.kernel.errors import VeilError as ResearcherError
 
     args = parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with needs(f"'veil {' '.join(sys.argv[1:3] if argv is None else argv[:2])}'"):
+            return int(args.func(args) or 0)
     except VeilError as exc:
         print(f"error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2

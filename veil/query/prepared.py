@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from veil.query.calibrate import Certified, certify
 from veil.query.plan import Plan, build_plan
@@ -42,11 +43,11 @@ class PreparedQueries:
     """A small thread-safe LRU of prepared queries."""
 
     def __init__(self, size: int = 2048) -> None:
-        self._items: OrderedDict[tuple, Prepared] = OrderedDict()
+        self._items: OrderedDict[tuple[Any, ...], Prepared] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
-    def get_or_prepare(self, key: tuple, prepare: Callable[[], Prepared]) -> Prepared:
+    def get_or_prepare(self, key: tuple[Any, ...], prepare: Callable[[], Prepared]) -> Prepared:
         with self._lock:
             found = self._items.get(key)
             if found is not None:

@@ -26,7 +26,7 @@ class Certified(Protocol):
 
 def requested_loss(request: QueryRequest, level: str, pricing: Pricing) -> tuple[float, float]:
     """The (rho, epsilon) a release asks for; refused above the level's ceiling on one release."""
-    rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, pricing.reporting_delta)  # type: ignore[arg-type]
+    rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, pricing.reporting_delta)
     epsilon = request.epsilon if request.epsilon is not None else epsilon_of(rho, pricing.reporting_delta)
     ceiling = pricing.max_epsilon_per_release
     if epsilon > ceiling * (1 + 1e-9):

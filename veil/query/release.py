@@ -89,19 +89,19 @@ def describe(plan: Plan, certified: Certified, confidence: float) -> Description
     return Description(statistics, by_stat, acc, acc_half)
 
 
-def run(rows: pl.LazyFrame, dataset: Table, plan: Plan, certified: Certified, description: Description,
+def run(data: pl.LazyFrame, dataset: Table, plan: Plan, certified: Certified, description: Description,
         streaming: bool = False) -> Output:
-    """Invoke the measurement on `rows` (projected to the plan's columns here); add intervals; digest.
+    """Invoke the measurement on `data` (projected to the plan's columns here); add intervals; digest.
 
     OpenDP's OnceFrame collects with the in-memory engine. With `streaming` the caller collects the lazy
     result once on the streaming engine instead, which needs OpenDP's "honest-but-curious" feature:
     only the executor, the trusted party that flag speaks of, enables it (`executor/queries.py`).
     The rows are sorted so that their order carries nothing."""
-    release = certified.measurement(rows.select(plan.columns))
+    release = certified.measurement(data.select(plan.columns))
     frame: pl.DataFrame = release.lazy().collect(engine="streaming") if streaming else release.collect()
     if plan.group_by:
         frame = frame.sort(plan.group_by, nulls_last=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for record in frame.iter_rows(named=True):
         out = {key: _plain(record[key]) for key in plan.group_by}
         for stat in description.statistics:
