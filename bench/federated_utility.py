@@ -28,19 +28,20 @@ from _common import save, table  # noqa: E402
 
 from veil.executor import dpsgd, features, federated  # noqa: E402
 from veil.executor.public_data import CLASSES, LABEL, breast_cancer_frame  # noqa: E402
-from veil.modelspec import ModelSpec, TrainSpec  # noqa: E402
+from veil.federation.codec import StudyPlan  # noqa: E402
+from veil.models.spec import ModelSpec, TrainSpec  # noqa: E402
 
 EPSILONS = (1.0, 2.0, 8.0)
 SITES, SHARES = ("north", "central", "valley"), (0.45, 0.33, 0.22)
 SINGLE = {"delta": 1e-5, "epochs": 20, "batch_size": 128, "learning_rate": 2.0, "optimizer": "sgd"}
 
 
-def plan(epsilon: float) -> federated.StudyPlan:
+def plan(epsilon: float) -> StudyPlan:
     """The study: 5 rounds x 4 local epochs (20 epochs in all, as the single-site job), rate 0.28."""
     train = TrainSpec(
         epsilon=epsilon, delta=1e-5, epochs=4, batch_size=128, learning_rate=2.0, optimizer="sgd"
     )
-    return federated.StudyPlan(model=ModelSpec.logistic(), train=train, rounds=5, sample_rate=0.28)
+    return StudyPlan(model=ModelSpec.logistic(), train=train, rounds=5, sample_rate=0.28)
 
 
 def main() -> None:

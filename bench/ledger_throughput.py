@@ -55,11 +55,11 @@ from _common import (  # noqa: E402
 )
 
 from veil.executor import audit, ledger  # noqa: E402
-from veil.query.accounting import epsilon_of  # noqa: E402
 from veil.executor.auth import Principal  # noqa: E402
 from veil.executor.catalog import load_catalog  # noqa: E402
 from veil.executor.site import Site  # noqa: E402
 from veil.executor.store import caps, open_store, write  # noqa: E402
+from veil.query.accounting import epsilon_of  # noqa: E402
 from veil.wire import QueryRequest  # noqa: E402
 
 SQL = QUERIES["count"]

@@ -55,11 +55,11 @@ from _common import (  # noqa: E402
     workdir,
 )
 
-from veil.query.accounting import rho_for_epsilon  # noqa: E402
 from veil.executor.auth import Principal  # noqa: E402
 from veil.executor.catalog import Dataset  # noqa: E402
 from veil.executor.site import Site  # noqa: E402
 from veil.kernel.client import SiteClient  # noqa: E402
+from veil.query.accounting import rho_for_epsilon  # noqa: E402
 from veil.wire import QueryRequest  # noqa: E402
 
 dp.enable_features("contrib")

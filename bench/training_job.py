@@ -28,12 +28,12 @@ from training_throughput import non_private  # noqa: E402
 from veil.executor import ledger  # noqa: E402
 from veil.executor.auth import create_token  # noqa: E402
 from veil.executor.catalog import load_catalog  # noqa: E402
-from veil.executor.features import FeatureLayout  # noqa: E402
 from veil.executor.store import open_store, write  # noqa: E402
 from veil.executor.synth import ColumnSpec, dataset_toml, toml_table  # noqa: E402
 from veil.kernel.client import SiteClient  # noqa: E402
 from veil.local import LocalExecutor  # noqa: E402
-from veil.modelspec import ModelSpec, TrainSpec  # noqa: E402
+from veil.models.layout import FeatureLayout  # noqa: E402
+from veil.models.spec import ModelSpec, TrainSpec  # noqa: E402
 from veil.wire import TrainRequest  # noqa: E402
 
 FEATURES = 30

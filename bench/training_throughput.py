@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from veil.executor import dpsgd, models
-from veil.executor.features import FeatureLayout
-from veil.modelspec import ModelSpec, TrainSpec
+from veil.models.layout import FeatureLayout
+from veil.models.spec import ModelSpec, TrainSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOISE = 1.0  # Opacus modes: a fixed noise multiplier (throughput does not depend on it)

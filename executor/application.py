@@ -19,11 +19,11 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from veil.errors import CatalogError, GovernanceError
 from veil.executor import audit, ledger
-from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.catalog import Catalog
 from veil.executor.policy import combined, may_review, missing
 from veil.executor.store import applications, reviews, write
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.wire import ApplicationInfo, ApplicationRequest, LevelRule, Review, ReviewRequest
 
 SITE_POLICY = Principal("site-policy", "system")

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import prepare_module
 from opacus.optimizers import get_optimizer_class
@@ -38,8 +38,9 @@ from torch import nn
 
 from veil.errors import QueryError, validation_problems
 from veil.executor import models
-from veil.executor.features import FeatureLayout
-from veil.modelspec import ModelSpec, TrainSpec
+from veil.models import build
+from veil.models.layout import FeatureLayout
+from veil.models.spec import ModelSpec, TrainSpec
 
 ACCOUNTANTS = ("prv", "rdp")
 """Preferred first: PRV is tighter, but fails on some parameters (Opacus issues #591, #601)."""
@@ -136,7 +137,7 @@ def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> C
 def accountant_epsilon(history: list[tuple[float, float, int]], mechanism: str, delta: float) -> float:
     """Epsilon that Opacus' `mechanism` accountant gives a history of (sigma, sampling rate, steps)."""
     accountant = create_accountant(mechanism)
-    accountant.history = list(history)
+    accountant.load_state_dict({"history": list(history), "mechanism": mechanism})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(accountant.get_epsilon(delta))
@@ -196,7 +197,7 @@ def train(
         evaluation = None
         if x_test is not None and y_test is not None:
             evaluation = _evaluate(module, spec.task, x_test, y_test, dev)
-    weights = models.weights_to_bytes(
+    weights = build.weights_to_bytes(
         module,
         {
             "model_spec": spec.model_dump(mode="json"),
@@ -207,6 +208,7 @@ def train(
             },
             "epsilon": spent,
             "delta": hyper.delta,
+            **_custom_graph(spec, layout),
         },
     )
     return TrainingOutcome(
@@ -229,10 +231,11 @@ def train(
 @dataclass(frozen=True)
 class Stretch:
     """One resumed stretch of a longer job (a federated round at one site): the model state after it, the
-    accountant's whole history to carry into the next stretch, and the epsilon that whole history spends."""
+    accountant's state to carry into the next stretch (`accountant_state`: Opacus' `state_dict()` as plain
+    JSON data, see `save_accountant`), and the epsilon its whole history spends."""
 
     state: dict[str, torch.Tensor]
-    history: list[tuple[float, float, int]]
+    accountant_state: dict[str, Any]
     epsilon: float
     delta: float
     steps: int
@@ -243,6 +246,11 @@ class Stretch:
     cancelled: bool
     train_seconds: float
 
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's whole history of (sigma, sampling rate, steps), every stretch so far."""
+        return [(s, q, k) for s, q, k in self.accountant_state["history"]]
+
 
 def train_stretch(
     model_spec: ModelSpec | Mapping[str, Any],
@@ -252,7 +260,7 @@ def train_stretch(
     *,
     epochs: int,
     state: Mapping[str, torch.Tensor] | None = None,
-    history: Sequence[tuple[float, float, int]] = (),
+    accountant: Mapping[str, Any] | Sequence[Sequence[float]] | None = None,
     layout: FeatureLayout | None = None,
     cancel: threading.Event | None = None,
     device: str | torch.device | None = None,
@@ -260,28 +268,30 @@ def train_stretch(
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
     public_rows: int | None = None,
 ) -> Stretch:
-    """Continue a job for `epochs` epochs from model `state`, its accountant resumed from `history`.
+    """Continue a job for `epochs` epochs from model `state`, resuming its accountant from `accountant`.
 
     `train_spec` describes the whole job: its (epsilon, delta) and `epochs` (all stretches together) fix
     the noise multiplier, calibrated once for every planned step, so every stretch runs at the same
-    multiplier and one accountant (the carried `history` of (sigma, sampling rate, steps)) covers them
-    all. A stretch whose steps would take that history past epsilon is refused before it starts
-    (`budget_exhausted`). `state` None starts from a fresh model; `seed`, `device`, `public_rows` and
-    `grad_sample_mode` are as in `train`.
+    multiplier and one accountant covers them all: `accountant` is the previous stretch's
+    `Stretch.accountant_state` (None or empty before the first; see `load_accountant`). A stretch whose
+    steps would take that accountant past epsilon is refused before it starts (`budget_exhausted`).
+    `state` None starts from a fresh model; `seed`, `device`, `public_rows` and `grad_sample_mode` are as
+    in `train`.
     """
     spec, hyper, layout, sample_rate, per_epoch, planned, plan = _setup(
         model_spec, train_spec, x_train, y_train, layout, public_rows)
     if not 1 <= epochs <= hyper.epochs:
         raise QueryError("bad_train_spec", f"a stretch runs 1 to {hyper.epochs} epochs, not {epochs}")
-    carried = [(float(s), float(q), int(k)) for s, q, k in history]
+    resumed = load_accountant(accountant, plan.accountant)
+    mechanism, carried = resumed.mechanism(), list(resumed.history)
     projected = history_epsilon(
-        [*carried, (plan.noise_multiplier, sample_rate, epochs * per_epoch)], plan.accountant, hyper.delta
+        [*carried, (plan.noise_multiplier, sample_rate, epochs * per_epoch)], mechanism, hyper.delta
     )
     if not projected <= hyper.epsilon:  # fail closed, NaN included
         raise QueryError(
             "budget_exhausted",
             f"{epochs * per_epoch} more steps would spend epsilon {projected:.4g} in all, above the target "
-            f"{hyper.epsilon:g} ({history_epsilon(carried, plan.accountant, hyper.delta):.4g} spent so far)",
+            f"{hyper.epsilon:g} ({history_epsilon(carried, mechanism, hyper.delta):.4g} spent so far)",
             "stop here, or start a new job with a larger budget",
         )
     dev = torch.device(device) if device is not None else _default_device()
@@ -294,31 +304,66 @@ def train_stretch(
             module.load_state_dict(dict(state), strict=True)
         module = module.to(dev)
         stretch = hyper.model_copy(update={"epochs": epochs})
-        run = _Run(module, spec, stretch, plan, sample_rate, grad_sample_mode, 1.0, dev, seed)
-        run.accountant.history = list(carried)  # the same accountant, resumed: its next step extends it
+        # the same accountant, resumed: its next step extends its history
+        run = _Run(module, spec, stretch, plan, sample_rate, grad_sample_mode, 1.0, dev, seed, resumed)
         started = time.perf_counter()
         y = y_train.to(dev, torch.float32 if run.regression else torch.int64)
         steps = run.fit(x_train.to(dev, torch.float32), y, per_epoch, None, cancel)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - started
-    recorded = list(run.accountant.history)
-    spent = history_epsilon(recorded, plan.accountant, hyper.delta)
+    saved = save_accountant(run.accountant)
+    spent = history_epsilon([tuple(h) for h in saved["history"]], mechanism, hyper.delta)
     if not spent <= hyper.epsilon:  # fail closed
         raise RuntimeError(f"the accountant reports epsilon {spent}, above the target {hyper.epsilon}")
     return Stretch(
         state={k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()},
-        history=recorded,
+        accountant_state=saved,
         epsilon=spent,
         delta=hyper.delta,
         steps=steps,
         planned_steps=planned,
         sample_rate=sample_rate,
         noise_multiplier=plan.noise_multiplier,
-        accountant=plan.accountant,
+        accountant=mechanism,
         cancelled=steps < epochs * per_epoch,
         train_seconds=seconds,
     )
+
+
+def save_accountant(accountant: IAccountant) -> dict[str, Any]:
+    """Opacus' `state_dict()` of `accountant` as plain JSON data (no pickle, no tuples):
+    {"history": [[sigma, sampling rate, steps], ...], "mechanism": "prv" or "rdp"}. Floats survive a JSON
+    round trip exactly, so a resumed accountant gives the same epsilon to the last digit."""
+    state = accountant.state_dict()
+    return {"history": [[float(s), float(q), int(k)] for s, q, k in state["history"]],
+            "mechanism": str(state["mechanism"])}
+
+
+def load_accountant(state: Mapping[str, Any] | Sequence[Sequence[float]] | None, mechanism: str) -> IAccountant:
+    """An Opacus accountant resumed with `load_state_dict` from `save_accountant`'s data; None or empty: a
+    fresh `mechanism` accountant. A bare list is the history alone, as job rows kept it before (resumed
+    under `mechanism`, the calibrated one, as it was then). Anything malformed is refused (ValueError):
+    a site never guesses what its accountant spent."""
+    if state is None or len(state) == 0:
+        state = {"history": [], "mechanism": mechanism}
+    elif not isinstance(state, Mapping):
+        state = {"history": list(state), "mechanism": mechanism}
+    if set(state) != {"history", "mechanism"} or state["mechanism"] not in ACCOUNTANTS:
+        raise ValueError(f"not an accountant state of {' or '.join(ACCOUNTANTS)}: keys {sorted(state)}")
+    history = []
+    for entry in state["history"]:
+        try:
+            sigma, q, steps = float(entry[0]), float(entry[1]), entry[2]
+            valid = len(entry) == 3 and isinstance(steps, int) and steps > 0 and sigma >= 0 and 0 < q <= 1
+        except (TypeError, ValueError, IndexError, KeyError):
+            valid = False
+        if not valid:
+            raise ValueError(f"not an accountant history entry (sigma, sampling rate, steps): {entry!r}")
+        history.append((sigma, q, steps))
+    accountant = create_accountant(state["mechanism"])
+    accountant.load_state_dict({"history": history, "mechanism": state["mechanism"]})
+    return accountant
 
 
 def history_epsilon(history: Sequence[tuple[float, float, int]], mechanism: str, delta: float) -> float:
@@ -374,6 +419,7 @@ class _Run:
         audit_noise_scale: float,
         dev: torch.device,
         seed: int,
+        accountant: IAccountant | None = None,
     ) -> None:
         self.plan, self.sample_rate, self.delta, self.epochs = plan, sample_rate, hyper.delta, hyper.epochs
         self.regression = spec.task == "regression"
@@ -400,7 +446,7 @@ class _Run:
             loss_reduction="mean",
             generator=self.noise,
         )
-        self.accountant = create_accountant(plan.accountant)
+        self.accountant = accountant if accountant is not None else create_accountant(plan.accountant)
         # Records the calibrated multiplier, which is the one applied unless an audit breaks it on purpose.
         self.optimizer.attach_step_hook(
             lambda _: self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=sample_rate)
@@ -453,11 +499,22 @@ class _Run:
         return epsilon, min(epsilon, self.plan.epsilon) if math.isfinite(epsilon) else self.plan.epsilon
 
 
+def _custom_graph(spec: ModelSpec, layout: FeatureLayout) -> dict[str, Any]:
+    """For a custom model, {"graph": the checked description of its traced graph}: with it the weights'
+    owner rebuilds the module (`veil.models.build.trained_module`) without running the source."""
+    if spec.source is None:
+        return {}
+    from veil.executor.custom_model import traced_graph
+
+    outputs = layout.outputs if spec.task == "classification" else 1
+    return {"graph": traced_graph(spec.source, layout.width, outputs)}
+
+
 def _setup(model_spec: ModelSpec | Mapping[str, Any], train_spec: TrainSpec | Mapping[str, Any],
            x_train: torch.Tensor, y_train: torch.Tensor, layout: FeatureLayout | None, public_rows: int | None
            ) -> tuple[ModelSpec, TrainSpec, FeatureLayout, float, int, int, Calibration]:
     """Check a job's specs and tensors; its sampling rate, steps per epoch, planned steps and noise."""
-    spec = models.parse_model_spec(model_spec)
+    spec = build.parse_model_spec(model_spec)
     hyper = _parse_train_spec(train_spec)
     n = len(x_train) if public_rows is None else max(1, public_rows)
     if layout is None:

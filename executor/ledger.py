@@ -19,9 +19,9 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from veil.errors import BudgetError, CatalogError, GovernanceError
 from veil.executor import audit
-from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.catalog import Catalog, Dataset
 from veil.executor.store import caps, grants, write
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.wire import AuditEntry, DatasetBudget, GrantInfo
 
 

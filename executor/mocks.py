@@ -14,10 +14,10 @@ import polars as pl
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from veil.executor import audit, ledger
-from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.catalog import Catalog, Dataset
 from veil.executor.mockdata import synthesize_mock
 from veil.executor.store import mocks, write
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.wire import MockInfo, MockRequest
 
 SCHEMA_ROWS = 2000

@@ -5,10 +5,11 @@ rounds (`TrainRequest.federated`). The site checks it as any job, reserves the w
 (epsilon, delta) on its own ledger, fixes a private held-out split and releases a DP count of its
 training rows (it sets the sampling rate and is the site's averaging weight). Rounds then arrive as
 Flower messages, over the executor's HTTP API from the researcher's coordinator or through a SuperNode
-the site runs beside its executor. Each round resumes the site's ONE accountant for the study (its
-history is kept in the job row), trains the round's epochs from the global weights, and records the new
-history, epsilon and an audit entry in one transaction before the DP weights leave; a round that would
-take the accountant past the target is refused before it starts. Finishing evaluates the final global
+the site runs beside its executor. Each round resumes the site's ONE accountant for the study (Opacus'
+`state_dict()`, kept as JSON in the job row's `history` column: `dpsgd.save_accountant`), trains the
+round's epochs from the global weights, and records the accountant's new state, epsilon and an audit
+entry in one transaction before the DP weights leave; a round that would take the accountant past the
+target is refused before it starts. Finishing evaluates the final global
 model on the held-out patients (a DP release) and settles the ledger to what the accountant spent.
 """
 
@@ -28,12 +29,13 @@ from sqlalchemy import select, update
 
 from veil.errors import CatalogError, GovernanceError, QueryError
 from veil.executor import audit, dpsgd, models
-from veil.query.accounting import rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.catalog import Dataset
 from veil.executor.features import Encoded
 from veil.executor.store import jobs, write
 from veil.executor.training import Trainer, alive, dp_rows, me, split
+from veil.models import build
+from veil.query.accounting import rho_for_epsilon
 from veil.wire import JobInfo, TrainRequest
 
 
@@ -49,7 +51,8 @@ class Rounds:
         """Check and reserve the site's part of a study, then release its DP count of training rows."""
         self.expire()
         seed = secrets.randbits(62)
-        job_id, eval_rho = self.trainer.reserve(who, dataset, request, owner="", split_seed=seed, history="[]")
+        # history "{}": the study's accountant, none before its first round (a federated part's mark)
+        job_id, eval_rho = self.trainer.reserve(who, dataset, request, owner="", split_seed=seed, history="{}")
         try:
             train, _ = split(dataset, request, seed)
             self.trainer.update(job_id, rows=dp_rows(train.height, eval_rho, dataset.max_rows))
@@ -72,7 +75,7 @@ class Rounds:
             train, _ = self._encoded(row, dataset, request)
             whole = request.train.model_copy(update={"epochs": request.train.epochs * request.federated.rounds})
             try:
-                models.load_weights(models.build_model(request.model, train.layout), _as_bytes(state))
+                build.load_weights(models.build_model(request.model, train.layout), _as_bytes(state))
             except Exception:  # noqa: BLE001 - any mismatch of names, shapes or types is the sender's
                 raise QueryError("bad_weights", "the round's weights do not fit this study's model",
                                  hint="send the weights of the model the study was joined with") from None
@@ -82,7 +85,8 @@ class Rounds:
             timer.start()
             try:
                 stretch = dpsgd.train_stretch(request.model, whole, train.x, train.y, epochs=request.train.epochs,
-                                              state=state, history=json.loads(row["history"]), layout=train.layout,
+                                              state=state, accountant=json.loads(row["history"]),
+                                              layout=train.layout,
                                               public_rows=row["rows"], cancel=limit)
             finally:
                 timer.cancel()
@@ -92,7 +96,7 @@ class Rounds:
         rounds = request.federated.rounds
         with write(self.engine) as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-                owner="", round=server_round, history=json.dumps(stretch.history), epsilon=stretch.epsilon,
+                owner="", round=server_round, history=json.dumps(stretch.accountant_state), epsilon=stretch.epsilon,
                 progress=min(1.0, server_round / rounds), epoch=server_round * request.train.epochs,
                 updated_at=audit.now()))
             audit.append(conn, principal=row["principal"], role="researcher", action="train", decision="released",
@@ -118,7 +122,7 @@ class Rounds:
             if weights is not None:
                 _, holdout = self._encoded(row, dataset, request)
                 try:
-                    models.load_weights(models.build_model(request.model, holdout.layout), weights)
+                    build.load_weights(models.build_model(request.model, holdout.layout), weights)
                 except Exception:  # noqa: BLE001
                     raise QueryError("bad_weights", "the final weights do not fit this study's model",
                                      hint="send the safetensors of the study's global model") from None
@@ -136,7 +140,7 @@ class Rounds:
 
     def recover(self) -> None:
         """At start: free parts whose round died with its process (nothing of that round left the site, so
-        the recorded history is what was spent), then settle abandoned ones."""
+        the recorded accountant is what was spent), then settle abandoned ones."""
         for row in self._running():
             if row["owner"] and not alive(row["owner"]):
                 with write(self.engine) as conn:

@@ -18,6 +18,7 @@ from veil.executor.store import open_store, write
 from veil.executor.throttle import RateLimiter, RefusalCounter
 from veil.executor.training import Trainer
 from veil.executor.unit_bound import most_rows_per_unit
+from veil.federation import codec
 from veil.query.accounting import rho_for_epsilon
 from veil.query.pricing import requested_loss, unsigned_release
 from veil.sql import canonical_sql, parse_sql
@@ -253,8 +254,7 @@ class Site:
         """One round of a federated study (a Flower message's content, protobuf) for the researcher's
         coordinator; the reply carries the DP weights and public numbers only."""
         require(who, "researcher")
-        return federated.encode_content(federated.executor_reply(self.rounds, job_id,
-                                                                 federated.decode_content(message), who))
+        return codec.encode_content(federated.executor_reply(self.rounds, job_id, codec.decode_content(message), who))
 
     def finish_job(self, who: Principal, job_id: int, weights: bytes | None) -> JobInfo:
         """End a federated part: a DP evaluation of the final `weights`, and the ledger settled."""

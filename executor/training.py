@@ -28,8 +28,10 @@ from veil.errors import CatalogError, GovernanceError, QueryError, VeilError
 from veil.executor import application, audit, dpsgd, ledger, models
 from veil.executor.auth import Principal
 from veil.executor.catalog import Catalog, Column, Dataset
-from veil.executor.features import Encoded, FeatureLayout, encode
+from veil.executor.features import Encoded, encode
 from veil.executor.store import jobs, write
+from veil.models import build
+from veil.models.layout import FeatureLayout
 from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.query.prepared import prepare
 from veil.query.release import run
@@ -244,7 +246,7 @@ class Trainer:
     def evaluate(self, dataset: Dataset, request: TrainRequest, weights: bytes, holdout: Encoded, rho: float,
                   who: Principal) -> Release:
         """A DP accuracy (classification) or mean squared error (regression, scaled label) on held-out rows."""
-        module = models.load_weights(models.build_model(request.model, holdout.layout), weights).eval()
+        module = build.load_weights(models.build_model(request.model, holdout.layout), weights).eval()
         with torch.no_grad():
             out = module(holdout.x)
         if request.model.task == "classification":

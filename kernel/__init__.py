@@ -12,7 +12,7 @@ from veil.kernel.errors import (
 )
 from veil.kernel.study import Study, load_study
 from veil.kernel.training import TrainedModel, VeilTrainingFailed
-from veil.modelspec import ModelSpec
+from veil.models.spec import ModelSpec
 
 __all__ = ["ModelSpec", "Study", "TrainedModel", "VeilAuthError", "VeilBudgetError", "VeilConfigError", "VeilError",
            "VeilPolicyError", "VeilRequestError", "VeilSiteUnavailable", "VeilTrainingFailed", "col", "count",

@@ -1,16 +1,20 @@
 """Federated DP-SGD from the researcher's side: the study's coordinator runs in the kernel.
 
 `Study.train(...)` joins each site to the study (POST /jobs with `federated`: the site checks its policy
-and reserves the study's budget on its own ledger), then runs Flower's FedAvg (`federated.coordinate`)
-over an `ExecutorGrid`, a Flower Grid whose nodes are the sites' executors: each train message goes to
-POST /jobs/{id}/round with the researcher's token, the site trains where its data lives and answers
-with DP weights and public numbers only. At the end every site evaluates the global model on its own
+and reserves the study's budget on its own ledger), then runs Flower's FedAvg (the shared core's
+`veil.federation.coordinator.coordinate`, which holds no data) over an `ExecutorGrid`, a Flower Grid
+whose nodes are the sites' executors: each train message goes to POST /jobs/{id}/round with the
+researcher's token, the site trains where its data lives and answers with DP weights and public
+numbers only. At the end every site evaluates the global model on its own
 held-out patients (a DP release) and settles its ledger to what its accountant spent. Ctrl-C ends every
 site's part; each is charged only for the rounds it ran.
 """
 
 from __future__ import annotations
 
+from veil.federation import codec, coordinator  # first: they turn Flower's telemetry off before flwr loads
+
+# isort: split
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -22,12 +26,11 @@ from flwr.common.typing import Run
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
-from veil.executor import federated
-from veil.executor.features import FeatureLayout
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilError
 from veil.kernel.result import Result
 from veil.kernel.training import TrainedModel
+from veil.models.layout import FeatureLayout
 from veil.wire import JobInfo, TrainRequest
 
 SITE_FAILED = 1
@@ -81,7 +84,7 @@ class ExecutorGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         client, job_id = self._parts[msg.metadata.dst_node_id]
         try:
-            content = federated.decode_content(client.job_round(job_id, federated.encode_content(msg.content)))
+            content = codec.decode_content(client.job_round(job_id, codec.encode_content(msg.content)))
         except VeilError as exc:
             return Message(Error(SITE_FAILED, f"{client.name}: {exc}"), reply_to=msg)
         return Message(content, reply_to=msg)
@@ -157,7 +160,7 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
     flower = logging.getLogger("flwr")
     level, flower.level = flower.level, logging.ERROR
     try:
-        result = federated.coordinate(grid, request.model, shape, rounds, len(parts), {}, request.train.delta,
+        result = coordinator.coordinate(grid, request.model, shape, rounds, len(parts), {}, request.train.delta,
                                       on_round=on_round)
     except BaseException:  # Ctrl-C or a failed study: end every part; each keeps what its rounds spent
         for client, job in parts:

@@ -16,7 +16,7 @@ from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSite
 from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
-from veil.modelspec import ModelSpec, TrainSpec
+from veil.models.spec import ModelSpec, TrainSpec
 from veil.query.table import DTYPES
 from veil.sql import parse_sql
 from veil.wire import (

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from veil.extras import needs
 from veil.kernel.errors import VeilConfigError, VeilError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
-from veil.modelspec import ModelSpec
+from veil.models.spec import ModelSpec
 from veil.wire import Federation
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from veil.extras import needs
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilError
 from veil.kernel.result import Result
@@ -56,13 +57,11 @@ class TrainedModel:
         return Result(self.job.evaluation) if self.job.evaluation is not None else None
 
     def module(self) -> Any:
-        """The trained `torch.nn.Module`, rebuilt from the spec and layout stored in the weights' metadata."""
-        from veil.executor.features import FeatureLayout
-        from veil.executor.models import build_model, load_weights, read_metadata
-
-        meta = read_metadata(self.weights)
-        shape = FeatureLayout.from_dict(meta["layout"])
-        return load_weights(build_model(meta["model_spec"], shape), self.weights).eval()
+        """The trained `torch.nn.Module`, rebuilt from the spec, layout (and a custom model's checked graph)
+        stored in the weights' metadata; needs torch (`pip install "veil[train]"`)."""
+        with needs("rebuilding a trained model"):
+            from veil.models.build import trained_module
+        return trained_module(self.weights)
 
     def save(self, path: str) -> None:
         """Write the weights as a .safetensors file."""

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/lint.sh  # ruff, the trust boundary's import contracts, mypy: any failure stops the run
 if [ -z "${VEIL_TEST_POSTGRES_URL:-}" ]; then
   echo "VEIL_TEST_POSTGRES_URL is not set: ledger and audit tests run on SQLite only."
 fi

@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from veil.errors import BudgetError, CatalogError, GovernanceError
 from veil.executor import audit, ledger
-from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import Principal
 from veil.executor.site import Site
 from veil.executor.store import caps, grants, open_store, write
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.wire import QueryRequest
 
 PROJECTS = ("p1", "p2")

@@ -3,6 +3,9 @@ allow-lists and rebuilt from fresh layers; everything else is refused with a cle
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +19,10 @@ from torch import nn
 
 from veil.errors import QueryError
 from veil.executor import custom_model
-from veil.executor.custom_model import build_custom, source_digest
+from veil.executor.custom_model import build_custom, source_digest, traced_graph
+from veil.models import build, graph
+from veil.models.layout import FeatureLayout
+from veil.models.spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -196,6 +202,53 @@ def test_endless_loop_times_out() -> None:
     assert time.perf_counter() - started < 15
 
 
+def sandbox_children() -> list[int]:
+    """Process ids of running sandbox children (python -m veil.executor.sandbox)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"veil.executor.sandbox" in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_sandbox_killed_from_outside_is_a_refusal() -> None:
+    """The OOM killer or an operator may kill the child mid-trace: that is a refusal, never a crash."""
+    def kill_when_started() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for pid in sandbox_children():
+                os.kill(pid, signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    error = refusal(net("return self.lin(x)", before=f"# {uuid.uuid4()}\nwhile True:\n    pass"), timeout=40)
+    killer.join()
+    assert "the sandbox gave no answer: it was stopped by signal SIGTERM" in error.message
+
+
+def test_the_researcher_rebuilds_a_custom_model_from_its_checked_graph() -> None:
+    """Weights carry the graph the site checked; rebuilding runs no source and gives the same function."""
+    layout = FeatureLayout.numeric_only(INPUTS, outputs=OUTPUTS)
+    spec = ModelSpec.custom(GOOD)
+    trained = build_custom(GOOD, INPUTS, OUTPUTS)
+    weights = build.weights_to_bytes(trained, {"model_spec": spec.model_dump(mode="json"),
+                                               "layout": {"numeric": layout.numeric, "categorical": [],
+                                                          "outputs": OUTPUTS},
+                                               "graph": traced_graph(GOOD, INPUTS, OUTPUTS)})
+    rebuilt = build.trained_module(weights)
+    x = torch.rand(5, INPUTS)
+    assert torch.equal(rebuilt(x), trained.eval()(x))
+    with pytest.raises(QueryError) as info:  # weights without the graph: refused, the source is not run
+        build.build_model(spec, layout)
+    assert "checked graph" in info.value.message
+
+
 def test_huge_allocation_hits_the_memory_limit() -> None:
     error = refusal(net("return self.lin(x)", before="big = torch.zeros(10**10)"))
     assert "allocate" in error.message and "3 GiB" in error.hint
@@ -234,7 +287,7 @@ def test_forged_descriptions_are_refused(nodes: list, modules: dict, expected: s
     answer = {"nodes": [*nodes, node("output", "output", "output", [{"node": nodes[-1]["name"]}])],
               "modules": modules}
     with pytest.raises(QueryError) as info:
-        custom_model._check_size(custom_model._plan(answer))
+        graph.rebuild(answer, INPUTS, OUTPUTS)
     assert info.value.code == "bad_model_source"
     assert expected in info.value.message
 
@@ -249,5 +302,5 @@ def test_rows_mixing_module_fails_the_independence_check() -> None:
             return self.lin(x) - self.lin(x).mean(0)
 
     with pytest.raises(QueryError) as info:
-        custom_model._check_module(torch.fx.symbolic_trace(Mixing()), INPUTS, OUTPUTS)
+        graph._check_module(torch.fx.symbolic_trace(Mixing()), INPUTS, OUTPUTS)
     assert "mixes patients" in info.value.message

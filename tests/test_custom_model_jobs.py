@@ -17,7 +17,7 @@ from veil.executor.features import encode
 from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
 from veil.kernel.errors import VeilError, VeilPolicyError
 from veil.kernel.sdk import Site as ResearcherSite
-from veil.modelspec import ModelSpec
+from veil.models.spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 FEATURES = [c.name for c in breast_cancer_frame()[1] if c.bounds is not None]

@@ -15,9 +15,9 @@ import pytest
 from conftest import BACKENDS, Deployment, deploy, make_database
 from veil.errors import CatalogError
 from veil.executor import ledger
-from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.auth import create_token
 from veil.executor.policy import level_rules
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 
 SHARE = 0.15  # the site.toml override; the default is 0.25
 CAP = 10.0  # the synthetic patients' lifetime epsilon

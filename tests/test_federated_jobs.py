@@ -15,17 +15,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from conftest import Deployment, deploy, make_database
-from veil.executor import audit, dpsgd, federated, models
-from veil.executor.features import FeatureLayout, encode
+from veil.executor import audit, dpsgd
+from veil.executor.features import encode
 from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_frame, write_sites
 from veil.executor.store import jobs
+from veil.federation import codec, coordinator
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilError, VeilPolicyError
 from veil.kernel.federation import ExecutorGrid, train_federated
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.kernel.sdk import train_request
 from veil.kernel.study import Study
-from veil.modelspec import ModelSpec
+from veil.models.build import read_metadata
+from veil.models.layout import FeatureLayout
+from veil.models.spec import ModelSpec
 from veil.wire import Federation, JobInfo, TrainRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -60,9 +63,9 @@ def round_content(job: JobInfo, server_round: int, state: dict[str, torch.Tensor
     """What FedAvg sends for one round: the global weights and the round number, as protobuf."""
     assert job.layout is not None
     layout = FeatureLayout(numeric=tuple(job.layout.numeric), outputs=job.layout.outputs)
-    state = state or federated.initial_state(ModelSpec.logistic(), layout, seed=0)
+    state = state or coordinator.initial_state(ModelSpec.logistic(), layout, seed=0)
     content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": server_round})})
-    return federated.encode_content(content)
+    return codec.encode_content(content)
 
 
 def test_a_researcher_trains_one_model_across_three_sites(cancer_sites: dict[str, Deployment]) -> None:
@@ -81,8 +84,10 @@ def test_a_researcher_trains_one_model_across_three_sites(cancer_sites: dict[str
         assert after["epsilon"] - before[name]["epsilon"] == pytest.approx(part.epsilon, rel=1e-9)
         assert after["delta"] - before[name]["delta"] == pytest.approx(1e-5)
         row = job_row(d, part.id)
-        history = [tuple(h) for h in json.loads(row["history"])]
-        assert part.epsilon == pytest.approx(dpsgd.history_epsilon(history, "prv", 1e-5), rel=1e-9)
+        accountant = json.loads(row["history"])  # Opacus' accountant state_dict, as JSON
+        history = [tuple(h) for h in accountant["history"]]
+        assert accountant["mechanism"] == "prv" and dpsgd.load_accountant(accountant, "rdp").history == history
+        assert part.epsilon == dpsgd.history_epsilon(history, "prv", 1e-5)
         assert sum(k for _, _, k in history) == 3 * 2 * max(1, round(part.rows / 24))  # all rounds, one accountant
         # the global model's DP accuracy on this site's own held-out patients
         assert part.evaluation is not None and part.evaluation.receipt == part.receipt
@@ -98,7 +103,7 @@ def test_a_researcher_trains_one_model_across_three_sites(cancer_sites: dict[str
     with torch.no_grad():
         accuracy = float((model.module()(everyone.x).argmax(dim=1) == everyone.y).float().mean())
     assert accuracy >= 0.88, accuracy
-    assert models.read_metadata(model.weights)["site_epsilon"] == pytest.approx(model.epsilon)
+    assert read_metadata(model.weights)["site_epsilon"] == pytest.approx(model.epsilon)
 
 
 def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(cancer_sites: dict[str, Deployment]) -> None:
@@ -111,10 +116,10 @@ def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(cancer_si
     wrong = {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}
     with pytest.raises(VeilError, match=r"\[bad_weights\]"):
         client.job_round(job.id, round_content(job, 1, wrong))
-    assert job_row(d, job.id)["history"] == "[]" and client.job(job.id).epsilon == 0.0
-    reply = federated.decode_content(client.job_round(job.id, round_content(job, 1)))
+    assert job_row(d, job.id)["history"] == "{}" and client.job(job.id).epsilon == 0.0  # no accountant yet
+    reply = codec.decode_content(client.job_round(job.id, round_content(job, 1)))
     first = reply["metrics"]["epsilon"]
-    assert 0 < first < 2.0 and reply["metrics"][federated.WEIGHT_KEY] == job.rows
+    assert 0 < first < 2.0 and reply["metrics"][codec.WEIGHT_KEY] == job.rows
     with pytest.raises(VeilPolicyError, match="round 1 cannot run"):  # a replayed round
         client.job_round(job.id, round_content(job, 1))
     other = ResearcherSite("valley", d.url, d.tokens["outsider"]).client
@@ -126,6 +131,27 @@ def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(cancer_si
     assert before["epsilon"] - charged(d)["epsilon"] == pytest.approx(2.0 - first, rel=1e-9)
     with pytest.raises(VeilPolicyError, match="takes no more rounds"):
         client.job_round(job.id, round_content(job, 2))
+    assert audit.verify(d.engine).ok
+
+
+def test_a_job_row_written_before_accountant_state_dicts_resumes_its_history(
+        cancer_sites: dict[str, Deployment]) -> None:
+    """A part whose row holds the accountant's bare history (as rows were written before state dicts)
+    resumes it under the calibrated mechanism: the next round spends what one accountant over both rounds
+    gives, to the last digit, and the row then holds the accountant's state_dict."""
+    d = cancer_sites["central"]
+    client, job, _ = join(d, rounds=2)
+    first = codec.decode_content(client.job_round(job.id, round_content(job, 1)))
+    saved = json.loads(job_row(d, job.id)["history"])
+    with d.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job.id).values(history=json.dumps(saved["history"])))
+    second = codec.decode_content(client.job_round(job.id, round_content(job, 2, first["arrays"].to_torch_state_dict())))
+    resumed = json.loads(job_row(d, job.id)["history"])
+    assert resumed["mechanism"] == saved["mechanism"] == "prv"
+    (sigma, q, steps), = saved["history"]
+    assert resumed["history"] == [[sigma, q, 2 * steps]]
+    assert second["metrics"]["epsilon"] == dpsgd.accountant_epsilon([(sigma, q, 2 * steps)], "prv", 1e-5)
+    assert client.cancel_job(job.id).epsilon == second["metrics"]["epsilon"]
     assert audit.verify(d.engine).ok
 
 
@@ -163,7 +189,7 @@ def test_a_site_dropping_out_mid_study_is_charged_for_its_rounds_only(
     assert layout is not None
     shape = FeatureLayout(numeric=tuple(layout.numeric), outputs=layout.outputs)
     grid = ExecutorGrid([(client, job.id) for client, job, _ in parts.values()])
-    result = federated.coordinate(grid, ModelSpec.logistic(), shape, 3, 3, {}, 1e-5, on_round=on_round)
+    result = coordinator.coordinate(grid, ModelSpec.logistic(), shape, 3, 3, {}, 1e-5, on_round=on_round)
     assert [set(r) for r in result.rounds] == [set(SITES), {"north", "central"}, {"north", "central"}]
     assert len(result.refusals) == 2 and all("valley" in reason for _, _, reason in result.refusals)
     assert result.site_epsilon["valley"] == result.rounds[0]["valley"]
@@ -213,7 +239,7 @@ def test_a_round_stops_at_the_sites_time_limit_and_is_charged_for_its_steps(tmp_
                                 **{**SGD, "epochs": 400})
         client = d.client()
         job = client.train(request)
-        reply = federated.decode_content(client.job_round(job.id, round_content(job, 1)))
+        reply = codec.decode_content(client.job_round(job.id, round_content(job, 1)))
         steps, planned = reply["metrics"]["steps"], 400 * max(1, round((job.rows or 1) / 24))
         assert steps < planned  # cut off by the limit
         assert client.job(job.id).epsilon == pytest.approx(reply["metrics"]["epsilon"])

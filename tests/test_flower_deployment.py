@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from conftest import Deployment
-from veil.executor import audit, federated, models
+from veil.executor import audit, federated
 from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame
 from veil.kernel.sdk import train_request
 from veil.local import free_port
+from veil.models.build import read_metadata
 from veil.wire import Federation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -118,7 +119,7 @@ def test_a_study_runs_on_flowers_deployment_runtime(
     summary = json.loads(out.with_name(out.name + ".json").read_text())
     assert not summary["refusals"] and [set(r) for r in summary["rounds"]] == [set(cancer_sites)] * ROUNDS
     weights = out.read_bytes()
-    assert models.read_metadata(weights)["rounds"] == ROUNDS
+    assert read_metadata(weights)["rounds"] == ROUNDS
     for name, (client, job) in parts.items():
         d = cancer_sites[name]
         trained = client.job(job.id)  # the SuperNode trained through the executor's ledger

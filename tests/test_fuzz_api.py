@@ -55,8 +55,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from conftest import BACKENDS, Deployment, deploy, limited_config, make_database
 from veil.executor import audit, ledger
-from veil.query.accounting import epsilon_of
 from veil.executor.catalog import Catalog
+from veil.query.accounting import epsilon_of
 from veil.wire import Refusal
 
 RESPONSE_SECONDS = 35

@@ -24,9 +24,13 @@ from veil.wire import Refusal
 COUNT = {"sql": "SELECT COUNT(*) FROM patients", "epsilon": 0.1}
 SLOW = ("SELECT department, icd10, outcome, COUNT(*) AS n, AVG(crp_mg_l) AS crp, MEDIAN(crp_mg_l) AS m, "
         "AVG(hemoglobin_g_dl) AS hb, SUM(hemoglobin_g_dl) AS h, QUANTILE_CONT(wbc_10e9_l, 0.9) AS w, "
-        "QUANTILE_CONT(crp_mg_l, 0.1) AS c10, MEDIAN(length_of_stay_days) AS los FROM encounters "
-        "GROUP BY department, icd10, outcome")
-"""Legitimate but heavy: 7 x 25 x 4 public groups, eleven statistics; seconds on the large cohort below."""
+        "QUANTILE_CONT(crp_mg_l, 0.1) AS c10, MEDIAN(length_of_stay_days) AS los, "
+        "QUANTILE_CONT(crp_mg_l, 0.25) AS c25, QUANTILE_CONT(crp_mg_l, 0.75) AS c75, "
+        "QUANTILE_CONT(hemoglobin_g_dl, 0.1) AS h10, QUANTILE_CONT(hemoglobin_g_dl, 0.9) AS h90, "
+        "QUANTILE_CONT(wbc_10e9_l, 0.1) AS w10 FROM encounters GROUP BY department, icd10, outcome")
+"""Legitimate but heavy: 7 x 25 x 4 public groups, sixteen statistics (the most a query may ask), ten of
+them quantiles: 3-4 s on the large cohort below on 2 busy cores. (Its first eleven statistics once finished
+within a 1 s limit on a CI machine; the test's limit is now 0.5 s.)"""
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -268,7 +272,7 @@ def slow_site(large_site_config: Path, tmp_path: Path) -> Iterator[Callable[...,
 
 def test_a_query_past_the_time_limit_is_stopped_uncharged_and_others_keep_being_served(
         slow_site: Callable[..., Deployment]) -> None:
-    d = slow_site(query_seconds=1)
+    d = slow_site(query_seconds=0.5)
     released(d, "outsider")  # the workers are up
     before = d.spent("encounters")
     with d.http() as http:

@@ -14,10 +14,10 @@ from scipy import stats
 from veil.errors import BudgetError
 from veil.executor import ledger
 from veil.executor.auth import Principal
-from veil.query.calibrate import Certified, certify
-from veil.query.plan import Plan, build_plan
 from veil.executor.site import Site
 from veil.executor.store import write
+from veil.query.calibrate import Certified, certify
+from veil.query.plan import Plan, build_plan
 from veil.sql import parse_sql
 from veil.wire import QueryRequest
 

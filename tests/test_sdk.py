@@ -10,7 +10,6 @@ import pytest
 
 from conftest import SITES, Deployment, write_study
 from veil.executor import ledger
-from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.executor.store import write
 from veil.kernel import (
     VeilAuthError,
@@ -25,6 +24,7 @@ from veil.kernel import (
 from veil.kernel.result import Combined, Result
 from veil.kernel.sdk import VeilPartialFailure
 from veil.kernel.study import Study
+from veil.query.accounting import epsilon_of, rho_for_epsilon
 
 SURE = 0.9999  # checks of the truth against an interval: a false alarm once in 10,000 runs at most
 

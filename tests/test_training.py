@@ -19,9 +19,10 @@ from torch import nn
 
 from veil.errors import QueryError
 from veil.executor import dpsgd, features, models
-from veil.executor.features import FeatureLayout
 from veil.executor.public_data import published_bounds
-from veil.modelspec import ModelSpec
+from veil.models import build
+from veil.models.layout import FeatureLayout
+from veil.models.spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -158,10 +159,10 @@ def test_weights_are_safetensors_and_round_trip(cancer: features.Encoded) -> Non
     header_size = int.from_bytes(out.weights[:8], "little")
     header = json.loads(out.weights[8 : 8 + header_size])  # safetensors: a JSON header, then raw tensors
     assert "embeddings.0.weight" in header and not out.weights.startswith(b"\x80")  # pickle's opcode
-    meta = models.read_metadata(out.weights)
+    meta = build.read_metadata(out.weights)
     assert ModelSpec.model_validate(meta["model_spec"]) == spec and meta["epsilon"] == out.epsilon
-    fresh = models.load_weights(models.build_model(spec, enc.layout), out.weights).eval()
-    again = models.load_weights(models.build_model(spec, enc.layout), out.weights).eval()
+    fresh = build.load_weights(models.build_model(spec, enc.layout), out.weights).eval()
+    again = build.load_weights(models.build_model(spec, enc.layout), out.weights).eval()
     with torch.no_grad():
         assert torch.equal(fresh(enc.x), again(enc.x))
     assert out.grad_sample_mode == "ghost"
@@ -287,7 +288,7 @@ def test_same_seed_same_batches_but_fresh_noise(cancer: features.Encoded) -> Non
     def weights(noise_scale: float) -> dict[str, torch.Tensor]:
         out = dpsgd.train(ModelSpec.logistic(), {**HYPER, "epsilon": 2.0}, x_train, y_train,
                           device="cpu", seed=7, audit_noise_scale=noise_scale)
-        return models.load_weights(models.build_model(ModelSpec.logistic(), FeatureLayout.numeric_only(
+        return build.load_weights(models.build_model(ModelSpec.logistic(), FeatureLayout.numeric_only(
             x_train.shape[1])), out.weights).state_dict()
 
     quiet = [weights(0.0), weights(0.0)]

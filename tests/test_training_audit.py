@@ -19,8 +19,9 @@ from scipy.stats import binom
 from sklearn.datasets import load_breast_cancer
 
 from veil.executor import dpsgd, models
-from veil.executor.features import FeatureLayout
-from veil.modelspec import ModelSpec, TrainSpec
+from veil.models import build
+from veil.models.layout import FeatureLayout
+from veil.models.spec import ModelSpec, TrainSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -60,7 +61,7 @@ def audit(noise_scale: float, seed: int = 0) -> tuple[float, float]:
     )
     y = torch.cat([torch.tensor(data.target), torch.ones(int(inside.sum()), dtype=torch.int64)])
     out = dpsgd.train(SPEC, CLAIM, x, y, device="cpu", seed=seed, audit_noise_scale=noise_scale)
-    model = models.load_weights(models.build_model(SPEC, FeatureLayout.numeric_only(x.shape[1])), out.weights)
+    model = build.load_weights(models.build_model(SPEC, FeatureLayout.numeric_only(x.shape[1])), out.weights)
     with torch.no_grad():
         logits = model(canaries)
     order = np.argsort((logits[:, 1] - logits[:, 0]).numpy())

@@ -19,7 +19,7 @@ from veil.executor.public_data import CLASSES, DATASET, LABEL, breast_cancer_fra
 from veil.executor.store import write
 from veil.kernel.errors import VeilBudgetError, VeilPolicyError
 from veil.kernel.sdk import Site as ResearcherSite
-from veil.modelspec import ModelSpec, TrainSpec
+from veil.models.spec import ModelSpec, TrainSpec
 from veil.wire import TrainRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

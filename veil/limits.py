@@ -39,3 +39,5 @@ MIN_DELTA = 1e-12
 """Smallest delta of a thresholded release or a grant (a positive delta below it is refused)."""
 MIN_CONFIDENCE, MAX_CONFIDENCE = 0.5, 1 - 1e-9
 """Interval levels a release may be asked for (multi-center releases ask each site at 1 - alpha/m)."""
+MAX_PARAMETERS = 20_000_000
+"""Largest model a site trains (declarative or custom), in parameters."""

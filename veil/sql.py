@@ -305,7 +305,7 @@ def _sql_condition(cond: Condition) -> str:
     if cond.op == "is_not_null":
         return f"{cond.column} IS NOT NULL"
     if cond.op == "in":
-        return f"{cond.column} IN ({', '.join(_sql_value(v) for v in cond.value)})"  # type: ignore[union-attr]
+        return f"{cond.column} IN ({', '.join(_sql_value(v) for v in cond.value)})"
     op = "=" if cond.op == "==" else cond.op
     return f"{cond.column} {op} {_sql_value(cond.value)}"
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from veil import limits
-from veil.modelspec import ModelSpec, TrainSpec
+from veil.models.spec import ModelSpec, TrainSpec
 from veil.names import NAME_PATTERN as NAME_PATTERN  # re-exported: both sides import it from the contract
 from veil.names import Name
 

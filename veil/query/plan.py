@@ -119,7 +119,7 @@ def _fold(exprs: list[pl.Expr], how: str) -> pl.Expr:
 
 
 def _bounded(dataset: Table, agg: Aggregate) -> tuple[Column, tuple[Any, Any]]:
-    column = dataset.column(agg.column)  # type: ignore[arg-type]
+    column = dataset.column(agg.column)
     if not column.is_numeric:
         raise QueryError("unsupported_query", f"{agg.fn} needs a numeric column; '{column.name}' is {column.dtype}",
                          hint="group by it and count instead")

@@ -2,8 +2,9 @@
 
 A researcher describes a model as data: an optional list of hidden layers between the encoded input
 columns and an output layer sized by the task; or, when an approved application allows it, as the source
-of an `nn.Module` that the site traces in a sandbox without data and rebuilds from checked parts. The executor builds the PyTorch module
-from it (`veil.executor.models`) and refuses anything Opacus cannot train privately.
+of an `nn.Module` that the site traces in a sandbox without data and rebuilds from checked parts.
+`veil.models.build` makes the PyTorch module from it; a site also refuses anything Opacus cannot train
+privately (`veil.executor.models`). Importing this module needs no torch.
 """
 
 from __future__ import annotations
