@@ -5,6 +5,7 @@ Declared with IPython's `magic_arguments`, so `%veil?` shows the usage and a wro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -16,6 +17,29 @@ from IPython.display import display
 from veil.kernel.result import Result
 from veil.kernel.sdk import RELEASE_LISTENERS, Site
 from veil.sql import parse_sql
+
+MAGIC_ARGUMENTS = (
+    argument("command", choices=("datasets", "budget", "mode", "sql", "cost"),
+             help="datasets, budget and mode are line magics (%%veil); sql and cost are cell magics (%%%%veil)"),
+    argument("mode", nargs="?", choices=("mock", "live"),
+             help="with `mode`: mock (made-up rows, nothing spent) or live (real releases, charged)"),
+    argument("--site", help="sql: the site(s) to ask, comma separated (default: every site)"),
+    argument("--all", action="store_true", help="sql: ask every site and combine the releases"),
+    argument("--epsilon", type=float, help="sql: the privacy loss of the release, in epsilon"),
+    argument("--rho", type=float, help="sql: ... or in rho (zero-concentrated DP)"),
+    argument("--delta", type=float, help="sql: delta, for releases that need one"),
+    argument("--confidence", type=float, default=0.95,
+             help="sql: the level of the intervals (default 0.95)"),
+)
+"""The arguments of %veil, for IPython's magic_arguments (so that `%veil?` shows them)."""
+
+
+def _declared(magic: Callable[..., Any]) -> Callable[..., Any]:
+    """`magic` with MAGIC_ARGUMENTS declared: its docstring becomes the usage `%veil?` shows."""
+    for declare in reversed(MAGIC_ARGUMENTS):
+        magic = declare(magic)
+    declared: Callable[..., Any] = magic_arguments()(magic)
+    return declared
 
 
 @magics_class
@@ -40,17 +64,7 @@ class VeilMagics(Magics):
         event = {"site": site.name, **result.provenance}
         self.kernel.send_budget_event(event)
 
-    @magic_arguments()
-    @argument("command", choices=("datasets", "budget", "mode", "sql", "cost"),
-              help="datasets, budget and mode are line magics (%%veil); sql and cost are cell magics (%%%%veil)")
-    @argument("mode", nargs="?", choices=("mock", "live"),
-              help="with `mode`: mock (made-up rows, nothing spent) or live (real releases, charged)")
-    @argument("--site", help="sql: the site(s) to ask, comma separated (default: every site)")
-    @argument("--all", action="store_true", help="sql: ask every site and combine the releases")
-    @argument("--epsilon", type=float, help="sql: the privacy loss of the release, in epsilon")
-    @argument("--rho", type=float, help="sql: ... or in rho (zero-concentrated DP)")
-    @argument("--delta", type=float, help="sql: delta, for releases that need one")
-    @argument("--confidence", type=float, default=0.95, help="sql: the level of the intervals (default 0.95)")
+    @_declared
     @line_cell_magic
     def veil(self, line: str, cell: str | None = None) -> Any:
         """Veil in a notebook: list datasets, show the budget, switch mode, release SQL, price a cell.
