@@ -29,7 +29,7 @@ from veil.executor import ledger  # noqa: E402
 from veil.executor.auth import create_token  # noqa: E402
 from veil.executor.catalog import load_catalog  # noqa: E402
 from veil.executor.store import open_store, write  # noqa: E402
-from veil.executor.synth import ColumnSpec, dataset_toml, toml_table  # noqa: E402
+from veil.executor.synth import ColumnSpec, dataset_table, write_site_toml  # noqa: E402
 from veil.kernel.client import SiteClient  # noqa: E402
 from veil.local import LocalExecutor  # noqa: E402
 from veil.models.layout import FeatureLayout  # noqa: E402
@@ -49,11 +49,10 @@ def write_site(root: Path, rows: int, seed: int) -> Path:
     frame.write_parquet(root / "cohort.parquet")
     columns = [ColumnSpec("patient_id", "Int64", "patient"), ColumnSpec("label", "String", "label", categories=["no", "yes"])]
     columns += [ColumnSpec(f"x{i}", "Float64", "feature", bounds=(-1.0, 1.0)) for i in range(FEATURES)]
-    (root / "site.toml").write_text("\n".join([
-        toml_table("site", {"name": "bench", "database": "sqlite:///veil.db", "reporting_delta": 1e-6}),
-        dataset_toml("cohort", {"path": "cohort.parquet", "level": "L2", "privacy_unit": "patient_id",
-                                "max_rows_per_unit": 1, "max_rows": 10 * rows, "lifetime_epsilon": 100.0}, columns),
-    ]))
+    write_site_toml(root / "site.toml", {"name": "bench", "database": "sqlite:///veil.db", "reporting_delta": 1e-6},
+                    {"cohort": dataset_table({"path": "cohort.parquet", "level": "L2", "privacy_unit": "patient_id",
+                                              "max_rows_per_unit": 1, "max_rows": 10 * rows,
+                                              "lifetime_epsilon": 100.0}, columns)})
     return root / "site.toml"
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 from sklearn.datasets import load_breast_cancer
 
-from veil.executor.synth import ColumnSpec, dataset_toml, toml_table
+from veil.executor.synth import ColumnSpec, dataset_table, write_site_toml
 
 DATASET = "breast_cancer"
 LABEL = "diagnosis"
@@ -64,16 +64,14 @@ def write_sites(out: Path, sites: Sequence[str] = ("north", "central", "valley")
         directory = out / site
         directory.mkdir(parents=True, exist_ok=True)
         frame.slice(lo, hi - lo).write_parquet(directory / f"{DATASET}.parquet")
-        text = "\n".join([
-            toml_table("site", {"name": site, "title": f"{site} (breast-cancer cohort)", "database": "sqlite:///veil.db",
-                                "reporting_delta": 1e-6, "default_l1_epsilon": 2.0}),
-            dataset_toml(DATASET, {
-                "title": "Breast cancer biopsies",
-                "description": "One row per patient: 30 features of a fine-needle aspirate and the diagnosis.",
-                "path": f"{DATASET}.parquet", "level": level, "privacy_unit": "patient_id",
-                "max_rows_per_unit": 1, "max_rows": 1000, "lifetime_epsilon": lifetime_epsilon,
-            }, columns),
-        ])
-        (directory / "site.toml").write_text(text)
+        write_site_toml(directory / "site.toml", {
+            "name": site, "title": f"{site} (breast-cancer cohort)", "database": "sqlite:///veil.db",
+            "reporting_delta": 1e-6, "default_l1_epsilon": 2.0,
+        }, {DATASET: dataset_table({
+            "title": "Breast cancer biopsies",
+            "description": "One row per patient: 30 features of a fine-needle aspirate and the diagnosis.",
+            "path": f"{DATASET}.parquet", "level": level, "privacy_unit": "patient_id",
+            "max_rows_per_unit": 1, "max_rows": 1000, "lifetime_epsilon": lifetime_epsilon,
+        }, columns)})
         paths.append(directory / "site.toml")
     return paths

@@ -19,7 +19,6 @@ from the *requested* `patients`, never from the generated data: it is what a ste
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import tomli_w
 
 # ---------------------------------------------------------------- public vocabularies
 
@@ -295,58 +295,50 @@ def round_bound(x: float) -> int:
     return 10 ** max(0, math.ceil(math.log10(max(x, 1))))
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string of printable text is a valid TOML basic string
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "[" + ", ".join(_toml(v) for v in value) + "]"
+def dataset_table(meta: dict[str, Any], columns: list[ColumnSpec]) -> dict[str, Any]:
+    """A catalog's `[datasets.NAME]` table, with one `columns.COLUMN` table of public metadata per column
+    (keys whose value is None are left out: TOML has no null)."""
+    table = {k: v for k, v in meta.items() if v is not None}
+    table["columns"] = {c.name: {k: v for k, v in {
+        "dtype": c.dtype, "description": c.description,
+        "bounds": list(c.bounds) if c.bounds else None, "categories": c.categories,
+        "nullable": True if c.nullable else None,
+    }.items() if v is not None} for c in columns}
+    return table
 
 
-def toml_table(header: str, items: dict[str, Any]) -> str:
-    """One TOML table; keys whose value is None are left out."""
-    lines = [f"[{header}]"] + [f"{k} = {_toml(v)}" for k, v in items.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def dataset_toml(name: str, meta: dict[str, Any], columns: list[ColumnSpec]) -> str:
-    """A catalog's `[datasets.NAME]` table and one table per column with its public metadata."""
-    parts = [toml_table(f"datasets.{name}", meta)]
-    for c in columns:
-        parts.append(toml_table(f"datasets.{name}.columns.{c.name}", {
-            "dtype": c.dtype, "description": c.description,
-            "bounds": list(c.bounds) if c.bounds else None, "categories": c.categories,
-            "nullable": True if c.nullable else None,
-        }))
-    return "\n".join(parts)
+def write_site_toml(path: Path, site: dict[str, Any], datasets: dict[str, dict[str, Any]]) -> Path:
+    """Write a site's catalog (`[site]` and its `[datasets.*]` tables) as TOML; return its path."""
+    path.write_text(tomli_w.dumps({"site": site, "datasets": datasets}))
+    return path
 
 
 def write_catalog(site_dir: Path, site_name: str, title: str, n_patients_bound: int,
-                  n_encounters_bound: int, regions: list[str]) -> Path:
-    """Write `<site_dir>/site.toml` declaring both datasets with public bounds; return its path."""
+                  n_encounters_bound: int, regions: list[str], extra: dict[str, dict[str, Any]] | None = None
+                  ) -> Path:
+    """Write `<site_dir>/site.toml` declaring both datasets (and the `extra` dataset tables) with public
+    bounds; return its path."""
+    extra = extra or {}
     patient_cols = [replace(c, categories=list(regions)) if c.name == "region" else c
                     for c in PATIENT_COLUMNS]
-    text = "\n".join([
-        toml_table("site", {"name": site_name, "title": title, "database": "sqlite:///veil.db",
-                        "reporting_delta": 1e-6, "default_l1_epsilon": 2.0}),
-        dataset_toml("patients", {
+    return write_site_toml(site_dir / "site.toml", {
+        "name": site_name, "title": title, "database": "sqlite:///veil.db", "reporting_delta": 1e-6,
+        "default_l1_epsilon": 2.0,
+    }, {
+        "patients": dataset_table({
             "title": "Patients",
             "description": "One row per enrolled patient: demographics and rare-disease diagnosis.",
             "path": "patients.parquet", "level": "L1", "privacy_unit": "patient_id",
             "max_rows_per_unit": 1, "max_rows": n_patients_bound, "lifetime_epsilon": 10.0,
         }, patient_cols),
-        dataset_toml("encounters", {
+        "encounters": dataset_table({
             "title": "Encounters",
             "description": "One row per hospital encounter: department, diagnosis, labs, stay and outcome.",
             "path": "encounters.parquet", "level": "L2", "privacy_unit": "patient_id",
             "max_rows_per_unit": MAX_ENCOUNTERS, "max_rows": n_encounters_bound, "lifetime_epsilon": 10.0,
         }, ENCOUNTER_COLUMNS),
-    ])
-    path = site_dir / "site.toml"
-    path.write_text(text)
-    return path
+        **extra,
+    })
 
 
 # ---------------------------------------------------------------- entry points
@@ -369,15 +361,16 @@ def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0,
         patients_df, encounters_df = generate_site(profile, index, patients, seed)
         patients_df.write_parquet(site_dir / "patients.parquet", statistics=True)
         encounters_df.write_parquet(site_dir / "encounters.parquet", statistics=True)
-        path = write_catalog(site_dir, profile.name, profile.title, round_bound(2 * max_patients),
-                             round_bound(MAX_ENCOUNTERS * max_patients), list(profile.regions))
+        extra = {}
         if tutorial:
             from veil.executor import tutorial_data
 
             tutorial_data.presentations(patients_df, encounters_df).write_parquet(site_dir / "presentations.parquet")
             tutorial_data.genetic_panels(patients_df, seed * 1000 + index).write_parquet(
                 site_dir / "genetic_panels.parquet")
-            path.write_text(path.read_text() + "\n" + tutorial_data.catalog_tables(round_bound(2 * max_patients)))
+            extra = tutorial_data.catalog_tables(round_bound(2 * max_patients))
+        path = write_catalog(site_dir, profile.name, profile.title, round_bound(2 * max_patients),
+                             round_bound(MAX_ENCOUNTERS * max_patients), list(profile.regions), extra)
         paths.append(path)
     return paths
 

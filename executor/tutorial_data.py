@@ -11,10 +11,12 @@ Both derive from the site's generated patients and encounters, so they tell the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import polars as pl
 
-from veil.executor.synth import DEPARTMENTS, NO_RARE, SEXES, ColumnSpec, dataset_toml
+from veil.executor.synth import DEPARTMENTS, NO_RARE, SEXES, ColumnSpec, dataset_table
 
 PRESENTATION_COLUMNS = [
     ColumnSpec("patient_id", "Int64", "Pseudonymous patient identifier (the privacy unit)"),
@@ -64,20 +66,20 @@ def genetic_panels(patients: pl.DataFrame, seed: int) -> pl.DataFrame:
     })
 
 
-def catalog_tables(max_patients: int) -> str:
+def catalog_tables(max_patients: int) -> dict[str, dict[str, Any]]:
     """The two datasets' catalog tables (public bounds from the requested size)."""
-    return "\n".join([
-        dataset_toml("presentations", {
+    return {
+        "presentations": dataset_table({
             "title": "First presentations",
             "description": "One row per patient: the first encounter's department and labs, and whether the "
                            "patient has a rare disease.",
             "path": "presentations.parquet", "level": "L2", "privacy_unit": "patient_id",
             "max_rows_per_unit": 1, "max_rows": max_patients, "lifetime_epsilon": 20.0,
         }, PRESENTATION_COLUMNS),
-        dataset_toml("genetic_panels", {
+        "genetic_panels": dataset_table({
             "title": "Genetic panels",
             "description": "One row per tested patient: the gene panel and whether a pathogenic variant was found.",
             "path": "genetic_panels.parquet", "level": "L3", "privacy_unit": "patient_id",
             "max_rows_per_unit": 1, "max_rows": max_patients, "lifetime_epsilon": 5.0,
         }, PANEL_COLUMNS),
-    ])
+    }

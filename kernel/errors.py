@@ -1,27 +1,38 @@
 """The exceptions a researcher meets. Each says which site refused, why, what remains and what to do.
 
-A refusal from a site (`wire.Refusal`) becomes one of these by its code; nothing was charged for it.
+There is one hierarchy: every Veil error, on either side, is a `veil.errors.VeilError` (a code, a message
+and a hint), re-exported here. A refusal from a site (`wire.Refusal`) becomes a `VeilRefusal` subclass by
+its code; nothing was charged for it.
 """
 
 from __future__ import annotations
 
+from veil.errors import VeilError as VeilError
 from veil.wire import Refusal
 
 
-class VeilError(Exception):
-    """Base of every researcher-side Veil error."""
+class VeilUsageError(VeilError):
+    """The call itself is wrong (an unknown mode, dataset or site, a magic's arguments); nothing was sent."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__("usage", message, hint)
 
 
 class VeilConfigError(VeilError):
     """The study configuration is missing or invalid."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__("config", message, hint)
 
 
 class VeilSiteUnavailable(VeilError):
     """A site could not be reached; nothing was sent to it or nothing came back (and nothing is lost)."""
 
     def __init__(self, site: str, url: str, cause: Exception) -> None:
-        super().__init__(f"site '{site}' at {url} could not be reached ({type(cause).__name__}: {cause}); "
-                         "no release was made there. Check that its executor runs, then retry.")
+        super().__init__("site_unavailable",
+                         f"site '{site}' at {url} could not be reached ({type(cause).__name__}: {cause}); "
+                         "no release was made there. Check that its executor runs, then retry.",
+                         "check that the site's executor runs, then retry", status=503)
         self.site, self.url = site, url
 
 
@@ -34,8 +45,8 @@ class VeilRefusal(VeilError):
             text += f"; remaining: rho={refusal.remaining.get('rho', 0.0):.4g}"
         if refusal.hint:
             text += f". What to do: {refusal.hint}"
-        super().__init__(text)
-        self.site, self.status, self.refusal = site, status, refusal
+        super().__init__(refusal.code, text, refusal.hint, status, refusal.remaining)
+        self.site, self.refusal = site, refusal
 
 
 class VeilPolicyError(VeilRefusal):

@@ -141,7 +141,8 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
     if len({_layout_key(job) for _, job in parts}) != 1:
         for client, job in parts:
             client.cancel_job(job.id)
-        raise VeilError("the sites encode the features differently (their public bounds or categories differ); "
+        raise VeilError("incompatible_sites",
+                        "the sites encode the features differently (their public bounds or categories differ)",
                         "align the catalogs, or train at each site alone")
     layout = parts[0][1].layout
     assert layout is not None

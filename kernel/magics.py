@@ -1,39 +1,45 @@
-"""IPython magics of the Veil kernel: %veil datasets|budget|mode, %%veil sql, %%veil cost."""
+"""IPython magics of the Veil kernel: %veil datasets|budget|mode, %%veil sql, %%veil cost.
+
+Declared with IPython's `magic_arguments`, so `%veil?` shows the usage and a wrong argument is a
+`UsageError` that says which."""
 
 from __future__ import annotations
 
-import argparse
-import shlex
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from veil.kernel.errors import VeilError
 from veil.kernel.result import Result
 from veil.kernel.sdk import RELEASE_LISTENERS, Site
 from veil.sql import parse_sql
 
-USAGE = ("%veil datasets | %veil budget | %veil mode mock|live | "
-         "%%veil sql [--site A,B | --all] [--epsilon E | --rho R] [--delta D] [--confidence C] | %%veil cost")
+MAGIC_ARGUMENTS = (
+    argument("command", choices=("datasets", "budget", "mode", "sql", "cost"),
+             help="datasets, budget and mode are line magics (%%veil); sql and cost are cell magics (%%%%veil)"),
+    argument("mode", nargs="?", choices=("mock", "live"),
+             help="with `mode`: mock (made-up rows, nothing spent) or live (real releases, charged)"),
+    argument("--site", help="sql: the site(s) to ask, comma separated (default: every site)"),
+    argument("--all", action="store_true", help="sql: ask every site and combine the releases"),
+    argument("--epsilon", type=float, help="sql: the privacy loss of the release, in epsilon"),
+    argument("--rho", type=float, help="sql: ... or in rho (zero-concentrated DP)"),
+    argument("--delta", type=float, help="sql: delta, for releases that need one"),
+    argument("--confidence", type=float, default=0.95,
+             help="sql: the level of the intervals (default 0.95)"),
+)
+"""The arguments of %veil, for IPython's magic_arguments (so that `%veil?` shows them)."""
 
 
-def _sql_args(line: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="%%veil sql", add_help=False, exit_on_error=False)
-    parser.add_argument("--site", default=None)
-    parser.add_argument("--all", action="store_true")
-    parser.add_argument("--epsilon", type=float, default=None)
-    parser.add_argument("--rho", type=float, default=None)
-    parser.add_argument("--delta", type=float, default=None)
-    parser.add_argument("--confidence", type=float, default=0.95)
-    try:
-        args, extra = parser.parse_known_args(shlex.split(line))
-    except argparse.ArgumentError as exc:
-        raise VeilError(f"%%veil sql: {exc}; usage: {USAGE}") from None
-    if extra:
-        raise VeilError(f"%%veil sql: unknown arguments {extra}; usage: {USAGE}")
-    return args
+def _declared(magic: Callable[..., Any]) -> Callable[..., Any]:
+    """`magic` with MAGIC_ARGUMENTS declared: its docstring becomes the usage `%veil?` shows."""
+    for declare in reversed(MAGIC_ARGUMENTS):
+        magic = declare(magic)
+    declared: Callable[..., Any] = magic_arguments()(magic)
+    return declared
 
 
 @magics_class
@@ -58,21 +64,36 @@ class VeilMagics(Magics):
         event = {"site": site.name, **result.provenance}
         self.kernel.send_budget_event(event)
 
+    @_declared
     @line_cell_magic
     def veil(self, line: str, cell: str | None = None) -> Any:
-        words = line.split(maxsplit=1)
-        command, rest = (words[0], words[1] if len(words) > 1 else "") if words else ("", "")
-        if cell is None and command == "datasets":
+        """Veil in a notebook: list datasets, show the budget, switch mode, release SQL, price a cell.
+
+        %veil datasets          which site offers what
+        %veil budget            grants, spent, remaining
+        %veil mode mock|live    mock: made-up rows, nothing spent; live: real releases, charged
+        %%veil sql [--site A,B | --all] [--epsilon E | --rho R] [--delta D] [--confidence C]
+                                the cell's SQL as a DP release at the site(s)
+        %%veil cost             run the cell in mock mode and show what it would charge live
+        """
+        args = parse_argstring(self.veil, line)
+        command = args.command
+        if (args.mode is not None) != (command == "mode"):
+            raise UsageError("%veil mode takes mock or live; no other command takes a mode")
+        if cell is None and command in ("sql", "cost"):
+            raise UsageError(f"%%veil {command} is a cell magic: put it on the first line of a cell")
+        if cell is not None and command not in ("sql", "cost"):
+            raise UsageError(f"%veil {command} is a line magic, not a cell magic")
+        if command == "datasets":
             return self._datasets()
-        if cell is None and command == "budget":
+        if command == "budget":
             return self._budget()
-        if cell is None and command == "mode":
-            return self._mode(rest.strip())
-        if cell is not None and command == "sql":
-            return self._sql(rest, cell)
-        if cell is not None and command == "cost":
-            return self._cost(cell)
-        raise VeilError(f"unknown %veil command '{line}'; usage: {USAGE}")
+        if command == "mode":
+            return self._mode(args.mode)
+        assert cell is not None
+        if command == "sql":
+            return self._sql(args, cell)
+        return self._cost(cell)
 
     def _datasets(self) -> pl.DataFrame:
         rows = [{"site": s.name, "dataset": d.name, "level": d.level, "title": d.info.title,
@@ -91,8 +112,7 @@ class VeilMagics(Magics):
         print("Veil mode: LIVE — releases spend privacy budget at the sites." if mode == "live" else
               "Veil mode: MOCK — queries run locally on made-up rows; nothing is spent, results are not real.")
 
-    def _sql(self, line: str, cell: str) -> Any:
-        args = _sql_args(line)
+    def _sql(self, args: Any, cell: str) -> Any:
         dataset = parse_sql(cell).dataset
         names = None if args.all or not args.site else [s.strip() for s in args.site.split(",")]
         if args.all or names is None or len(names) > 1:

@@ -12,7 +12,7 @@ import polars as pl
 from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates, site_confidence
-from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable
+from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable, VeilUsageError
 from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
@@ -49,7 +49,7 @@ def train_request(dataset: str, features: Sequence[str], label: str, epsilon: fl
 def live_only(mode: str) -> None:
     """Training happens at the sites on live data; refuse in mock mode rather than spend unasked."""
     if mode != "live":
-        raise VeilError("training runs at the sites on live data and spends budget: switch with `%veil mode live` "
+        raise VeilUsageError("training runs at the sites on live data and spends budget: switch with `%veil mode live` "
                         "(or study.mode = 'live'); mock rows are for trying queries, or a model locally in PyTorch")
 
 
@@ -58,9 +58,10 @@ class VeilPartialFailure(VeilError):
 
     def __init__(self, results: dict[str, Result], errors: dict[str, VeilError]) -> None:
         failed = "; ".join(str(e) for e in errors.values())
-        super().__init__(f"{len(errors)} of {len(results) + len(errors)} sites failed ({failed}). "
+        super().__init__("partial_failure",
+                         f"{len(errors)} of {len(results) + len(errors)} sites failed ({failed}). "
                          f"The releases of {', '.join(results) or 'no site'} were made and are kept in "
-                         ".results; retry the failed sites alone.")
+                         ".results; retry the failed sites alone.", "retry the failed sites alone")
         self.results, self.errors = results, errors
 
 
@@ -226,7 +227,7 @@ class Dataset:
         """A query from SQL text (parsed here to the same spec the executor would build)."""
         spec = parse_sql(sql)
         if spec.dataset != self.name:
-            raise VeilError(f"this SQL reads '{spec.dataset}', but it was asked of dataset '{self.name}'")
+            raise VeilUsageError(f"this SQL reads '{spec.dataset}', but it was asked of dataset '{self.name}'")
         return Query(self, Shape(spec.where, tuple(spec.group_by), tuple(spec.aggregates)))
 
     def filter(self, cond: Cond) -> Query:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.extras import needs
-from veil.kernel.errors import VeilConfigError, VeilError
+from veil.kernel.errors import VeilConfigError, VeilUsageError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.models.spec import ModelSpec
 from veil.wire import Federation
@@ -51,7 +51,7 @@ class Study:
     @mode.setter
     def mode(self, mode: str) -> None:
         if mode not in ("live", "mock"):
-            raise VeilError(f"mode must be 'live' or 'mock', not '{mode}'")
+            raise VeilUsageError(f"mode must be 'live' or 'mock', not '{mode}'")
         for site in self.sites.values():
             site.mode = mode
 
@@ -64,7 +64,7 @@ class Study:
         chosen = [self.sites[s] for s in sites] if sites else list(self.sites.values())
         having = [s for s in chosen if name in s.datasets]
         if not having:
-            raise VeilError(f"no site of study '{self.name}' offers a dataset '{name}' to project "
+            raise VeilUsageError(f"no site of study '{self.name}' offers a dataset '{name}' to project "
                             f"'{self.project}'; see study.datasets()")
         return Dataset(having, having[0].datasets[name].info)
 
@@ -84,7 +84,7 @@ class Study:
         names = list(sites) if sites else self.datasets().get(dataset, [])
         unknown = [s for s in names if s not in self.sites]
         if unknown or not names:
-            raise VeilError(f"no such site(s) {unknown} in study '{self.name}'" if unknown else
+            raise VeilUsageError(f"no such site(s) {unknown} in study '{self.name}'" if unknown else
                             f"no site of study '{self.name}' offers '{dataset}' to project '{self.project}'")
         request = train_request(dataset, features, label, epsilon, delta, model, epochs, batch_size, learning_rate,
                                 optimizer, max_grad_norm, holdout, evaluation_epsilon,

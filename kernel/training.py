@@ -25,7 +25,7 @@ class VeilTrainingFailed(VeilError):
     """The site could not finish the job; `job.error` says why, and what was spent was charged."""
 
     def __init__(self, site: str, job: JobInfo) -> None:
-        super().__init__(f"training job {job.id} at site '{site}' failed: {job.error}. "
+        super().__init__("training_failed", f"training job {job.id} at site '{site}' failed: {job.error}. "
                          f"It was charged epsilon {job.epsilon:.4g} of the {job.target_epsilon:g} reserved.")
         self.job = job
 

@@ -11,23 +11,23 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install --quiet "torch==2.13.0"
 "$py" -m pip install --quiet -e ".[test,lab]"
-# An editable install skips the wheel's data files: enable the lab extension's server side (veil.lab)
-# in this environment's Jupyter config, as a wheel install does.
-install -D -m 644 veil/lab/veil_lab.json "$venv/etc/jupyter/jupyter_server_config.d/veil_lab.json"
-# The lab extension's front end (lab/): built with the JupyterLab 4.6 tools the venv holds (jlpm,
-# jupyter-builder) and Node >= 20 from npm's registry, then put where JupyterLab finds prebuilt extensions.
+# The lab extension (extensions/veil-lab): its front end is built with the JupyterLab 4.6 tools the venv
+# holds (jlpm, jupyter-builder) and Node >= 20 from npm's registry. An editable install ships no data
+# files, so the bundle is linked into the environment (what `jupyter labextension develop` does) and the
+# server half enabled with Jupyter's own command; a wheel (`pip install ".[lab]"`) ships both (setup.py).
 if ! command -v node >/dev/null 2>&1; then
-  echo "Node.js >= 20 is needed to build the lab extension (lab/): install it (e.g. apt-get install nodejs npm)" >&2
+  echo "Node.js >= 20 is needed to build the lab extension (extensions/veil-lab): install it (e.g. apt-get install nodejs npm)" >&2
   exit 1
 fi
 (
   export PATH="$PWD/$venv/bin:$PATH"
-  cd lab
+  cd extensions/veil-lab
   jlpm install --immutable >/dev/null
   jlpm build:prod >/dev/null
   cd ui-tests  # Galata's browser tests: Playwright drives Debian's Chromium, so no browser is downloaded
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 jlpm install --immutable >/dev/null
 )
 mkdir -p "$venv/share/jupyter/labextensions"
-ln -sfn "$PWD/lab/veil_lab_build" "$venv/share/jupyter/labextensions/veil-lab"
+ln -sfn "$PWD/extensions/veil-lab/veil_lab/labextension" "$venv/share/jupyter/labextensions/veil-lab"
+"$venv/bin/jupyter" server extension enable --sys-prefix veil.lab >/dev/null
 echo "veil installed in $venv"

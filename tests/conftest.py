@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tomli_w
 from sqlalchemy import Engine, create_engine, text
 
 from veil.executor import ledger
@@ -174,7 +176,7 @@ def shared(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: 
 def limited_config(site_config: Path, name: str, **settings: float) -> Path:
     """A copy of the site's catalog (beside it, so its relative paths hold) with a `[limits]` table."""
     path = site_config.with_name(f"site-{name}.toml")
-    path.write_text(site_config.read_text() + "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    path.write_text(tomli_w.dumps({**tomllib.loads(site_config.read_text()), "limits": settings}))
     return path
 
 
@@ -229,11 +231,12 @@ def cancer_sites(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 def write_study(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:
     """A researcher's study config for these sites (project study1), with token files beside it."""
-    lines = ['[study]', 'name = "test_study"', 'project = "study1"']
     for name, d in sites.items():
         (directory / f"{name}.token").write_text(d.tokens["researcher"] + "\n")
-        lines += [f"[sites.{name}]", f'url = "{(urls or {}).get(name, d.url)}"', f'token_file = "{name}.token"',
-                  f'guard_paths = ["{d.catalog.path.parent}"]']
     path = directory / "study.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps({
+        "study": {"name": "test_study", "project": "study1"},
+        "sites": {name: {"url": (urls or {}).get(name, d.url), "token_file": f"{name}.token",
+                         "guard_paths": [str(d.catalog.path.parent)]} for name, d in sites.items()},
+    }))
     return path

@@ -6,11 +6,13 @@ projects spent: it speaks of their own grant only, while stewards keep the full 
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from conftest import BACKENDS, Deployment, deploy, make_database
 from veil.errors import CatalogError
@@ -27,13 +29,13 @@ DELTA = 1e-6  # the synthetic site's reporting delta
 def fair_catalog(site_config: Path, directory: Path) -> Path:
     """The north site with `[levels.L1]` overridden (a 15% share, a default grant of epsilon 2, above the
     share), plus `cohort`: an L1 copy of its patients for the test that runs its cap down."""
-    text = site_config.read_text()
-    block = text[text.index("[datasets.patients]"):text.index("[datasets.encounters]")]
-    text += "\n" + block.replace("datasets.patients", "datasets.cohort")
-    for name in ("patients", "encounters"):
-        text = text.replace(f'path = "{name}.parquet"', f'path = "{site_config.parent / name}.parquet"')
+    config = tomllib.loads(site_config.read_text())
+    for table in config["datasets"].values():
+        table["path"] = str(site_config.parent / table["path"])
+    config["datasets"]["cohort"] = config["datasets"]["patients"]
+    config["levels"] = {"L1": {"max_project_share": SHARE, "default_grant_epsilon": 2.0}}
     path = directory / "site.toml"
-    path.write_text(text + f"\n[levels.L1]\nmax_project_share = {SHARE}\ndefault_grant_epsilon = 2.0\n")
+    path.write_text(tomli_w.dumps(config))
     return path
 
 

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from sqlalchemy import Engine, select
 
 from conftest import BACKENDS, Deployment, deploy, make_database
@@ -32,16 +34,16 @@ SQL_REGISTRY = "SELECT COUNT(*) FROM registry"
 SQL_ENCOUNTERS = "SELECT COUNT(*) FROM encounters"
 
 
-def governance_catalog(site_config: Path, directory: Path, extra: str = "") -> Path:
-    """The north site plus `registry`, an L3 copy of its patients (lifetime epsilon 10)."""
-    text = site_config.read_text()
-    block = text[text.index("[datasets.patients]"):text.index("[datasets.encounters]")]
-    registry = block.replace("datasets.patients", "datasets.registry").replace('level = "L1"', 'level = "L3"')
-    registry = registry.replace('path = "patients.parquet"', f'path = "{site_config.parent / "patients.parquet"}"')
-    text = text.replace('path = "patients.parquet"', f'path = "{site_config.parent / "patients.parquet"}"')
-    text = text.replace('path = "encounters.parquet"', f'path = "{site_config.parent / "encounters.parquet"}"')
+def governance_catalog(site_config: Path, directory: Path, levels: dict[str, dict[str, Any]] | None = None) -> Path:
+    """The north site plus `registry`, an L3 copy of its patients (lifetime epsilon 10), with `levels`
+    overriding its review rules."""
+    config = tomllib.loads(site_config.read_text())
+    for table in config["datasets"].values():
+        table["path"] = str(site_config.parent / table["path"])
+    config["datasets"]["registry"] = {**config["datasets"]["patients"], "level": "L3"}
+    config["levels"] = levels or {}
     path = directory / "site.toml"
-    path.write_text(text + "\n" + registry + "\n" + extra)
+    path.write_text(tomli_w.dumps(config))
     return path
 
 
@@ -50,7 +52,7 @@ def gov(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: pyt
         ) -> Iterator[Deployment]:
     """A site with L1, L2 and L3 data, no grants but study1's, and stewards holding each office."""
     state = tmp_path_factory.mktemp("gov")
-    catalog = governance_catalog(site_config, state, "[levels.L2]\ntraining = false\n")
+    catalog = governance_catalog(site_config, state, {"L2": {"training": False}})
     url, drop = make_database(request.param, state)
     d = deploy(catalog, url, state, grants={})
     for name, office in [("erin", "data_center"), ("frank", "data_committee"), ("grace", "data_center")]:
@@ -243,10 +245,10 @@ def test_unknown_level_in_a_catalog_is_refused(site_config: Path, tmp_path: Path
     path.write_text(path.read_text().replace('level = "L3"', 'level = "L4"'))
     with pytest.raises(CatalogError, match="unknown privacy level 'L4'"):
         load_catalog(path)
-    path = governance_catalog(site_config, tmp_path, "[levels.L9]\nreviewers = 3\n")
+    path = governance_catalog(site_config, tmp_path, {"L9": {"reviewers": 3}})
     with pytest.raises(CatalogError, match=r"unknown level\(s\) \['L9'\]"):
         load_catalog(path)
-    path = governance_catalog(site_config, tmp_path, "[levels.L3]\nreviewers = 1\n")
+    path = governance_catalog(site_config, tmp_path, {"L3": {"reviewers": 1}})
     with pytest.raises(CatalogError, match="reviewers must be at least"):
         load_catalog(path)
 
@@ -444,7 +446,7 @@ def test_a_level_floor_on_thresholded_group_counts(site_config: Path, tmp_path: 
     for floor in (0, 2000):
         directory = tmp_path / f"floor{floor}"
         directory.mkdir()
-        site = Site.open(governance_catalog(site_config, directory, f"[levels.L2]\nmin_group_threshold = {floor}\n"),
+        site = Site.open(governance_catalog(site_config, directory, {"L2": {"min_group_threshold": floor}}),
                          f"sqlite:///{directory / 'state.db'}")
         with write(site.engine) as conn:
             ledger.set_grant(conn, site.catalog, "p1", site.catalog.dataset("encounters"), 5.0, by="carol")

@@ -7,11 +7,13 @@ import json
 import signal
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import tomli_w
 
 from conftest import BACKENDS, Deployment, deploy, limited_config, make_database
 from veil import limits
@@ -128,7 +130,7 @@ def test_a_catalog_with_an_absurd_budget_is_refused_when_it_loads(site_config: P
     bad.write_text(text.replace("lifetime_epsilon = ", "lifetime_epsilon = 100000 # ", 1))
     with pytest.raises(CatalogError, match="lifetime_epsilon = 100000 must be a number from 0.01 to 1000"):
         load_catalog(bad)
-    bad.write_text(text + "\n[limits]\nquery_seconds = -1\n")
+    bad.write_text(tomli_w.dumps({**tomllib.loads(text), "limits": {"query_seconds": -1}}))
     with pytest.raises(CatalogError, match="query_seconds"):
         load_catalog(bad)
 

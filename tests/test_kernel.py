@@ -128,6 +128,18 @@ class TestVeilKernel:
                                         "ip.find_cell_magic('veil') is not None)")
         assert reply["status"] == "ok" and stdout(out).strip() == "True True"
 
+    def test_magic_usage(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        """`%veil?` pages the usage IPython's magic_arguments builds; a wrong argument says which one."""
+        reply, _ = execute(kernel[1], "%veil?")
+        assert reply["status"] == "ok", reply
+        page = reply["payload"][0]["data"]["text/plain"]
+        assert "%veil [--site SITE]" in page and "{datasets,budget,mode,sql,cost}" in page and "--epsilon" in page
+        reply, _ = execute(kernel[1], "%veil mode maybe")
+        assert reply["status"] == "error" and reply["ename"] == "UsageError"
+        assert "invalid choice: 'maybe'" in reply["evalue"]
+        reply, _ = execute(kernel[1], "%veil sql --all")
+        assert reply["status"] == "error" and "is a cell magic" in reply["evalue"]
+
     def test_guard_refuses_served_files(self, veil_env: Path, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
         secret = veil_env / "served" / "secret.parquet"
         alias = veil_env / "alias"

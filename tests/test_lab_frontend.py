@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LAB = Path(__file__).resolve().parent.parent / "lab"
+LAB = Path(__file__).resolve().parent.parent / "extensions" / "veil-lab"
 
 
 def jlpm(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tomli_w
 
 from conftest import Deployment, write_study
 from veil.kernel.sdk import Site as ResearcherSite
@@ -26,12 +27,12 @@ JUPYTER_TOKEN = "lab-test-token"
 
 def write_steward(directory: Path, sites: dict[str, Deployment], urls: dict[str, str] | None = None) -> Path:
     """A steward's config: every site's URL and a file with the steward's token there."""
-    lines = []
     for name, d in sites.items():
         (directory / f"{name}-steward.token").write_text(d.tokens["steward"] + "\n")
-        lines += [f"[sites.{name}]", f'url = "{(urls or {}).get(name, d.url)}"', f'token_file = "{name}-steward.token"']
     path = directory / "steward.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps({"sites": {name: {"url": (urls or {}).get(name, d.url),
+                                                    "token_file": f"{name}-steward.token"}
+                                             for name, d in sites.items()}}))
     return path
 
 

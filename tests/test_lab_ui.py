@@ -1,5 +1,5 @@
 """The lab extension in a real browser: Galata (Playwright) drives JupyterLab in Debian's Chromium
-against three real executors. The specs live in lab/ui-tests/tests (their reference screenshots beside
+against three real executors. The specs live in extensions/veil-lab/ui-tests/tests (their reference screenshots beside
 them); this module starts the executors, writes the researcher's and the steward's configs, runs the
 specs and checks the sites' ledgers afterwards.
 
@@ -22,7 +22,7 @@ from conftest import Deployment, write_study
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.local import free_port
 
-UI_TESTS = Path(__file__).resolve().parent.parent / "lab" / "ui-tests"
+UI_TESTS = Path(__file__).resolve().parent.parent / "extensions" / "veil-lab" / "ui-tests"
 CHROMIUM = os.environ.get("VEIL_CHROMIUM", "/usr/bin/chromium")
 
 

@@ -337,17 +337,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from veil.errors import VeilError
     from veil.extras import needs
-    from veil.kernel.errors import VeilError as ResearcherError
 
     args = parser().parse_args(argv)
     try:
         with needs(f"'veil {' '.join(sys.argv[1:3] if argv is None else argv[:2])}'"):
             return int(args.func(args) or 0)
-    except VeilError as exc:
-        print(f"error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return 2
-    except ResearcherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except VeilError as exc:  # a site's refusal relayed by the client already says what to do
+        said = str(exc)
+        print(f"error: {said}" + (f"\n  hint: {exc.hint}" if exc.hint and exc.hint not in said else ""),
+              file=sys.stderr)
         return 2
 
 

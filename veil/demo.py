@@ -18,11 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import tomli_w
 
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilRefusal
@@ -107,26 +110,28 @@ def _configs(root: Path, sites: list[str]) -> None:
     """study.toml (rare_peds), class.toml (the privacy tutorial) and steward.toml (the lab's desk)."""
     for file, name, project, token in (("study.toml", "rare_peds_demo", PROJECT, "researcher"),
                                        ("class.toml", "privacy_class", CLASS_PROJECT, "class")):
-        lines = ["[study]", f'name = "{name}"', f'project = "{project}"', "default_epsilon = 0.2"]
-        for site in sites:
-            lines += [f"[sites.{site}]", 'url = "http://127.0.0.1:0"', f'token_file = "{site}/{token}.token"',
-                      f'guard_paths = ["{(root / site).resolve()}"]']
-        (root / file).write_text("\n".join(lines) + "\n")
-    lines = []
-    for site in sites:
-        lines += [f"[sites.{site}]", 'url = "http://127.0.0.1:0"', f'token_file = "{site}/steward_ana.token"']
-    (root / "steward.toml").write_text("\n".join(lines) + "\n")
+        _write_toml(root / file, {
+            "study": {"name": name, "project": project, "default_epsilon": 0.2},
+            "sites": {site: {"url": "http://127.0.0.1:0", "token_file": f"{site}/{token}.token",
+                             "guard_paths": [str((root / site).resolve())]} for site in sites},
+        })
+    _write_toml(root / "steward.toml", {"sites": {
+        site: {"url": "http://127.0.0.1:0", "token_file": f"{site}/steward_ana.token"} for site in sites}})
 
 
 def _point_configs(root: Path, urls: dict[str, str]) -> None:
     """Write the executors' current URLs into the demo's configs (their ports change between runs)."""
     for file in ("study.toml", "class.toml", "steward.toml"):
-        path, site, out = root / file, None, []
-        for line in path.read_text().splitlines():
-            if line.startswith("[sites."):
-                site = line[len("[sites."):-1]
-            out.append(f'url = "{urls[site]}"' if line.startswith("url = ") and site in urls else line)
-        path.write_text("\n".join(out) + "\n")
+        path = root / file
+        config = tomllib.loads(path.read_text())
+        for site, url in urls.items():
+            if site in config.get("sites", {}):
+                config["sites"][site]["url"] = url
+        _write_toml(path, config)
+
+
+def _write_toml(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(tomli_w.dumps(data))
 
 
 def environment(root: Path) -> dict[str, str]:

@@ -15,6 +15,7 @@ import {
   NotebookPanel
 } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
+import { Poll } from '@lumino/polling';
 import { Signal } from '@lumino/signaling';
 
 import { IBudgetResponse, IStewardInfo, requestAPI, toApiError } from './api';
@@ -32,8 +33,11 @@ export { BudgetModel } from './budgetModel';
 export { ReleaseHistory } from './releaseHistory';
 export { IVeil } from './tokens';
 
-/** How often the budget is refetched while a Veil notebook is active. */
+/** How often the budget is refetched while a Veil notebook is active... */
 const BUDGET_POLL_MS = 30_000;
+
+/** ...and the longest wait between tries while the server keeps failing (backoff). */
+const BUDGET_POLL_MAX_MS = 300_000;
 
 /** Debounce for re-reading a notebook's outputs after it changes. */
 const HISTORY_RELOAD_MS = 1_000;
@@ -138,11 +142,28 @@ const core: JupyterFrontEndPlugin<IVeil> = {
         refreshIfVeil();
       }
     });
-    window.setInterval(() => {
-      if (document.visibilityState !== 'hidden') {
-        refreshIfVeil();
-      }
-    }, BUDGET_POLL_MS);
+    // Refetch on a schedule while a Veil notebook is current; a failed fetch rejects, so the poll backs
+    // off (up to BUDGET_POLL_MAX_MS) until the server answers again. Standby while the page is hidden.
+    const poll = new Poll({
+      auto: false,
+      factory: async () => {
+        if (!isVeilPanel(tracker.currentWidget)) {
+          return;
+        }
+        await refreshBudget();
+        if (budget.requestError) {
+          throw new Error(budget.requestError);
+        }
+      },
+      frequency: {
+        interval: BUDGET_POLL_MS,
+        backoff: true,
+        max: BUDGET_POLL_MAX_MS
+      },
+      name: 'veil-lab:budget',
+      standby: 'when-hidden'
+    });
+    void app.restored.then(() => poll.start());
 
     return { bridge, budget, refreshBudget, historyFor };
   }

@@ -1,4 +1,4 @@
-"""The jupyter_server extension app and its REST handlers under /veil/api (see lab/README.md for the
+"""The jupyter_server extension app and its REST handlers under /veil/api (see extensions/veil-lab/README.md for the
 contract the front end uses). Every handler needs the Jupyter server's own authentication; the
 executors are reached with the tokens named in the user's configs, which never leave this process."""
 
@@ -100,7 +100,7 @@ class _Handler(APIHandler):
         elif isinstance(error, VeilConfigError):
             self.reply({"code": "no_config", "message": str(error), "hint": None}, 503)
         elif isinstance(error, (ValidationError, ValueError, KeyError)):
-            self.reply({"code": "bad_request", "message": str(error), "hint": "see lab/README.md for the API"}, 400)
+            self.reply({"code": "bad_request", "message": str(error), "hint": "see extensions/veil-lab/README.md for the API"}, 400)
         else:
             self.reply({"code": "error", "message": str(error), "hint": None}, 500)
 

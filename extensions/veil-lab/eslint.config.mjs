@@ -11,7 +11,7 @@ export default defineConfig([
       'dist',
       'coverage',
       'lib',
-      'veil_lab_build',
+      'veil_lab/labextension',
       '**/*.js',
       '**/*.d.ts',
       'ui-tests'
