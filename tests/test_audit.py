@@ -69,7 +69,8 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
         db, "UPDATE audit SET seq = seq + 1000 WHERE seq >= 4",  # make room, then forge an entry at seq 4
         "UPDATE audit SET seq = seq - 999 WHERE seq >= 1000",
         "INSERT INTO audit SELECT 4, ts, principal, role, project, action, dataset, query, 0, 0, 0, result_digest, "
-        "decision, reason, prev_hash, CASE WHEN substr(hash, 1, 1) = 'f' THEN 'e' ELSE 'f' END || substr(hash, 2) FROM audit WHERE seq = 3",
+        "decision, reason, prev_hash, CASE WHEN substr(hash, 1, 1) = 'f' THEN 'e' ELSE 'f' END "
+        "|| substr(hash, 2) FROM audit WHERE seq = 3",
         "UPDATE audit_head SET seq = seq + 1"), "inserted"),
     "reordered entries": (lambda db: _edit(
         db, "UPDATE audit SET seq = -1 WHERE seq = 4", "UPDATE audit SET seq = 4 WHERE seq = 5",
