@@ -13,8 +13,9 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet -e ".[test,lab]"
 # The lab extension (extensions/veil-lab): its front end is built with the JupyterLab 4.6 tools the venv
 # holds (jlpm, jupyter-builder) and Node >= 20 from npm's registry. An editable install ships no data
-# files, so the bundle is linked into the environment (what `jupyter labextension develop` does) and the
-# server half enabled with Jupyter's own command; a wheel (`pip install ".[lab]"`) ships both (setup.py).
+# files, so the bundle and the server half's config are linked into the environment where a wheel
+# (`pip install ".[lab]"`, setup.py's data files) puts them. (`jupyter server extension enable` only
+# toggles an extension whose config file is already there.)
 if ! command -v node >/dev/null 2>&1; then
   echo "Node.js >= 20 is needed to build the lab extension (extensions/veil-lab): install it (e.g. apt-get install nodejs npm)" >&2
   exit 1
@@ -29,5 +30,7 @@ fi
 )
 mkdir -p "$venv/share/jupyter/labextensions"
 ln -sfn "$PWD/extensions/veil-lab/veil_lab/labextension" "$venv/share/jupyter/labextensions/veil-lab"
-"$venv/bin/jupyter" server extension enable --sys-prefix veil.lab >/dev/null
+mkdir -p "$venv/etc/jupyter/jupyter_server_config.d"
+ln -sfn "$PWD/extensions/veil-lab/jupyter-config/server-config/veil_lab.json" \
+  "$venv/etc/jupyter/jupyter_server_config.d/veil_lab.json"
 echo "veil installed in $venv"
