@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,17 +41,24 @@ def build_wheel(out: Path) -> Path:
     return next(out.glob("veil-*.whl"))
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without what would point a fresh venv at other packages (Flower's Ray
+    backend, for one, sets PYTHONPATH to its caller's sys.path)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
 def install(requirements: list[str], where: Path) -> dict[str, object]:
     """Install into a fresh venv; its distributions and size (pip, setuptools and wheel excepted)."""
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
     python = where / "bin" / "python"
+    env = clean_environment()
     started = time.monotonic()
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
-                   check=True)
+                   check=True, env=env)
     seconds = time.monotonic() - started
     listed = json.loads(subprocess.run([str(python), "-m", "pip", "list", "--format", "json",
                                         "--disable-pip-version-check"], check=True, capture_output=True,
-                                       text=True).stdout)
+                                       text=True, env=env).stdout)
     names = sorted(d["name"].lower() for d in listed if d["name"].lower() not in TOOLS)
     site = next((where / "lib").glob("python3*/site-packages"))
     size = sum(f.stat().st_size for f in site.rglob("*")
@@ -69,7 +77,7 @@ def main() -> None:
         veil = install([str(wheel)], Path(tmp) / "veil")
         check = subprocess.run([str(Path(tmp) / "veil" / "bin" / "python"), "-c",
                                 "import veil.kernel, veil.kernel.magics, veil.kernel.mock, veil.query.prepared"],
-                               capture_output=True, text=True, cwd=tmp)  # not the checkout's veil/
+                               capture_output=True, text=True, cwd=tmp, env=clean_environment())  # not the checkout's veil/
         veil["imports"] = check.returncode == 0 and "ok" or check.stderr.strip().splitlines()[-1]
         baseline = None if args.no_baseline else install(BASELINE, Path(tmp) / "baseline")
     result = {"veil": veil, "baseline": baseline,

@@ -20,6 +20,7 @@ from veil.federation import coordinator  # first: it turns Flower's telemetry of
 # isort: split
 import functools
 import json
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -210,13 +211,20 @@ def simulate(
     }
     from flwr.simulation import run_simulation  # Ray loads only for simulations
 
+    pythonpath = os.environ.get("PYTHONPATH")
     with _SIMULATION:  # one Ray runtime per process at a time
-        run_simulation(
-            server_app=coordinator.server_app(plan, sites[0].layout, len(sites), sink, evaluate, seed),
-            client_app=client_app(sites, device="cpu"),
-            num_supernodes=len(sites),
-            backend_config=backend,  # type: ignore[arg-type]
-        )
+        try:
+            run_simulation(
+                server_app=coordinator.server_app(plan, sites[0].layout, len(sites), sink, evaluate, seed),
+                client_app=client_app(sites, device="cpu"),
+                num_supernodes=len(sites),
+                backend_config=backend,  # type: ignore[arg-type]
+            )
+        finally:  # Flower's Ray backend sets PYTHONPATH to this process's sys.path for good: put it back
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
     if not sink:
         raise RuntimeError("the federated run ended without a result; see the Flower log above")
     return sink[0]
