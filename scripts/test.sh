@@ -8,4 +8,6 @@ bash scripts/lint.sh  # ruff, the trust boundary's import contracts, mypy: any f
 if [ -z "${VEIL_TEST_POSTGRES_URL:-}" ]; then
   echo "VEIL_TEST_POSTGRES_URL is not set: ledger and audit tests run on SQLite only."
 fi
-exec "${VEIL_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# two pytest-xdist workers, one test file each at a time (files share module-scoped executors); most tests
+# wait on processes they start (executors, kernels, JupyterLab, pip), so two overlap well on two cores
+exec "${VEIL_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider -n "${VEIL_TEST_WORKERS:-2}" --dist loadfile "$@"
