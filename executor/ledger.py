@@ -278,6 +278,15 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
     if not (grant_ok and affords(cap, rho, delta, epsilon, catalog.reporting_delta)):
         left = _remaining(grant, catalog.reporting_delta)
         asked = (f"epsilon={epsilon:.4g}" if epsilon else f"rho={rho:.4g}") + (f", delta={delta:.2g}" if delta else "")
+        if not grant_ok and grant["delta_spent"] + delta > grant["delta"]:
+            raise BudgetError(
+                "delta_exhausted",
+                f"this costs delta={delta:.2g} but project '{project}''s grant on '{dataset.name}' has "
+                f"delta={left['delta']:.2g} left (of {grant['delta']:.2g}); a smaller epsilon does not change that",
+                hint=f"amend your application (or apply again) for a delta of at least {grant['delta_spent'] + delta:.2g}"
+                     f"{'' if use == 'query' else f' for {use}'}, or ask for a smaller delta if the method allows it",
+                remaining=left,
+            )
         if not grant_ok:
             left_text = f"rho={left['rho']:.4g} (epsilon {epsilon_of(left['rho'], catalog.reporting_delta):.4g})" + (
                 f", delta={left['delta']:.2g}" if delta else "")

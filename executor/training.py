@@ -261,7 +261,8 @@ class Trainer:
                     epsilon_delta=self.catalog.reporting_delta)
         return Release(site=self.catalog.site, dataset=dataset.name, project=who.project or "",
                        query=f"held-out evaluation: {sql}", confidence=CONFIDENCE, group_by=[],
-                       statistics=output.statistics, rows=output.rows, threshold=None, cost=cost, receipt="",
+                       statistics=output.statistics, rows=output.rows, raw=output.raw, threshold=None, cost=cost,
+                       receipt="",
                        released_at=audit.now())
 
     def settle(self, job_id: int, who: Principal, dataset: str, request: TrainRequest, state: str, spent: float,

@@ -1,24 +1,25 @@
 """Combining per-site releases into one multi-center answer, by post-processing only.
 
-Counts and sums add up; a mean is the summed DP sums over the summed DP counts. Intervals hold
-jointly by the union bound: each site is asked for its intervals at level 1 - alpha/m (m = the
-number of intervals that feed one combined statistic), so the combined interval holds at 1 - alpha.
+Each site adds independent Gaussian noise (zCDP) and reports its scale. A sum of independent
+Gaussians is Gaussian, so a combined count or sum is the sum of the sites' raw values, with scale
+sqrt(sum of the sites' scales squared), and its interval is OpenDP's accuracy for that scale at the
+requested level: exact, with no union bound and no wider than needed. A mean is the combined DP sum
+over the combined DP count, each at level 1 - alpha/2 (the pair then holds at 1 - alpha). What is
+shown follows the one rule of `veil.query.estimates`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from opendp.accuracy import gaussian_scale_to_accuracy
+
 from veil.errors import QueryError
+from veil.query import estimates
 from veil.wire import Aggregate, Release
 
 Key = tuple[Any, ...]
-
-
-def site_confidence(confidence: float, sites: int, aggregates: list[Aggregate]) -> float:
-    """The level each site's intervals need so that the combined intervals hold at `confidence`."""
-    per_site_intervals = 2 if any(a.fn == "mean" for a in aggregates) else 1
-    return 1.0 - (1.0 - confidence) / (sites * per_site_intervals)
 
 
 def site_aggregates(aggregates: list[Aggregate]) -> list[Aggregate]:
@@ -36,44 +37,71 @@ def site_aggregates(aggregates: list[Aggregate]) -> list[Aggregate]:
     return out
 
 
-def _interval(rows: list[dict[str, Any]], name: str) -> tuple[float, float, float]:
-    return (sum(r[name] for r in rows), sum(r[f"{name}_lower"] for r in rows),
-            sum(r[f"{name}_upper"] for r in rows))
+def _scales(release: Release) -> dict[str, float]:
+    """Each statistic's noise scale at this site; only Gaussian noise combines exactly."""
+    scales = {}
+    for stat in release.statistics:
+        if stat.scale is None or "gaussian" not in (stat.distribution or "").lower():
+            raise QueryError("not_combinable", f"site {release.site} released '{stat.name}' with "
+                             f"{stat.distribution or 'unknown'} noise, which cannot be combined exactly",
+                             hint="release it per site instead of on the whole study")
+        scales[stat.name] = stat.scale
+    return scales
 
 
-def _mean(rows: list[dict[str, Any]], name: str, bounds: tuple[float, float] | None) -> tuple[Any, Any, Any]:
-    s, s_lo, s_hi = _interval(rows, f"{name}__sum")
-    n, n_lo, n_hi = _interval(rows, f"{name}__count")
-    lo_b, hi_b = bounds if bounds else (float("-inf"), float("inf"))
-    estimate = min(max(s / n, lo_b), hi_b) if n > 0 else None
-    if n_lo <= 0:
-        return estimate, (lo_b if bounds else None), (hi_b if bounds else None)
-    corners = [a / b for a in (s_lo, s_hi) for b in (n_lo, n_hi)]
-    return estimate, max(lo_b, min(corners)), min(hi_b, max(corners))
+class _Pooled:
+    """One group's values from the sites that reported it: raw sums and their combined half-widths."""
+
+    def __init__(self, parts: list[tuple[dict[str, Any], dict[str, float]]]) -> None:
+        self.parts = parts  # (raw row, scales) per reporting site
+
+    def total(self, name: str) -> float:
+        values: list[float] = [raw[name] for raw, _ in self.parts]  # counts stay integers
+        return sum(values)
+
+    def accuracy(self, name: str, alpha: float) -> float:
+        scale = math.sqrt(sum(scales[name] ** 2 for _, scales in self.parts))
+        return float(gaussian_scale_to_accuracy(scale, alpha))
 
 
 def combine(releases: dict[str, Release], aggregates: list[Aggregate], group_by: list[str],
-            bounds: dict[str, tuple[float, float] | None]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Combined rows (keys, then estimate/_lower/_upper per statistic) and notes for the reader."""
-    by_key: dict[Key, list[dict[str, Any]]] = {}
+            bounds: dict[str, tuple[float, float] | None], confidence: float,
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Combined rows (keys, then estimate/_lower/_upper per statistic), their raw values, and notes."""
+    alpha = 1.0 - confidence
+    by_key: dict[Key, list[tuple[dict[str, Any], dict[str, float]]]] = {}
     for release in releases.values():
-        for row in release.rows:
-            by_key.setdefault(tuple(row[k] for k in group_by), []).append(row)
-    notes = []
+        if len(release.raw) != len(release.rows):
+            raise QueryError("not_combinable", f"site {release.site} sent no raw values with its release",
+                             hint="the site runs an older Veil; release per site until it is updated")
+        scales = _scales(release)
+        for values in release.raw:
+            by_key.setdefault(tuple(values[k] for k in group_by), []).append((values, scales))
     thresholded = [site for site, r in releases.items() if r.threshold is not None]
-    rows = []
-    for key, site_rows in sorted(by_key.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+    rows, raws = [], []
+    for key, parts in sorted(by_key.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+        pooled = _Pooled(parts)
         out: dict[str, Any] = dict(zip(group_by, key, strict=True))
+        raw: dict[str, Any] = dict(out)
         for agg in aggregates:
             name = agg.name
             if agg.fn == "mean":
-                out[name], out[f"{name}_lower"], out[f"{name}_upper"] = _mean(site_rows, name, bounds.get(agg.column))
+                total, count = pooled.total(f"{name}__sum"), pooled.total(f"{name}__count")
+                column_bounds = bounds.get(agg.column or "") or (-math.inf, math.inf)
+                shown = estimates.ratio(total, count, pooled.accuracy(f"{name}__sum", alpha / 2),
+                                        pooled.accuracy(f"{name}__count", alpha / 2), column_bounds)
+                raw[name] = total / count if count > 0 else None
             else:
-                out[name], out[f"{name}_lower"], out[f"{name}_upper"] = _interval(site_rows, name)
+                raw[name] = pooled.total(name)
+                shown = estimates.additive(agg.fn, raw[name], pooled.accuracy(name, alpha),
+                                           bounds.get(agg.column or ""))
+            out[name], out[f"{name}_lower"], out[f"{name}_upper"] = shown.estimate, shown.lower, shown.upper
         if thresholded:
-            out["sites_reporting"] = len(site_rows)
+            out["sites_reporting"] = len(parts)
         rows.append(out)
+        raws.append(raw)
+    notes = [f"exact {confidence:.0%} intervals from the sites' Gaussian noise scales; {estimates.COHERENCE_NOTE}"]
     if thresholded:
         notes.append(f"groups below a site's release threshold are missing from that site's sum "
                      f"(thresholded at: {', '.join(thresholded)}); see sites_reporting")
-    return rows, notes
+    return rows, raws, notes

@@ -67,7 +67,7 @@ class VeilRequestError(VeilRefusal):
 
 def refusal_error(site: str, status: int, refusal: Refusal) -> VeilRefusal:
     """The exception for a site's refusal, by HTTP status and code."""
-    if refusal.code == "budget_exhausted":
+    if refusal.code in ("budget_exhausted", "delta_exhausted"):
         return VeilBudgetError(site, status, refusal)
     if status == 401 or refusal.code in ("forbidden", "wrong_project"):
         return VeilAuthError(site, status, refusal)

@@ -16,10 +16,18 @@ MOCK_LABEL = "MOCK (made-up rows; not a release; nothing spent)"
 
 def _cell(row: dict[str, Any], name: str) -> str:
     estimate, lower, upper = row.get(name), row.get(f"{name}_lower"), row.get(f"{name}_upper")
+    interval = f" [{lower:,.2f}, {upper:,.2f}]" if lower is not None and upper is not None else ""
     if estimate is None:
-        return "n/a"
-    text = f"{estimate:,.2f}" if isinstance(estimate, float) else f"{estimate:,}"
-    return text + (f" [{lower:,.2f}, {upper:,.2f}]" if lower is not None and upper is not None else "")
+        return f"not informative{interval}" if interval else "n/a"
+    return (f"{estimate:,.2f}" if isinstance(estimate, float) else f"{estimate:,}") + interval
+
+
+def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Rows as a frame; a column with no value (e.g. every estimate not informative) is Float64, not Null,
+    so that frames from several sites or queries concatenate."""
+    frame = pl.DataFrame(rows) if rows else pl.DataFrame()
+    empty = [name for name, dtype in frame.schema.items() if dtype == pl.Null]
+    return frame.with_columns(pl.col(empty).cast(pl.Float64)) if empty else frame
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str], stats: list[str]) -> str:
@@ -40,8 +48,12 @@ class Result:
 
     @property
     def df(self) -> pl.DataFrame:
-        frame = pl.DataFrame(self.release.rows) if self.release.rows else pl.DataFrame()
-        return frame.with_columns(pl.lit(self.release.confidence).alias("level"))
+        return _frame(self.release.rows).with_columns(pl.lit(self.release.confidence).alias("level"))
+
+    @property
+    def raw(self) -> pl.DataFrame:
+        """The raw noisy values behind `df` (unbiased; `df` moves each into its interval and public range)."""
+        return _frame(self.release.raw)
 
     @property
     def statistics(self) -> list[str]:
@@ -90,10 +102,16 @@ class Combined:
     statistics: list[str]
     confidence: float
     notes: list[str] = field(default_factory=list)
+    raw_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def df(self) -> pl.DataFrame:
-        return pl.DataFrame(self.rows).with_columns(pl.lit(self.confidence).alias("level"))
+        return _frame(self.rows).with_columns(pl.lit(self.confidence).alias("level"))
+
+    @property
+    def raw(self) -> pl.DataFrame:
+        """The sums of the sites' raw noisy values behind `df` (unbiased)."""
+        return _frame(self.raw_rows)
 
     @property
     def cost(self) -> dict[str, dict[str, float]]:

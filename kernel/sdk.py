@@ -11,7 +11,7 @@ import polars as pl
 
 from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
-from veil.kernel.combine import combine, site_aggregates, site_confidence
+from veil.kernel.combine import combine, site_aggregates
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable, VeilUsageError
 from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
@@ -20,6 +20,7 @@ from veil.models.spec import ModelSpec, TrainSpec
 from veil.query.table import DTYPES
 from veil.sql import parse_sql
 from veil.wire import (
+    EVALUATION_EPSILON,
     ApplicationInfo,
     ApplicationRequest,
     DatasetInfo,
@@ -117,7 +118,7 @@ class Site:
     def train(self, dataset: str, features: Sequence[str], label: str, epsilon: float, delta: float = 1e-5,
               model: ModelSpec | None = None, epochs: int = 20, batch_size: int = 64, learning_rate: float = 1.0,
               optimizer: str = "sgd", max_grad_norm: float = 1.0, holdout: float = 0.2,
-              evaluation_epsilon: float = 0.5, progress: bool = True) -> TrainedModel:
+              evaluation_epsilon: float = EVALUATION_EPSILON, progress: bool = True) -> TrainedModel:
         """Train a model with DP-SGD where the data lives; Ctrl-C cancels (only spent steps are charged).
 
         `model` defaults to logistic regression (`ModelSpec.mlp([64, 64])` for an MLP). The result holds the
@@ -248,13 +249,13 @@ class Dataset:
             return self.sites[0].release(spec, confidence, **loss)
         requested = list(spec.aggregates)
         per_site = spec.model_copy(update={"aggregates": site_aggregates(requested)})
-        level = site_confidence(confidence, len(self.sites), requested)
-        results, errors = _fan_out(self.sites, lambda s: s.release(per_site, level, **loss))
+        results, errors = _fan_out(self.sites, lambda s: s.release(per_site, confidence, **loss))
         if errors:
             raise VeilPartialFailure(results, errors)
         bounds = {c.name: c.bounds for c in self.info.columns}
-        rows, notes = combine({s: r.release for s, r in results.items()}, requested, list(spec.group_by), bounds)
-        return Combined(results, rows, list(spec.group_by), [a.name for a in requested], confidence, notes)
+        rows, raw, notes = combine({s: r.release for s, r in results.items()}, requested, list(spec.group_by),
+                                   bounds, confidence)
+        return Combined(results, rows, list(spec.group_by), [a.name for a in requested], confidence, notes, raw)
 
     def __repr__(self) -> str:
         where = ", ".join(s.name for s in self.sites)

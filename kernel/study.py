@@ -24,7 +24,7 @@ from veil.extras import needs
 from veil.kernel.errors import VeilConfigError, VeilUsageError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.models.spec import ModelSpec
-from veil.wire import Federation
+from veil.wire import EVALUATION_EPSILON, Federation
 
 if TYPE_CHECKING:
     from veil.kernel.federation import FederatedModel
@@ -71,7 +71,7 @@ class Study:
     def train(self, dataset: str, features: Sequence[str], label: str, *, epsilon: float, rounds: int = 5,
               sites: Sequence[str] | None = None, delta: float = 1e-5, model: ModelSpec | None = None,
               epochs: int = 2, batch_size: int = 32, learning_rate: float = 1.0, optimizer: str = "sgd",
-              max_grad_norm: float = 1.0, holdout: float = 0.2, evaluation_epsilon: float = 0.5,
+              max_grad_norm: float = 1.0, holdout: float = 0.2, evaluation_epsilon: float = EVALUATION_EPSILON,
               progress: bool = True) -> FederatedModel:
         """Train one model across sites with federated DP-SGD (Flower FedAvg; each site trains its own
         patients with Opacus and is charged on its own ledger).

@@ -115,8 +115,9 @@ def test_bad_training_requests_are_refused_and_cost_nothing(hospital: Deployment
         site.train(DATASET, FEATURES, LABEL, model=ModelSpec.linear(), **train)
     with pytest.raises(VeilPolicyError, match="epsilon_above_level"):
         site.train(DATASET, FEATURES, LABEL, **{**train, "epsilon": 9.0})
-    with pytest.raises(VeilBudgetError, match="budget_exhausted"):
+    with pytest.raises(VeilBudgetError, match="delta_exhausted.*smaller epsilon does not change") as short:
         site.train(DATASET, FEATURES, LABEL, **{**train, "epsilon": 1.0, "delta": 5e-3})  # delta beyond the grant
+    assert "for a delta of at least 0.005 for training" in (short.value.refusal.hint or "")
     with hospital.http() as http:  # a layer the spec language does not have
         body = {"dataset": DATASET, "features": FEATURES, "label": LABEL, "model": {"layers": [{"type": "batch_norm"}]},
                 "train": {"epsilon": 1.0, "delta": 1e-5, **SGD}}

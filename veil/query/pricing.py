@@ -49,6 +49,6 @@ def unsigned_release(site: str, dataset: str, project: str, query: str, request:
     """The release of a query's output, before the site's ledger and audit give it a receipt."""
     return Release(
         site=site, dataset=dataset, project=project, query=query, confidence=request.confidence,
-        group_by=list(group_by), statistics=output.statistics, rows=output.rows, threshold=certified.threshold,
-        cost=cost_of(certified, pricing), receipt="", released_at="",
+        group_by=list(group_by), statistics=output.statistics, rows=output.rows, raw=output.raw,
+        threshold=certified.threshold, cost=cost_of(certified, pricing), receipt="", released_at="",
     )

@@ -1,8 +1,9 @@
 """Run a certified measurement on rows and shape its output as a release with intervals.
 
 Intervals are post-processing of what OpenDP releases and reports (`summarize`): a count or sum
-is estimate +/- OpenDP's accuracy at the stated level; a mean is the DP sum over the DP count,
-its interval spanned by the two at level 1 - alpha/2 each (so the pair holds at 1 - alpha).
+is its raw value +/- OpenDP's accuracy at the stated level; a mean is the DP sum over the DP count,
+its interval spanned by the two at level 1 - alpha/2 each (so the pair holds at 1 - alpha). What is
+shown follows one rule (`estimates.py`): the estimate inside its interval, both inside the public range.
 """
 
 from __future__ import annotations
@@ -17,20 +18,24 @@ from typing import Any
 import polars as pl
 from opendp.accuracy import summarize_polars_measurement
 
+from veil.query import estimates
 from veil.query.calibrate import Certified
 from veil.query.plan import Part, Plan
 from veil.query.table import Table
 from veil.wire import Aggregate, Statistic
 
 QUANTILE_NOTE = "OpenDP gives no interval for quantiles (exponential mechanism over public candidates)"
-MEAN_NOTE = "interval from the DP sum and DP count, each at level 1 - alpha/2; clamped to the public bounds"
+MEAN_NOTE = ("interval from the DP sum and DP count, each at level 1 - alpha/2, within the public bounds; "
+             "not informative (no estimate) when it spans half of them or more")
 
 
 @dataclass(frozen=True)
 class Output:
-    """What a release shows: its rows, how each statistic was made, and a digest for the audit log."""
+    """What a release shows: its rows, the raw noisy values behind them, how each statistic was made,
+    and a digest for the audit log."""
 
     rows: list[dict[str, Any]]
+    raw: list[dict[str, Any]]
     statistics: list[Statistic]
     digest: str
 
@@ -46,15 +51,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _mean_interval(s: float, n: float, a_s: float, a_n: float, bounds: tuple[float, float]) -> tuple[Any, Any, Any]:
-    lo_b, hi_b = float(bounds[0]), float(bounds[1])
-    estimate = min(max(s / n, lo_b), hi_b) if n > 0 else None
-    if n - a_n <= 0:
-        return estimate, lo_b, hi_b
-    corners = [(s + ds) / (n + dn) for ds in (-a_s, a_s) for dn in (-a_n, a_n)]
-    return estimate, max(lo_b, min(corners)), min(hi_b, max(corners))
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,8 @@ def describe(plan: Plan, certified: Certified, confidence: float) -> Description
     for name, parts in by_stat.items():
         agg: Aggregate = parts[0].statistic
         row = acc[parts[0].name]
-        note = QUANTILE_NOTE if agg.fn in ("median", "quantile") else MEAN_NOTE if agg.fn == "mean" else None
+        note = {"median": QUANTILE_NOTE, "quantile": QUANTILE_NOTE, "mean": MEAN_NOTE}.get(
+            agg.fn, estimates.COHERENCE_NOTE)
         accuracy = row.get("accuracy") if agg.fn in ("count", "sum") else None
         statistics.append(Statistic(
             name=name, fn=agg.fn, column=agg.column, distribution=row.get("distribution"),
@@ -102,25 +99,26 @@ def run(data: pl.LazyFrame, dataset: Table, plan: Plan, certified: Certified, de
     if plan.group_by:
         frame = frame.sort(plan.group_by, nulls_last=True)
     rows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
     for record in frame.iter_rows(named=True):
         out = {key: _plain(record[key]) for key in plan.group_by}
+        noisy = dict(out)
         for stat in description.statistics:
+            bounds = dataset.column(stat.column).bounds if stat.column else None
             if stat.fn == "mean":
-                bounds = dataset.column(stat.column).bounds  # type: ignore[arg-type]
-                s, n = record[f"{stat.name}__sum"], record[f"{stat.name}__count"]
+                s, n = float(record[f"{stat.name}__sum"]), float(record[f"{stat.name}__count"])
                 half = description.accuracy_half
-                a_s, a_n = half[f"{stat.name}__sum"]["accuracy"], half[f"{stat.name}__count"]["accuracy"]
-                estimate, lower, upper = _mean_interval(float(s), float(n), a_s, a_n, bounds)  # type: ignore[arg-type]
+                shown = estimates.ratio(s, n, half[f"{stat.name}__sum"]["accuracy"],
+                                        half[f"{stat.name}__count"]["accuracy"], bounds)  # type: ignore[arg-type]
+                noisy[stat.name] = s / n if n > 0 else None
             else:
-                estimate = _plain(record[description.parts[stat.name][0].name])
-                lower = upper = None
-                if stat.accuracy is not None and estimate is not None:
-                    lower, upper = estimate - stat.accuracy, estimate + stat.accuracy
-                    if stat.fn == "count":
-                        lower = max(0.0, lower)
-            out[stat.name] = estimate
-            out[f"{stat.name}_lower"] = lower
-            out[f"{stat.name}_upper"] = upper
+                value = _plain(record[description.parts[stat.name][0].name])
+                shown = (estimates.additive(stat.fn, value, stat.accuracy, bounds)
+                         if stat.fn in ("count", "sum") else estimates.Shown(value, None, None))
+                noisy[stat.name] = value
+            out[stat.name], out[f"{stat.name}_lower"], out[f"{stat.name}_upper"] = (
+                shown.estimate, shown.lower, shown.upper)
         rows.append(out)
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-    return Output(rows, description.statistics, digest)
+        raw.append(noisy)
+    digest = hashlib.sha256(json.dumps([rows, raw], sort_keys=True, default=str).encode()).hexdigest()
+    return Output(rows, raw, description.statistics, digest)
