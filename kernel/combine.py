@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from opendp.accuracy import gaussian_scale_to_accuracy
-
 from veil.errors import QueryError
 from veil.query import estimates
 from veil.wire import Aggregate, Release
@@ -60,6 +58,8 @@ class _Pooled:
         return sum(values)
 
     def accuracy(self, name: str, alpha: float) -> float:
+        from opendp.accuracy import gaussian_scale_to_accuracy  # OpenDP loads on first use, not at start
+
         scale = math.sqrt(sum(scales[name] ** 2 for _, scales in self.parts))
         return float(gaussian_scale_to_accuracy(scale, alpha))
 

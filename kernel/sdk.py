@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -13,7 +13,6 @@ from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, site_aggregates
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable, VeilUsageError
-from veil.kernel.mock import MockSite, mock_rows, synthetic_rows
 from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
 from veil.models.spec import ModelSpec, TrainSpec
@@ -29,6 +28,9 @@ from veil.wire import (
     QuerySpec,
     TrainRequest,
 )
+
+if TYPE_CHECKING:
+    from veil.kernel.mock import MockSite
 
 RELEASE_LISTENERS: list[Callable[[Site, Result], None]] = []
 """Called after every release a Site makes, live or mock (the kernel records and announces them)."""
@@ -81,6 +83,8 @@ class Site:
         """This site's mock twin, run locally: its datasets' public metadata over made-up rows, or over the
         DP synthetic rows a steward chose for a dataset (already paid for; free to use)."""
         if self._mock is None:
+            from veil.kernel.mock import MockSite, synthetic_rows  # OpenDP loads on first use, not at start
+
             infos = [d.info for d in self.datasets.values()]
             synthetic = {i.name: rows for i in infos if (rows := synthetic_rows(i, self.client.mock(i.name))) is not None}
             self._mock = MockSite(self.name, infos, synthetic)
@@ -221,6 +225,8 @@ class Dataset:
     def mock(self, rows: int = 20) -> pl.DataFrame:
         """Mock rows with this dataset's schema: the steward's DP synthetic rows where they chose them (at the
         first site), else rows made from public metadata. Neither holds any patient's record."""
+        from veil.kernel.mock import mock_rows, synthetic_rows
+
         synthetic = synthetic_rows(self.info, self.sites[0].client.mock(self.name))
         return synthetic.head(rows) if synthetic is not None else mock_rows(self.info, rows)
 

@@ -223,3 +223,25 @@ def test_install_cli_choices(tmp_path: Path) -> None:
     where = Path(install_kernelspec(prefix=str(tmp_path)))
     assert sorted(p.name for p in where.iterdir()) == ["kernel.json", "logo-svg.svg"]
 
+
+
+def test_interrupt_right_after_start(veil_env: Path) -> None:
+    """A cell started as soon as the kernel answers kernel_info can be interrupted, as with python3: the
+    kernel's start-up work (study, guard, magics) is over before it first replies."""
+    km, kc = start_new_kernel(kernel_name="veil", startup_timeout=TIMEOUT)
+    try:
+        msg_id = kc.execute("import time; time.sleep(60)")
+        while True:  # the cell is running once its execute_input is out
+            msg = kc.get_iopub_msg(timeout=TIMEOUT)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                break
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=10)
+        while reply["parent_header"].get("msg_id") != msg_id:  # late kernel_info replies from the start
+            reply = kc.get_shell_msg(timeout=10)
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        after, _ = execute(kc, "1 + 1")
+        assert after["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
