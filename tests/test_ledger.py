@@ -118,7 +118,9 @@ def test_sigkill_mid_burst_leaves_ledger_and_audit_consistent(deployer: Callable
     assert len(released_in_log) >= len(receipts)
     assert _grant_row(d)["rho_spent"] == pytest.approx(sum(r.rho for r in released_in_log), rel=1e-9)
 
-    d.executor.start()  # the site comes back and keeps its chain and ledger
+    # the site comes back and keeps its chain and ledger (two workers each starting a Site: slow on a
+    # loaded 2-core machine, so more time than a first start)
+    d.executor.start(timeout=300)
     again = d.client().query(sql=COUNT["sql"], rho=COUNT["rho"])
     assert audit.find(d.engine, again.receipt) is not None
     assert audit.verify(d.engine).ok
