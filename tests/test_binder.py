@@ -25,9 +25,9 @@ def working_tree(target: Path) -> Path:
                             text=True, check=True).stdout.splitlines()
     for name in listed:
         source = REPO / name
-        if source.is_file():
+        if source.is_file() or source.is_symlink():  # links stay links, as git checks them out
             (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
+            shutil.copy2(source, target / name, follow_symlinks=False)
     return target
 
 
