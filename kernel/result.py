@@ -9,17 +9,10 @@ from typing import Any
 
 import polars as pl
 
+from veil.query.estimates import cell_text
 from veil.wire import Release
 
 MOCK_LABEL = "MOCK (made-up rows; not a release; nothing spent)"
-
-
-def _cell(row: dict[str, Any], name: str) -> str:
-    estimate, lower, upper = row.get(name), row.get(f"{name}_lower"), row.get(f"{name}_upper")
-    interval = f" [{lower:,.2f}, {upper:,.2f}]" if lower is not None and upper is not None else ""
-    if estimate is None:
-        return f"not informative{interval}" if interval else "n/a"
-    return (f"{estimate:,.2f}" if isinstance(estimate, float) else f"{estimate:,}") + interval
 
 
 def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -34,7 +27,7 @@ def _table(rows: list[dict[str, Any]], keys: list[str], stats: list[str]) -> str
     head = "".join(f"<th>{html.escape(c)}</th>" for c in [*keys, *stats])
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(k)))}</td>" for k in keys)
-        + "".join(f"<td>{html.escape(_cell(r, s))}</td>" for s in stats) + "</tr>"
+        + "".join(f"<td>{html.escape(cell_text(r, s))}</td>" for s in stats) + "</tr>"
         for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

@@ -30,6 +30,7 @@ import tomli_w
 from veil.kernel.client import SiteClient
 from veil.kernel.errors import VeilRefusal
 from veil.local import LocalExecutor
+from veil.query.estimates import cell_text
 from veil.wire import Release
 
 PROJECT, CLASS_PROJECT = "rare_peds", "privacy_class"
@@ -140,18 +141,11 @@ def environment(root: Path) -> dict[str, str]:
             "VEIL_DEMO_DIR": str(root.resolve())}
 
 
-def _cell(row: dict, name: str) -> str:
-    estimate, lower, upper = row[name], row[f"{name}_lower"], row[f"{name}_upper"]
-    if estimate is None:
-        return "n/a"
-    return f"{estimate:,.1f}" + (f" [{lower:,.1f}, {upper:,.1f}]" if lower is not None else "")
-
-
 def format_release(release: Release) -> pl.DataFrame:
     """A release as a table: each statistic as 'estimate [lower, upper]'."""
     columns: dict[str, list[str]] = {key: [str(r[key]) for r in release.rows] for key in release.group_by}
     for stat in release.statistics:
-        columns[stat.name] = [_cell(r, stat.name) for r in release.rows]
+        columns[stat.name] = [cell_text(r, stat.name, digits=1) for r in release.rows]
     return pl.DataFrame(columns)
 
 

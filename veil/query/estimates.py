@@ -14,7 +14,9 @@ bounds do (a small or empty group): it is shown as not informative (no estimate,
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 COHERENCE_NOTE = ("estimate moved into its interval and the public range (a count is never negative); "
                   "raw noisy values in .raw")
@@ -71,3 +73,12 @@ def ratio(total: float, count: float, total_accuracy: float, count_accuracy: flo
     if count <= 0 or upper - lower >= UNINFORMATIVE_SHARE * (hi_b - lo_b):
         return Shown(None, lower, upper)
     return Shown(_clamp(total / count, lower, upper), lower, upper)
+
+
+def cell_text(row: Mapping[str, Any], name: str, digits: int = 2) -> str:
+    """One statistic of a release row as text: 'estimate [lower, upper]', 'not informative [lower, upper]'."""
+    estimate, lower, upper = row.get(name), row.get(f"{name}_lower"), row.get(f"{name}_upper")
+    interval = f" [{lower:,.{digits}f}, {upper:,.{digits}f}]" if lower is not None and upper is not None else ""
+    if estimate is None:
+        return f"not informative{interval}" if interval else "n/a"
+    return (f"{estimate:,.{digits}f}" if isinstance(estimate, float) else f"{estimate:,}") + interval
