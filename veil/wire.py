@@ -226,6 +226,8 @@ class Release(_Strict):
         default_factory=list, description="per row, the group keys and each statistic's raw noisy value (a mean's: "
         "DP sum / DP count): unbiased, for adding up; `rows` shows them moved into their intervals")
     threshold: int | None = Field(default=None, description="groups with a noisy count below this were dropped")
+    notes: list[str] = Field(default_factory=list, description="what a reader must know about this release as a "
+                             "whole (e.g. rows truncated per patient), one sentence each")
     cost: Cost
     receipt: str
     released_at: str
