@@ -7,8 +7,12 @@ its code; nothing was charged for it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from veil.errors import VeilError as VeilError
-from veil.wire import Refusal
+
+if TYPE_CHECKING:  # annotations only: the kernel raises these at start without loading the wire's models
+    from veil.wire import Refusal
 
 
 class VeilUsageError(VeilError):

@@ -1,27 +1,20 @@
 """A study: the sites a researcher works with, read from a TOML config (never from the notebook).
 
-    [study]
-    name = "rare_peds"
-    project = "rare_peds"
-    default_epsilon = 0.1              # a release's epsilon when a query names none
-    [sites.north]
-    url = "http://127.0.0.1:8701"
-    token_file = "north.token"        # relative to this file; the token never enters the notebook
-    guard_paths = ["/srv/north/data"]  # optional: what that executor serves on this machine
-
-The config is `$VEIL_STUDY`, or `~/.veil/study.toml`.
+The config's format, and where it is read from ($VEIL_STUDY, or ~/.veil/study.toml): `veil.kernel.config`,
+which reads it with the standard library alone (the kernel does so at start, before it loads this module).
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.extras import needs
-from veil.kernel.errors import VeilConfigError, VeilUsageError
+from veil.kernel.config import STUDY_ENV as STUDY_ENV  # also importable from here, as before
+from veil.kernel.config import StudyConfig, read_study_config
+from veil.kernel.config import study_path as study_path
+from veil.kernel.errors import VeilUsageError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.models.spec import ModelSpec
 from veil.wire import EVALUATION_EPSILON, Federation
@@ -29,19 +22,18 @@ from veil.wire import EVALUATION_EPSILON, Federation
 if TYPE_CHECKING:
     from veil.kernel.federation import FederatedModel
 
-STUDY_ENV = "VEIL_STUDY"
-
-
-def study_path() -> Path:
-    """Where the study config is read from: $VEIL_STUDY, else ~/.veil/study.toml."""
-    return Path(os.environ.get(STUDY_ENV) or Path.home() / ".veil" / "study.toml")
-
 
 class Study:
     """The sites of a multi-center study; `study.dataset(name)` spans every site that offers it."""
 
     def __init__(self, name: str, project: str, sites: dict[str, Site], guards: list[Path]) -> None:
         self.name, self.project, self.sites, self._guards = name, project, sites, guards
+
+    @classmethod
+    def from_config(cls, config: StudyConfig) -> Study:
+        """The study a config describes (`veil.kernel.config.read_study_config`), its sites in live mode."""
+        sites = {s.name: Site(s.name, s.url, s.token, config.default_epsilon) for s in config.sites}
+        return cls(config.name, config.project, sites, list(config.guards))
 
     @property
     def mode(self) -> str:
@@ -108,26 +100,4 @@ class Study:
 
 def load_study(path: str | Path | None = None) -> Study:
     """Read a study config; tokens come from the files it names. VeilConfigError says what is wrong."""
-    path = Path(path) if path else study_path()
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise VeilConfigError(f"no study config at {path}: set {STUDY_ENV} to your study's TOML file "
-                              "(or create ~/.veil/study.toml); `veil demo` writes one for the demo") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise VeilConfigError(f"{path} is not valid TOML: {exc}") from None
-    study = raw.get("study", {})
-    if "project" not in study or not raw.get("sites"):
-        raise VeilConfigError(f"{path} needs [study] with project = ..., and at least one [sites.NAME]")
-    sites, guards = {}, []
-    for name, cfg in raw["sites"].items():
-        if "url" not in cfg or "token_file" not in cfg:
-            raise VeilConfigError(f"{path}: [sites.{name}] needs url and token_file")
-        token_file = (path.parent / cfg["token_file"]).resolve()
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise VeilConfigError(f"{path}: cannot read the token file of site '{name}' ({exc})") from None
-        sites[name] = Site(name, cfg["url"], token, float(study.get("default_epsilon", 0.1)))
-        guards += [Path(p).resolve() for p in cfg.get("guard_paths", [])]
-    return Study(study.get("name", study["project"]), study["project"], sites, guards)
+    return Study.from_config(read_study_config(path))

@@ -226,11 +226,15 @@ def test_install_cli_choices(tmp_path: Path) -> None:
 
 
 def test_interrupt_right_after_start(veil_env: Path) -> None:
-    """A cell started as soon as the kernel answers kernel_info can be interrupted, as with python3: the
-    kernel's start-up work (study, guard, magics) is over before it first replies."""
+    """A cell started as soon as the kernel answers kernel_info can be interrupted, as with python3. The
+    interrupt lands while the SDK loads for the first cell (the kernel answers kernel_info before): the cell
+    ends with KeyboardInterrupt once the SDK has loaded (no module is left half imported), and the next cell
+    has the study and the magics."""
     km, kc = start_new_kernel(kernel_name="veil", startup_timeout=TIMEOUT)
     try:
-        msg_id = kc.execute("import time; time.sleep(60)")
+        # stop_on_error=False: else ipykernel aborts the requests that reach it before it has posted its
+        # "stop aborting" marker, and `1 + 1` sent at once could come back "aborted" (python3's race too)
+        msg_id = kc.execute("import time; time.sleep(60)", stop_on_error=False)
         while True:  # the cell is running once its execute_input is out
             msg = kc.get_iopub_msg(timeout=TIMEOUT)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
@@ -242,6 +246,35 @@ def test_interrupt_right_after_start(veil_env: Path) -> None:
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         after, _ = execute(kc, "1 + 1")
         assert after["status"] == "ok"
+        after, out = execute(kc, "print(type(study).__name__, study.mode, get_ipython().find_cell_magic('veil') is not None)")
+        assert after["status"] == "ok" and stdout(out).strip() == "Study mock True"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_start_up_leaves_the_sdk_unloaded(veil_env: Path) -> None:
+    """What the kernel does before its first reply (import its modules, read the study config for the
+    banner and the guard) imports none of the SDK's libraries: they load on first use."""
+    code = ("import sys, veil.kernel.__main__, veil.kernel.kernel\n"
+            "from veil.kernel.config import read_study_config\n"
+            "assert read_study_config().name == 'rare_peds_test'\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('polars', 'httpx', 'opendp', 'pydantic', "
+            "'pydantic_core', 'sqlglot', 'numpy', 'pyarrow', 'tqdm')\n"
+            "             or m in ('veil.wire', 'veil.sql', 'veil.kernel.sdk', 'veil.kernel.study', 'veil.kernel.magics')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_study_completes_before_the_first_cell(veil_env: Path) -> None:
+    """Completing `study.` before any cell ran loads the study (first use) and completes its attributes."""
+    km, kc = start_new_kernel(kernel_name="veil", startup_timeout=TIMEOUT)
+    try:
+        kc.complete("study.si", 8)
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+        assert reply["content"]["status"] == "ok" and "sites" in {m.rsplit(".", 1)[-1] for m in reply["content"]["matches"]}
+        reply, out = execute(kc, "print(type(study).__name__, sorted(study.sites))")
+        assert reply["status"] == "ok" and stdout(out).strip() == "Study ['north', 'south']"
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
