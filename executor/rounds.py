@@ -2,8 +2,9 @@
 
 A researcher joins a site to a study with an ordinary training request that names the study and its
 rounds (`TrainRequest.federated`). The site checks it as any job, reserves the whole study's
-(epsilon, delta) on its own ledger, fixes a private held-out split and releases a DP count of its
-training rows (it sets the sampling rate and is the site's averaging weight). Rounds then arrive as
+(epsilon, delta) on its own ledger, releases a DP count of its rows (its public training-row count,
+post-processing of it, sets the sampling rate and is the site's averaging weight; the held-out size
+follows from it) and fixes a private held-out split of exactly that size. Rounds then arrive as
 Flower messages, over the executor's HTTP API from the researcher's coordinator or through a SuperNode
 the site runs beside its executor. Each round resumes the site's ONE accountant for the study (Opacus'
 `state_dict()`, kept as JSON in the job row's `history` column: `dpsgd.save_accountant`), trains the
@@ -33,9 +34,10 @@ from veil.executor.auth import Principal
 from veil.executor.catalog import Dataset
 from veil.executor.features import Encoded
 from veil.executor.store import jobs, write
-from veil.executor.training import Trainer, alive, dp_rows, me, split
+from veil.executor.training import Trainer, alive, me, public_rows, split
 from veil.models import build
 from veil.query.accounting import rho_for_epsilon
+from veil.query.evaluation import held_out_rows
 from veil.wire import JobInfo, TrainRequest
 
 
@@ -48,17 +50,16 @@ class Rounds:
         self._lock = threading.Lock()
 
     def join(self, who: Principal, dataset: Dataset, request: TrainRequest) -> JobInfo:
-        """Check and reserve the site's part of a study, then release its DP count of training rows."""
+        """Check and reserve the site's part of a study, then release its DP count of the dataset's rows."""
         self.expire()
         seed = secrets.randbits(62)
         # history "{}": the study's accountant, none before its first round (a federated part's mark)
         job_id, eval_rho = self.trainer.reserve(who, dataset, request, owner="", split_seed=seed, history="{}")
         try:
-            train, _ = split(dataset, request, seed)
-            self.trainer.update(job_id, rows=dp_rows(train.height, eval_rho, dataset.max_rows))
+            self.trainer.update(job_id, rows=public_rows(dataset, request, eval_rho))
         except Exception as exc:
             self.trainer.settle(job_id, who, dataset.name, request, "failed", 0.0, False, None, None,
-                                f"the DP count of training rows failed ({type(exc).__name__})")
+                                f"the DP count of the dataset's rows failed ({type(exc).__name__})")
             raise
         return self.trainer.info(who, job_id)
 
@@ -127,7 +128,8 @@ class Rounds:
                     raise QueryError("bad_weights", "the final weights do not fit this study's model",
                                      hint="send the safetensors of the study's global model") from None
                 eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
-                evaluation = self.trainer.evaluate(dataset, request, weights, holdout, eval_rho, who)
+                evaluation = self.trainer.evaluate(dataset, request, weights, holdout, eval_rho, who,
+                                                   held_out_rows(row["rows"], request.holdout))
                 state = "done"
         except BaseException:
             self._release_claim(job_id)
@@ -200,7 +202,8 @@ class Rounds:
         """The part's (training, held-out) tensors, split by its private seed; kept in memory between rounds."""
         with self._lock:
             if row["id"] not in self._data:
-                train, holdout = split(dataset, request, row["split_seed"])
+                train, holdout = split(dataset, request, row["split_seed"],
+                                       held_out_rows(row["rows"], request.holdout))
                 self._data[row["id"]] = (self.trainer.encode(dataset, request, train),
                                          self.trainer.encode(dataset, request, holdout))
             return self._data[row["id"]]

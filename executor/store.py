@@ -133,7 +133,7 @@ jobs = Table(
     Column("progress", Float(53), nullable=False, default=0.0),
     Column("epoch", Integer, nullable=False, default=0),
     Column("epsilon", Float(53), nullable=False, default=0.0),  # the accountant's, for the steps taken
-    Column("rows", Integer),  # DP count of the training rows
+    Column("rows", Integer),  # training rows, from a DP count of the dataset's rows (sets the held-out size)
     Column("cancel", Boolean, nullable=False, default=False),
     Column("owner", String(160), nullable=False),  # host:pid of the process training it now ('' when idle)
     Column("round", Integer, nullable=False, default=0),  # federated: the last round trained

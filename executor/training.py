@@ -2,8 +2,11 @@
 settlement to what the accountant spent, with DP releases about the data it used.
 
 Only DP quantities leave: the weights (safetensors), the accountant's (epsilon, delta), a DP count of
-the training rows (it also sets the sampling rate, so the private count shows nowhere) and a DP
-accuracy (or squared error) on held-out patients. Before the data is touched the job reserves its
+the dataset's rows (the training and held-out sizes are post-processing of it: it sets the sampling
+rate, so the private count shows nowhere, and the split takes exactly the public held-out size) and a
+DP accuracy (or squared error) on the held-out patients: one DP sum over that public size
+(`veil.query.evaluation`, which also gives the privacy argument), or a plain statement that the
+held-out set is too small to evaluate privately. Before the data is touched the job reserves its
 target (epsilon, delta) and the rho of its two DP releases, in one transaction with its audit entry;
 when it ends (done, cancelled or failed) it is settled to what the accountant spent. A job cut off by
 a crash is settled when the executor starts again, to the accountant's last recorded epsilon.
@@ -32,12 +35,13 @@ from veil.executor.features import Encoded, encode
 from veil.executor.store import jobs, write
 from veil.models import build
 from veil.models.layout import FeatureLayout
+from veil.query import evaluation as held_out_evaluation
 from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.query.prepared import prepare
 from veil.query.release import run
 from veil.query.table import Table
 from veil.sql import parse_sql
-from veil.wire import Cost, JobInfo, Layout, Release, TrainRequest
+from veil.wire import MAX_EVALUATION_EPSILON, Cost, JobInfo, Layout, Release, TrainRequest
 
 log = logging.getLogger("veil.executor.training")
 CONFIDENCE = 0.95
@@ -68,7 +72,7 @@ class Trainer:
 
     def reserve(self, who: Principal, dataset: Dataset, request: TrainRequest, **values: Any) -> tuple[int, float]:
         """Check the request, then reserve its target (epsilon, delta) and the rho of its two DP releases
-        (training rows, held-out evaluation) with a `running` job row and its audit entry, in one
+        (the dataset's rows, held-out evaluation) with a `running` job row and its audit entry, in one
         transaction; returns the job id and the rho of one release."""
         self._check(dataset, request, who.project or "")
         eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
@@ -88,7 +92,7 @@ class Trainer:
                          project=project, dataset=dataset.name, query=request.model_dump_json(), rho=2 * eval_rho,
                          epsilon=target.epsilon, delta=target.delta,
                          reason=f"job {job_id}: {what} at (epsilon {target.epsilon:g}, delta {target.delta:g}) "
-                                "and two DP releases (training rows, held-out evaluation)")
+                                "and two DP releases (the dataset's rows, held-out evaluation)")
         return job_id, eval_rho
 
     def info(self, who: Principal, job_id: int) -> JobInfo:
@@ -209,9 +213,10 @@ class Trainer:
         state, spent, started, rows, evaluation, weights, error = "failed", 0.0, False, None, None, None, None
         recorded = 0.0  # the accountant's epsilon at the last progress report
         try:
-            train, holdout = split(dataset, request, secrets.randbits(63))
-            rows = dp_rows(train.height, eval_rho, dataset.max_rows)
+            rows = public_rows(dataset, request, eval_rho)
             self.update(job_id, rows=rows)
+            held_out = held_out_evaluation.held_out_rows(rows, request.holdout)
+            train, holdout = split(dataset, request, secrets.randbits(63), held_out)
 
             def progress(p: dpsgd.Progress) -> None:
                 nonlocal recorded
@@ -226,7 +231,7 @@ class Trainer:
                                   progress=progress, cancel=cancel, public_rows=rows)
             spent, weights = outcome.epsilon, outcome.weights
             evaluation = self.evaluate(dataset, request, outcome.weights, self.encode(dataset, request, holdout),
-                                        eval_rho, who)
+                                        eval_rho, who, held_out)
             state = "cancelled" if outcome.cancelled else "done"
             if job_id in self._timed_out:
                 error = (f"time_limit: the job ran past this site's limit of {self.catalog.max_training_seconds:g} s "
@@ -244,25 +249,31 @@ class Trainer:
         self._timed_out.discard(job_id)
 
     def evaluate(self, dataset: Dataset, request: TrainRequest, weights: bytes, holdout: Encoded, rho: float,
-                  who: Principal) -> Release:
-        """A DP accuracy (classification) or mean squared error (regression, scaled label) on held-out rows."""
-        module = build.load_weights(models.build_model(request.model, holdout.layout), weights).eval()
-        with torch.no_grad():
-            out = module(holdout.x)
-        if request.model.task == "classification":
-            score, name, bounds = (out.argmax(dim=1) == holdout.y).to(torch.int32), "accuracy", (0, 1)
-        else:
-            score, name, bounds = (out.squeeze(-1).clamp(-1, 1) - holdout.y) ** 2, "squared_error", (0.0, 4.0)
-        frame = pl.DataFrame({"score": score.numpy()}).cast({"score": pl.Int32 if name == "accuracy" else pl.Float64})
-        sql = f"SELECT COUNT(*) AS n, AVG(score) AS {name} FROM data"
-        dtype = "Int32" if name == "accuracy" else "Float64"
-        output = _release(frame, sql, rho, dataset.max_rows, {"score": Column("score", dtype, bounds=bounds)})
+                  who: Principal, held_out: int) -> Release:
+        """A DP accuracy (classification) or mean squared error (regression, scaled label) on the `held_out`
+        held-out rows (a public size: `veil.query.evaluation`), or, when that many are too few for an
+        informative interval at `rho`, a plain statement that says so and no number."""
+        name = "accuracy" if request.model.task == "classification" else "squared_error"
+        ev = held_out_evaluation.evaluator(name, held_out, rho, CONFIDENCE)
+        larger = None
+        if not ev.informative and request.evaluation_epsilon < MAX_EVALUATION_EPSILON:
+            top = MAX_EVALUATION_EPSILON
+            larger = (top, held_out_evaluation.evaluator(
+                name, held_out, rho_for_epsilon(top, self.catalog.reporting_delta), CONFIDENCE))
+        score = np.zeros(0)
+        if ev.informative:  # a held-out set too small is not even scored
+            module = build.load_weights(models.build_model(request.model, holdout.layout), weights).eval()
+            with torch.no_grad():
+                out = module(holdout.x)
+            score = ((out.argmax(dim=1) == holdout.y).to(torch.int32) if name == "accuracy"
+                     else (out.squeeze(-1).clamp(-1, 1) - holdout.y) ** 2).numpy()
+        output = held_out_evaluation.release(score, ev, request.evaluation_epsilon, larger)
         cost = Cost(rho=rho, delta=0.0, epsilon=epsilon_of(rho, self.catalog.reporting_delta),
                     epsilon_delta=self.catalog.reporting_delta)
         return Release(site=self.catalog.site, dataset=dataset.name, project=who.project or "",
-                       query=f"held-out evaluation: {sql}", confidence=CONFIDENCE, group_by=[],
-                       statistics=output.statistics, rows=output.rows, raw=output.raw, threshold=None, cost=cost,
-                       receipt="",
+                       query=f"held-out evaluation: the DP mean {name} of {held_out} held-out patients",
+                       confidence=CONFIDENCE, group_by=[], statistics=output.statistics, rows=output.rows,
+                       raw=output.raw, threshold=None, notes=output.notes, cost=cost, receipt="",
                        released_at=audit.now())
 
     def settle(self, job_id: int, who: Principal, dataset: str, request: TrainRequest, state: str, spent: float,
@@ -320,16 +331,24 @@ def alive(owner: str) -> bool:
     return True
 
 
-def split(dataset: Dataset, request: TrainRequest, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The request's columns of `dataset`, shuffled by `seed` and cut into (training, held-out) rows."""
+def split(dataset: Dataset, request: TrainRequest, seed: int,
+          held_out: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The request's columns of `dataset`, shuffled by `seed` and cut into (training, held-out) rows: exactly
+    `held_out` rows held out (a public size; all of them if the file has fewer), whatever the file holds."""
     frame = pl.read_parquet(dataset.path, columns=[*request.features, request.label])
     order = np.random.default_rng(seed).permutation(frame.height)
-    cut = int(round(frame.height * request.holdout))
-    return frame[order[cut:]], frame[order[:cut]]
+    return frame[order[held_out:]], frame[order[:held_out]]
+
+
+def public_rows(dataset: Dataset, request: TrainRequest, rho: float) -> int:
+    """The job's public count of training rows: post-processing of a DP count (zCDP `rho`) of the dataset's
+    rows, from which the held-out size follows too (`veil.query.evaluation.split_sizes`)."""
+    n = int(pl.scan_parquet(dataset.path).select(pl.len()).collect().item())
+    return held_out_evaluation.split_sizes(dp_rows(n, rho, dataset.max_rows), request.holdout)[0]
 
 
 def dp_rows(n: int, rho: float, max_rows: int) -> int:
-    """A DP count (zCDP `rho`) of `n` training rows, one per patient; at least 1."""
+    """A DP count (zCDP `rho`) of `n` rows, one per patient; at least 1."""
     ones = pl.DataFrame({"one": np.ones(n, dtype=np.int32)})
     count = _release(ones, "SELECT COUNT(*) AS n FROM data", rho, max_rows, {"one": Column("one", "Int32", bounds=(0, 1))})
     return max(1, round(count.rows[0]["n"]))
