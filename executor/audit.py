@@ -90,6 +90,12 @@ def append(
     return AuditEntry(**entry)
 
 
+def recorded(conn: Connection, action: str, dataset: str, result_digest: str) -> bool:
+    """Whether the log already has an entry of `action` on `dataset` with this digest."""
+    return conn.execute(select(audit.c.seq).where(audit.c.action == action, audit.c.dataset == dataset,
+                                                  audit.c.result_digest == result_digest).limit(1)).first() is not None
+
+
 def find(engine: Engine, receipt: str) -> AuditEntry | None:
     with engine.connect() as conn:
         row = conn.execute(select(audit).where(audit.c.hash == receipt)).mappings().first()

@@ -11,7 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
@@ -32,6 +32,8 @@ class Dataset(Table):
     level: str
     lifetime_epsilon: float
     lifetime_delta: float = 1e-4
+    on_excess_rows: Literal["truncate", "refuse"] = "truncate"
+    """What the site does when the file breaks max_rows_per_unit: "truncate" each patient's rows, or "refuse"."""
 
     def info(self, pricing: Pricing | None = None) -> DatasetInfo:
         return DatasetInfo(
@@ -162,6 +164,10 @@ def _site_limits(raw: dict[str, Any]) -> SiteLimits:
     )
 
 
+EXCESS_ROWS = ("truncate", "refuse")
+"""A dataset's `on_excess_rows`: what the site does when its file has more rows per patient than the catalog says."""
+
+
 def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
     where = f"dataset '{name}'"
     level = _require(raw, "level", where)
@@ -178,6 +184,10 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
     max_per_unit = int(_require(raw, "max_rows_per_unit", where))
     if max_per_unit < 1:
         raise CatalogError("bad_catalog", f"{where}: max_rows_per_unit must be at least 1")
+    on_excess_rows = raw.get("on_excess_rows", "truncate")
+    if on_excess_rows not in EXCESS_ROWS:
+        raise CatalogError("bad_catalog", f"{where}: on_excess_rows must be one of {', '.join(EXCESS_ROWS)}, "
+                           f"not {on_excess_rows!r}", hint='"truncate" (the default) or "refuse"')
     return Dataset(
         name=_check_name(name, where),
         title=raw.get("title", name),
@@ -190,6 +200,7 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         lifetime_epsilon=_budget(raw, "lifetime_epsilon", where),
         lifetime_delta=_number(raw, "lifetime_delta", where, limits.MIN_DELTA, 0.1, 1e-4),
         columns=columns,
+        on_excess_rows=on_excess_rows,
     )
 
 

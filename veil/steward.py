@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from veil.kernel.client import SiteClient
-from veil.wire import ApplicationInfo, GrantInfo, MockRequest, ReviewRequest
+from veil.wire import ApplicationInfo, DatasetBudget, GrantInfo, MockRequest, ReviewRequest
 
 
 def _client(args: argparse.Namespace) -> SiteClient:
@@ -83,6 +83,17 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_broken_bound(b: DatasetBudget) -> None:
+    """The site's file breaks its catalog's rows-per-patient bound: what that does and what to do."""
+    refusing = b.on_excess_rows == "refuse"
+    print(f"warning: the site's file breaks max_rows_per_unit = {b.max_rows_per_unit}: {b.patients_over_bound} "
+          f"patients have more rows (up to {b.most_rows_per_patient}); "
+          + ("requests on it are refused" if refusing else
+             f"queries keep at most {b.max_rows_per_unit} rows per patient, so counts and sums come out low")
+          + ". Fix the file, or raise max_rows_per_unit in the catalog if more rows per patient are right"
+          + ("" if refusing else ', or set on_excess_rows = "refuse"'))
+
+
 def _budget(args: argparse.Namespace) -> int:
     with _client(args) as site:
         if args.cap is not None:
@@ -93,6 +104,8 @@ def _budget(args: argparse.Namespace) -> int:
                 raise SystemExit(f"error: the site has no dataset '{args.dataset}'")
     print(f"{budget.dataset} ({budget.level}): lifetime cap epsilon {budget.cap_epsilon:g}, spent "
           f"{budget.spent_epsilon:.4g}, remaining {budget.remaining_epsilon:.4g}")
+    if budget.patients_over_bound:
+        _print_broken_bound(budget)
     for g in budget.grants:
         _print_grant(g)
     return 0
@@ -139,7 +152,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("id", type=int)
     p.add_argument("--reason", required=True)
 
-    p = command("budget", "a dataset's lifetime cap and grants; --cap changes the cap", _budget)
+    p = command("budget", "a dataset's lifetime cap, grants and file check; --cap changes the cap", _budget)
     p.add_argument("dataset")
     p.add_argument("--cap", type=float, default=None, help="new lifetime cap, epsilon at the reporting delta")
     p.add_argument("--reason", default="")

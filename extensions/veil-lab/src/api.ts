@@ -176,6 +176,11 @@ export interface IDatasetBudget {
   spent_epsilon: number;
   remaining_epsilon: number;
   grants: IStewardGrant[];
+  /** How the site's file keeps the catalog's rows-per-patient bound (stewards only). */
+  max_rows_per_unit?: number | null;
+  most_rows_per_patient?: number | null;
+  patients_over_bound?: number;
+  on_excess_rows?: 'truncate' | 'refuse';
 }
 
 export interface IStewardBudgetsResponse {

@@ -13,6 +13,7 @@ import {
   IAuditEntry,
   IAuditResponse,
   IAuditVerifyResponse,
+  IDatasetBudget,
   IStewardBudgetsResponse,
   IStewardGrant,
   postAPI,
@@ -232,6 +233,27 @@ async function askReason(
   return result.button.accept && reason ? reason : null;
 }
 
+/** A warning when the site's file breaks its catalog's rows-per-patient bound; nothing otherwise. */
+function BrokenBound(props: { budget: IDatasetBudget }): JSX.Element | null {
+  const b = props.budget;
+  if (!b.patients_over_bound) {
+    return null;
+  }
+  const refusing = b.on_excess_rows === 'refuse';
+  return (
+    <p className="veil-needs veil-broken-bound">
+      The site&apos;s file breaks max_rows_per_unit = {b.max_rows_per_unit}:{' '}
+      {b.patients_over_bound} patients have more rows (up to{' '}
+      {b.most_rows_per_patient}).{' '}
+      {refusing
+        ? 'Requests on it are refused.'
+        : `Queries keep at most ${b.max_rows_per_unit} rows per patient, so counts and sums come out low.`}{' '}
+      Fix the file, or raise max_rows_per_unit in the catalog
+      {refusing ? '' : ', or set on_excess_rows = "refuse"'}.
+    </p>
+  );
+}
+
 function BudgetsTab(): JSX.Element {
   const { data, error, loading, reload } =
     useResource<IStewardBudgetsResponse>('steward/budgets');
@@ -323,6 +345,7 @@ function BudgetsTab(): JSX.Element {
                       Change cap
                     </button>
                   </div>
+                  <BrokenBound budget={b} />
                   {b.grants.length === 0 ? (
                     <p className="veil-empty">No grants.</p>
                   ) : (
