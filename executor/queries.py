@@ -51,11 +51,12 @@ class QueryRunner:
 
         def prepared_here() -> Prepared:
             made = prepare(dataset, spec, verified_bound=task.verified_bound, rho=task.rho, delta=task.delta,
-                           confidence=task.confidence, min_threshold=task.min_threshold)
+                           confidence=task.confidence, min_threshold=task.min_threshold, accuracy=task.accuracy)
             return dataclasses.replace(made, streaming=can_stream(dataset, made.plan, made.certified))
 
         prepared = self.prepared.get_or_prepare(task.key, prepared_here)
-        if not fits(prepared.certified, prepared.plan, task.rho, task.delta):
+        rho = task.rho if task.rho is not None else prepared.certified.rho  # an accuracy's loss is the certified one
+        if not fits(prepared.certified, prepared.plan, rho, task.delta):
             raise QueryError("calibration_failed", "the prepared measurement no longer fits its loss",
                              hint="retry; if it persists, tell the site's administrators")
         return prepared

@@ -49,10 +49,12 @@ class QueryTask:
     dataset: str
     spec_json: str
     verified_bound: bool
-    rho: float
+    rho: float | None
     delta: float | None
     confidence: float
     min_threshold: int
+    accuracy: float | None = None
+    """Given instead of rho: the half-width every count and sum must reach (the certified loss is charged)."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,10 @@ from veil.executor.rounds import Rounds
 from veil.executor.store import open_store, write
 from veil.executor.throttle import RateLimiter, RefusalCounter
 from veil.executor.training import Trainer
-from veil.executor.unit_bound import most_rows_per_unit
+from veil.executor.unit_bound import RowsPerUnit, rows_per_unit
 from veil.federation import codec
 from veil.query.accounting import rho_for_epsilon
-from veil.query.pricing import requested_loss, unsigned_release
+from veil.query.pricing import accuracy_within_level, requested_rho, unsigned_release
 from veil.sql import canonical_sql, parse_sql
 from veil.wire import (
     ApplicationInfo,
@@ -40,13 +42,19 @@ from veil.wire import (
     TrainRequest,
 )
 
+log = logging.getLogger("veil.executor")
+
 
 @dataclass
 class _BoundCheck:
-    """Whether a dataset's file was seen to respect max_rows_per_unit, and for which version of it."""
+    """What the check of a dataset's file against max_rows_per_unit found, and for which version of it."""
 
     fingerprint: tuple[int, int]
-    holds: bool
+    found: RowsPerUnit
+
+    @property
+    def holds(self) -> bool:
+        return self.found.over == 0
 
 
 @dataclass
@@ -92,7 +100,7 @@ class Site:
         site.trainer.recover()
         site.rounds.recover()
         for ds in catalog.datasets.values():
-            site.bound_holds(ds)
+            site.check_bound(ds)
         return site
 
     # ------------------------------------------------------------ privacy unit
@@ -100,18 +108,49 @@ class Site:
     def bound_holds(self, dataset: Dataset) -> bool:
         """True when the file (as it is now) has at most max_rows_per_unit rows per patient.
 
-        Checked once per file version (size, mtime), not per query: when it holds, queries skip the
-        per-patient truncation; when it does not, truncation in the plan enforces the bound.
+        When it holds, queries skip the per-patient truncation; when it does not, truncation in the plan
+        enforces the bound, or, where the catalog says `on_excess_rows = "refuse"`, the request is refused.
         """
+        check = self.check_bound(dataset)
+        if not check.holds and dataset.on_excess_rows == "refuse":
+            raise VeilError("data_breaks_bound", f"the site's file for '{dataset.name}' breaks its catalog's bound "
+                            f"of {dataset.max_rows_per_unit} rows per patient, so the site refuses to use it; "
+                            "nothing was charged", hint="ask the site's data steward to fix the file or the catalog",
+                            status=409)
+        return check.holds
+
+    def check_bound(self, dataset: Dataset) -> _BoundCheck:
+        """The file's rows per patient against max_rows_per_unit, checked once per file version (size,
+        mtime), not per query. A version that breaks the bound is logged for the steward and audited."""
         stat = dataset.path.stat()
         fingerprint = (stat.st_size, stat.st_mtime_ns)
         with self._bounds_lock:
             known = self._bounds.get(dataset.name)
             if known is None or known.fingerprint != fingerprint:
-                most = most_rows_per_unit(dataset.path, dataset.privacy_unit)
-                known = _BoundCheck(fingerprint, most <= dataset.max_rows_per_unit)
+                known = _BoundCheck(fingerprint, rows_per_unit(dataset.path, dataset.privacy_unit,
+                                                               dataset.max_rows_per_unit))
+                if not known.holds:
+                    self._report_broken_bound(dataset, known)
                 self._bounds[dataset.name] = known
-            return known.holds
+            return known
+
+    def _report_broken_bound(self, dataset: Dataset, check: _BoundCheck) -> None:
+        """Warn the steward in the executor's log; audit it once per file version (across restarts too)."""
+        k, (most, over) = dataset.max_rows_per_unit, check.found
+        refusing = dataset.on_excess_rows == "refuse"
+        what = "requests on it are refused" if refusing else \
+            f"queries keep at most {k} rows per patient, so counts and sums come out low"
+        log.warning("dataset '%s': the file %s breaks the catalog's max_rows_per_unit = %d: %d patients have more "
+                    "rows (up to %d); %s. Fix the file, or raise max_rows_per_unit in the catalog if more rows per "
+                    "patient are right%s.", dataset.name, dataset.path, k, over, most, what,
+                    "" if refusing else ', or set on_excess_rows = "refuse" to refuse requests on it')
+        version = hashlib.sha256(f"{dataset.path}:{check.fingerprint}".encode()).hexdigest()
+        with write(self.engine) as conn:
+            if not audit.recorded(conn, "data_check", dataset.name, version):
+                audit.append(conn, principal="executor", role="site", action="data_check",
+                             decision="refusing" if refusing else "truncating", dataset=dataset.name,
+                             result_digest=version, reason=f"{over} patients have more than max_rows_per_unit = "
+                             f"{k} rows (up to {most}); file of {check.fingerprint[0]} bytes")
 
     # ------------------------------------------------------------ views
 
@@ -160,19 +199,25 @@ class Site:
         dataset = self.dataset_for(principal, spec.dataset)
         text = canonical_sql(spec)
         pricing = self.catalog.pricing(dataset)
-        rho, _ = requested_loss(request, dataset.level, pricing)
+        rho = requested_rho(request, dataset.level, pricing)
         verified = self.bound_holds(dataset)
         delta = request.delta if spec.group_by else None
-        key = (dataset.name, text, verified, rho, delta, request.confidence, pricing.min_group_threshold)
+        key = (dataset.name, text, verified, rho, request.accuracy, delta, request.confidence,
+               pricing.min_group_threshold)
         task = QueryTask(key, dataset.name, spec.model_dump_json(), verified, rho, delta, request.confidence,
-                         pricing.min_group_threshold)
+                         pricing.min_group_threshold, request.accuracy)
         with self.queries.session(principal.name) as worker:
             certified = worker.prepare(task)  # planned and certified in the worker, within the time limit
+            accuracy_within_level(request, certified, dataset.level, pricing)
             with self.engine.connect() as conn:  # fail early, before touching the data
                 ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
             output = worker.run(task)
         release = unsigned_release(self.catalog.site, dataset.name, project, text, request, spec.group_by,
                                    certified, output, pricing)
+        if not verified:
+            release = release.model_copy(update={"notes": [
+                *release.notes, f"rows were truncated to at most {dataset.max_rows_per_unit} per patient because "
+                "the site's file breaks its catalog's bound; counts and sums may be low"]})
         with write(self.engine) as conn:
             ledger.charge(conn, self.catalog, project, dataset, certified.rho, certified.delta)
             entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",
@@ -214,8 +259,16 @@ class Site:
         return next(g for g in self.grants(who) if g.id == grant_id)
 
     def budgets(self, who: Principal) -> list[DatasetBudget]:
+        """Caps and grants, and how each file keeps its rows-per-patient bound (stewards only)."""
         require(who, "steward", "admin")
-        return ledger.budgets(self.engine, self.catalog)
+        return [self._with_bound(b) for b in ledger.budgets(self.engine, self.catalog)]
+
+    def _with_bound(self, budget: DatasetBudget) -> DatasetBudget:
+        dataset = self.catalog.dataset(budget.dataset)
+        found = self.check_bound(dataset).found
+        return budget.model_copy(update={"max_rows_per_unit": dataset.max_rows_per_unit, "most_rows_per_patient":
+                                         found.most, "patients_over_bound": found.over,
+                                         "on_excess_rows": dataset.on_excess_rows})
 
     def set_cap(self, who: Principal, dataset: str, epsilon: float, reason: str) -> DatasetBudget:
         require(who, "steward")
@@ -227,7 +280,8 @@ class Site:
     def set_mock(self, who: Principal, dataset: str, request: MockRequest) -> MockInfo:
         require(who, "steward")
         ds = self.catalog.dataset(dataset)
-        return mocks.set_mock(self.engine, self.catalog, ds, request, who.name, self.bound_holds(ds))
+        synthetic = request.kind == "synthetic"  # a schema-only mock reads no data: never refused for it
+        return mocks.set_mock(self.engine, self.catalog, ds, request, who.name, synthetic and self.bound_holds(ds))
 
     def mock(self, who: Principal, dataset: str) -> MockInfo:
         """The dataset's mock for mock mode (to anyone who may see the dataset): it is public or DP already."""
@@ -237,6 +291,11 @@ class Site:
         """Start a DP-SGD job (budget reserved now, settled when it ends); poll it with `job`."""
         require(who, "researcher")
         dataset = self.dataset_for(who, request.dataset)
+        if not self.bound_holds(dataset):  # DP-SGD takes each row as a patient: it never truncates
+            raise VeilError("data_breaks_bound", f"the site's file for '{dataset.name}' has more rows per patient "
+                            f"than its catalog's bound of {dataset.max_rows_per_unit}, so training on it would not "
+                            "protect each patient; nothing was charged",
+                            hint="ask the site's data steward to fix the file or the catalog", status=409)
         if request.federated is not None:
             return self.rounds.join(who, dataset, request)
         return self.trainer.start(who, dataset, request)

@@ -35,6 +35,17 @@ def site_aggregates(aggregates: list[Aggregate]) -> list[Aggregate]:
     return out
 
 
+def per_site_accuracy(accuracy: float, aggregates: list[Aggregate], sites: int) -> float:
+    """The half-width each of `sites` sites must reach so that the combined counts and sums reach `accuracy`:
+    equal Gaussian noises add up to sqrt(sites) times one site's scale, and OpenDP's Gaussian accuracy is
+    proportional to the scale (a discrete Gaussian's is within a unit of that)."""
+    if any(a.fn not in ("count", "sum") for a in aggregates):
+        raise QueryError("accuracy_needs_count_or_sum",
+                         "accuracy on a study applies to counts and sums; a mean's interval depends on the sizes "
+                         "of its groups", hint="give epsilon for means, or ask for the accuracy of a count or sum")
+    return accuracy / math.sqrt(sites)
+
+
 def _scales(release: Release) -> dict[str, float]:
     """Each statistic's noise scale at this site; only Gaussian noise combines exactly."""
     scales = {}

@@ -17,6 +17,7 @@ from IPython.display import display
 from veil.kernel.result import Result
 from veil.kernel.sdk import RELEASE_LISTENERS, Site
 from veil.sql import parse_sql
+from veil.wire import Release
 
 MAGIC_ARGUMENTS = (
     argument("command", choices=("datasets", "budget", "mode", "sql", "cost"),
@@ -27,6 +28,8 @@ MAGIC_ARGUMENTS = (
     argument("--all", action="store_true", help="sql: ask every site and combine the releases"),
     argument("--epsilon", type=float, help="sql: the privacy loss of the release, in epsilon"),
     argument("--rho", type=float, help="sql: ... or in rho (zero-concentrated DP)"),
+    argument("--accuracy", type=float,
+             help="sql: ... or the half-width every count and sum must reach: the site charges the least loss for it"),
     argument("--delta", type=float, help="sql: delta, for releases that need one"),
     argument("--confidence", type=float, default=0.95,
              help="sql: the level of the intervals (default 0.95)"),
@@ -49,7 +52,7 @@ class VeilMagics(Magics):
     def __init__(self, shell: Any, kernel: Any) -> None:
         super().__init__(shell)
         self.kernel = kernel
-        self._cost_run: dict[str, list[float]] | None = None
+        self._cost_run: dict[str, list[Release]] | None = None
         RELEASE_LISTENERS.append(self._on_release)
 
     @property
@@ -59,7 +62,7 @@ class VeilMagics(Magics):
     def _on_release(self, site: Site, result: Result) -> None:
         if result.mock:
             if self._cost_run is not None:
-                self._cost_run.setdefault(site.name, []).append(result.release.cost.rho)
+                self._cost_run.setdefault(site.name, []).append(result.release)
             return
         event = {"site": site.name, **result.provenance}
         self.kernel.send_budget_event(event)
@@ -72,9 +75,10 @@ class VeilMagics(Magics):
         %veil datasets          which site offers what
         %veil budget            grants, spent, remaining
         %veil mode mock|live    mock: made-up rows, nothing spent; live: real releases, charged
-        %%veil sql [--site A,B | --all] [--epsilon E | --rho R] [--delta D] [--confidence C]
+        %%veil sql [--site A,B | --all] [--epsilon E | --rho R | --accuracy A] [--delta D] [--confidence C]
                                 the cell's SQL as a DP release at the site(s)
-        %%veil cost             run the cell in mock mode and show what it would charge live
+        %%veil cost             run the cell in mock mode: what it would charge live, and the
+                                half-widths its counts and sums would have
         """
         args = parse_argstring(self.veil, line)
         command = args.command
@@ -120,13 +124,15 @@ class VeilMagics(Magics):
         else:
             target = self.study.sites[names[0]].datasets[dataset]
         result = target.sql(cell).release(epsilon=args.epsilon, rho=args.rho, delta=args.delta,
-                                          confidence=args.confidence)
+                                          confidence=args.confidence, accuracy=args.accuracy)
         display(result)
         return None
 
     def _cost(self, cell: str) -> None:
         """Run the cell in mock mode and total, per site, the rho a live run would charge (rho adds up;
-        the ledger turns it into epsilon with `%veil budget`). Nothing is spent."""
+        the ledger turns it into epsilon with `%veil budget`), with the half-width each release's counts and
+        sums would have live (OpenDP's accuracy of the same measurement: it does not depend on the rows).
+        Nothing is spent."""
         previous, self.study.mode, self._cost_run = self.study.mode, "mock", {}
         try:
             outcome = self.shell.run_cell(cell, store_history=False)
@@ -135,12 +141,21 @@ class VeilMagics(Magics):
             self.study.mode, self._cost_run = previous, None
         outcome.raise_error()
         print("Veil cost: the cell ran in MOCK mode; this is what it would charge live. Nothing was spent.")
-        totals = {site: sum(rhos) for site, rhos in spent.items()}
-        frame = pl.DataFrame([{"site": site, "releases": len(spent[site]), "rho": rho} for site, rho in totals.items()],
-                             schema={"site": pl.String, "releases": pl.Int64, "rho": pl.Float64})
+        totals = {site: sum(r.cost.rho for r in releases) for site, releases in spent.items()}
+        frame = pl.DataFrame([{"site": site, "releases": len(spent[site]), "rho": rho,
+                               "half_widths": " | ".join(_half_widths(r) for r in spent[site])}
+                              for site, rho in totals.items()],
+                             schema={"site": pl.String, "releases": pl.Int64, "rho": pl.Float64,
+                                     "half_widths": pl.String})
         display(frame, metadata={"veil": {"cost_rho": totals}})
 
 
+def _half_widths(release: Release) -> str:
+    """'n ±12 (95%)' for each count and sum of a release (means and quantiles depend on the rows)."""
+    widths = [f"{s.name} ±{s.accuracy:.3g}" for s in release.statistics if s.accuracy is not None]
+    return (", ".join(widths) or "no count or sum") + f" ({release.confidence * 100:.4g}%)"
+
+
 def register(shell: Any, kernel: Any) -> None:
-    """Called by the Veil kernel at start."""
+    """Called by the Veil kernel on first use (before the first cell runs), once the SDK has loaded."""
     shell.register_magics(VeilMagics(shell, kernel))

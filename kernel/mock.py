@@ -17,7 +17,7 @@ import polars as pl
 
 from veil.errors import CatalogError
 from veil.query.prepared import Prepared, PreparedQueries, prepare
-from veil.query.pricing import requested_loss, unsigned_release
+from veil.query.pricing import accuracy_within_level, requested_rho, unsigned_release
 from veil.query.release import run
 from veil.query.table import DTYPES, Table
 from veil.sql import canonical_sql
@@ -100,7 +100,7 @@ class MockSite:
         if info is None or info.pricing is None:
             raise CatalogError("unknown_dataset", f"site '{self.name}' publishes no dataset '{spec.dataset}' you may "
                                "query", hint="list the datasets you may use with `%veil datasets`", status=404)
-        rho, _ = requested_loss(request, info.level, info.pricing)
+        rho = requested_rho(request, info.level, info.pricing)
         verified = self._bound_holds(info)
         delta = request.delta if spec.group_by else None
         threshold = info.pricing.min_group_threshold
@@ -108,9 +108,11 @@ class MockSite:
 
         def prepared_here() -> Prepared:
             return prepare(Table.from_info(info), spec, verified_bound=verified, rho=rho, delta=delta,
-                           confidence=request.confidence, min_threshold=threshold)
+                           confidence=request.confidence, min_threshold=threshold, accuracy=request.accuracy)
 
-        prepared = self._prepared.get_or_prepare((text, verified, rho, delta, request.confidence), prepared_here)
+        prepared = self._prepared.get_or_prepare((text, verified, rho, request.accuracy, delta, request.confidence),
+                                                 prepared_here)
+        accuracy_within_level(request, prepared.certified, info.level, info.pricing)
         output = run(self._rows[info.name].lazy(), Table.from_info(info), prepared.plan, prepared.certified,
                      prepared.description)
         return unsigned_release(self.name, info.name, "mock", text, request, list(spec.group_by),

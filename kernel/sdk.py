@@ -11,7 +11,7 @@ import polars as pl
 
 from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
-from veil.kernel.combine import combine, site_aggregates
+from veil.kernel.combine import combine, per_site_accuracy, site_aggregates
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable, VeilUsageError
 from veil.kernel.result import Combined, Result
 from veil.kernel.training import TrainedModel, run_job
@@ -191,10 +191,13 @@ class Query:
                          aggregates=list(self.shape.aggregates))
 
     def release(self, epsilon: float | None = None, rho: float | None = None, delta: float | None = None,
-                confidence: float = 0.95) -> Result | Combined:
-        """Spend budget for a DP release: one site gives a Result, several a Combined result. Without
-        epsilon or rho, each release costs the study's `default_epsilon` (0.1 unless configured)."""
-        return self.dataset.run(self.spec(), dict(epsilon=epsilon, rho=rho, delta=delta), confidence)
+                confidence: float = 0.95, accuracy: float | None = None) -> Result | Combined:
+        """Spend budget for a DP release: one site gives a Result, several a Combined result. Give the loss
+        (epsilon or rho), or the `accuracy` you need: the half-width every count and sum must have at
+        `confidence` (combined over the sites for a study), and each site charges the least loss OpenDP
+        certifies for it. With none, each release costs the study's `default_epsilon` (0.1 unless configured)."""
+        return self.dataset.run(self.spec(), dict(epsilon=epsilon, rho=rho, delta=delta, accuracy=accuracy),
+                                confidence)
 
 
 class Dataset:
@@ -249,11 +252,13 @@ class Dataset:
     def run(self, spec: QuerySpec, loss: dict[str, Any], confidence: float) -> Result | Combined:
         """Send the spec to every site of this dataset (in parallel) and combine when there are several."""
         loss = {k: v for k, v in loss.items() if v is not None}
-        if "epsilon" not in loss and "rho" not in loss:
+        if not {"epsilon", "rho", "accuracy"} & loss.keys():
             loss["epsilon"] = self.sites[0].default_epsilon
         if len(self.sites) == 1:
             return self.sites[0].release(spec, confidence, **loss)
         requested = list(spec.aggregates)
+        if "accuracy" in loss:
+            loss["accuracy"] = per_site_accuracy(loss["accuracy"], requested, len(self.sites))
         per_site = spec.model_copy(update={"aggregates": site_aggregates(requested)})
         results, errors = _fan_out(self.sites, lambda s: s.release(per_site, confidence, **loss))
         if errors:

@@ -74,6 +74,18 @@ def test_mock_then_cost_then_live_with_provenance(kernel_env: Path, sites: dict[
     assert bad.returncode == 1 and "does not know receipt abababab" in bad.stdout
 
 
+def test_accuracy_on_request_in_magics(kernel_env: Path, sites: dict[str, Deployment]) -> None:
+    before = spent(sites)
+    sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
+    nb = run([f"%%veil cost\n%%veil sql --all --accuracy 30\n{sql}",
+              "%veil mode live", f"%%veil sql --site north --accuracy 25\n{sql}"], kernel_env / "accuracy.ipynb")
+    cost = json.dumps(nb.cells[0].outputs)
+    assert "half_widths" in cost and "17 (95%)" in cost  # 30 over three sites: each at most 30/sqrt(3)
+    assert "rho should be" not in cost  # no library warning in the researcher's notebook
+    assert spent(sites)["north"] > before["north"] and spent(sites)["central"] == before["central"]
+    assert "site north" in nb.cells[2].outputs[0]["data"]["text/html"]
+
+
 def test_a_refused_cell_fails_the_run(kernel_env: Path, sites: dict[str, Deployment]) -> None:
     before = spent(sites)
     with pytest.raises(CellExecutionError, match="row_level_output"):

@@ -197,3 +197,29 @@ def test_a_steward_token_is_refused_on_the_researcher_side(sites: dict[str, Depl
     (tmp_path / "north.token").write_text(sites["north"].tokens["steward"])
     with pytest.raises(VeilConfigError, match="carol, a steward.*researcher tokens only"):
         _ = load_study(path).sites["north"].datasets
+
+
+def test_accuracy_on_request_at_a_site_and_across_sites(study: Study, sites: dict[str, Deployment]) -> None:
+    sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
+    query = study.sites["north"].datasets["patients"].sql(sql)
+    study.mode = "mock"
+    try:
+        rehearsal = query.release(accuracy=20.0)
+    finally:
+        study.mode = "live"
+    live = query.release(accuracy=20.0)
+    assert isinstance(live, Result) and live.release.statistics[0].accuracy <= 20.0
+    assert live.cost["rho"] == pytest.approx(rehearsal.cost["rho"], rel=1e-12)  # mock mode prices it exactly
+    assert all(r["n_upper"] - r["n_lower"] <= 40.0 for r in live.release.rows)
+    combined = study.dataset("patients").sql(sql).release(accuracy=60.0, confidence=SURE)
+    assert isinstance(combined, Combined)
+    true = truth(sites, "patients").group_by("sex").len()
+    for row in combined.rows:  # the combined half-width is the one asked for, not each site's
+        assert row["n_upper"] - row["n_lower"] <= 120.0 + 1e-9
+        assert row["n_lower"] <= true.filter(pl.col("sex") == row["sex"])["len"][0] <= row["n_upper"]
+    with pytest.raises(Exception, match="accuracy on a study applies to counts and sums"):
+        study.dataset("encounters").sql("SELECT AVG(crp_mg_l) AS crp FROM encounters").release(accuracy=1.0)
+    with pytest.raises(VeilPolicyError, match="epsilon_above_level.*a half-width of 3 at 95% needs epsilon"):
+        query.release(accuracy=3.0)
+    with pytest.raises(VeilPolicyError, match="accuracy_unreachable.*What to do: ask for a half-width of at least 1"):
+        query.release(accuracy=0.5)

@@ -35,6 +35,8 @@ MAX_BUDGET_EPSILON = 1_000.0
 """Largest grant, lifetime cap or application budget, in epsilon."""
 MIN_RHO, MAX_RHO = 1e-6, 10.0
 """The zCDP range of one release (rho 1e-6 is about epsilon 0.007 at delta 1e-6)."""
+MAX_ACCURACY = 1e12
+"""Largest half-width a release may be asked to reach (`QueryRequest.accuracy`); a looser one costs MIN_RHO."""
 MIN_DELTA = 1e-12
 """Smallest delta of a thresholded release or a grant (a positive delta below it is refused)."""
 MIN_CONFIDENCE, MAX_CONFIDENCE = 0.5, 1 - 1e-9

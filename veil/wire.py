@@ -148,16 +148,20 @@ def check_condition_size(condition: Condition) -> None:
 
 
 class QueryRequest(_Strict):
-    """Run one DP query. Give `sql` or `spec`, and the privacy loss as `epsilon` or `rho`.
+    """Run one DP query. Give `sql` or `spec`, and the privacy loss as `epsilon` or `rho`, or the
+    `accuracy` the release must reach instead.
 
     `epsilon` is this release's own epsilon at the site's reporting delta (zCDP underneath);
-    `delta` is only needed to release group keys that are not public (thresholding).
+    `accuracy` is the half-width every count and sum of the query must have at `confidence`: the site
+    charges the smallest loss OpenDP certifies for it. `delta` is only needed to release group keys
+    that are not public (thresholding).
     """
 
     sql: str | None = Field(default=None, max_length=limits.MAX_SQL_CHARS)
     spec: QuerySpec | None = None
     epsilon: float | None = Field(default=None, ge=limits.MIN_EPSILON, le=limits.MAX_RELEASE_EPSILON)
     rho: float | None = Field(default=None, ge=limits.MIN_RHO, le=limits.MAX_RHO)
+    accuracy: float | None = Field(default=None, gt=0.0, le=limits.MAX_ACCURACY, allow_inf_nan=False)
     delta: float | None = Field(default=None, ge=limits.MIN_DELTA, lt=1e-3)
     confidence: float = Field(default=0.95, ge=limits.MIN_CONFIDENCE, le=limits.MAX_CONFIDENCE)
     project: Name | None = None
@@ -166,8 +170,9 @@ class QueryRequest(_Strict):
     def _one_of_each(self) -> QueryRequest:
         if (self.sql is None) == (self.spec is None):
             raise ValueError("give exactly one of 'sql' or 'spec'")
-        if (self.epsilon is None) == (self.rho is None):
-            raise ValueError("give exactly one of 'epsilon' or 'rho' (the privacy loss of this release)")
+        if sum(v is not None for v in (self.epsilon, self.rho, self.accuracy)) != 1:
+            raise ValueError("give exactly one of 'epsilon' or 'rho' (the privacy loss of this release) or "
+                             "'accuracy' (the half-width its counts and sums must reach)")
         return self
 
 
@@ -411,7 +416,8 @@ class CapRequest(_Strict):
 
 
 class DatasetBudget(_Strict):
-    """A dataset's lifetime cap and every project's grant on it."""
+    """A dataset's lifetime cap, every project's grant on it, and how its file keeps the catalog's
+    rows-per-patient bound (stewards' view only: never in a researcher's response)."""
 
     dataset: str
     level: str
@@ -423,6 +429,13 @@ class DatasetBudget(_Strict):
     remaining_epsilon: float
     granted_rho: float = Field(description="what the active grants could still spend, together")
     grants: list[GrantInfo]
+    max_rows_per_unit: int | None = Field(default=None, description="the catalog's bound on rows per patient")
+    most_rows_per_patient: int | None = Field(default=None, description="the most rows one patient has in the "
+                                              "site's file, as last checked")
+    patients_over_bound: int = Field(default=0, description="patients with more rows in the file than the bound "
+                                     "(truncated, or requests refused: `on_excess_rows`)")
+    on_excess_rows: Literal["truncate", "refuse"] = Field(default="truncate", description="what the site does "
+                                                          "when its file breaks the bound")
 
 
 class MockRequest(_Strict):
@@ -474,10 +487,14 @@ class Layout(_Strict):
 
 
 EVALUATION_EPSILON = 0.5
-"""The one default for a trained model's held-out evaluation (its DP count of training rows costs the same).
-At 0.5 a held-out set of ~300 patients gives an accuracy interval about 0.43 wide at 95%; ~100 patients
-need 1.0 (about 0.35); a few dozen cannot be evaluated privately at any allowed epsilon: the release then
-says "not informative" (`veil.query.estimates`)."""
+"""The one default for a trained model's held-out evaluation (the job's DP count of the dataset's rows
+costs the same). The evaluation is one DP sum of scores over a public held-out size
+(`veil.query.evaluation`): at 0.5 a held-out set of 300 patients gives an accuracy interval 0.12 wide at
+95%, 114 patients 0.32; under 73 held-out patients (41 at epsilon 1) the interval would cover half of
+[0, 1] or more, and the release says plainly that the held-out set is too small to evaluate privately,
+with no number (bench/evaluation_width.py)."""
+MAX_EVALUATION_EPSILON = 1.0
+"""The largest evaluation epsilon a training request may ask for."""
 
 
 class TrainRequest(_Strict):
@@ -485,7 +502,8 @@ class TrainRequest(_Strict):
 
     The label needs public categories (classification) or public bounds (regression). A share of the
     rows is held out; accuracy on it comes back as a DP release costing `evaluation_epsilon`, and a DP
-    count of the training rows (same cost) sets the sampling rate so that it reveals nothing more."""
+    count of the dataset's rows (same cost) sets the sampling rate and the held-out size, so that
+    neither reveals anything more."""
 
     dataset: Name
     features: list[Name] = Field(min_length=1, max_length=200)
@@ -493,7 +511,8 @@ class TrainRequest(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec
     holdout: float = Field(default=0.2, ge=0.05, le=0.5)
-    evaluation_epsilon: float = Field(default=EVALUATION_EPSILON, ge=limits.MIN_EPSILON, le=1.0)
+    evaluation_epsilon: float = Field(default=EVALUATION_EPSILON, ge=limits.MIN_EPSILON,
+                                      le=MAX_EVALUATION_EPSILON)
     federated: Federation | None = Field(
         default=None, description="set: this site's part in a federated study, trained round by round")
 
@@ -511,7 +530,7 @@ class JobInfo(_Strict):
     epsilon: float = Field(description="what the accountant says the steps taken so far spent")
     target_epsilon: float
     delta: float
-    rows: int | None = Field(default=None, description="DP count of the training rows")
+    rows: int | None = Field(default=None, description="training rows, from a DP count of the dataset's rows")
     evaluation: Release | None = None
     error: str | None = None
     receipt: str | None = None

@@ -24,18 +24,33 @@ class Certified(Protocol):
     def threshold(self) -> int | None: ...
 
 
-def requested_loss(request: QueryRequest, level: str, pricing: Pricing) -> tuple[float, float]:
-    """The (rho, epsilon) a release asks for; refused above the level's ceiling on one release."""
+def requested_rho(request: QueryRequest, level: str, pricing: Pricing) -> float | None:
+    """The rho a release asks for (None when it asks for an accuracy instead: the certified loss decides);
+    refused above the level's ceiling on one release."""
+    if request.accuracy is not None:
+        return None
     rho = request.rho if request.rho is not None else rho_for_epsilon(request.epsilon, pricing.reporting_delta)
     epsilon = request.epsilon if request.epsilon is not None else epsilon_of(rho, pricing.reporting_delta)
+    within_level(epsilon, level, pricing, f"this query asks for {epsilon:.4g}")
+    return rho
+
+
+def within_level(epsilon: float, level: str, pricing: Pricing, asked: str) -> None:
+    """Refuse a release whose epsilon is above the level's ceiling on one release; `asked` says why it costs that."""
     ceiling = pricing.max_epsilon_per_release
     if epsilon > ceiling * (1 + 1e-9):
         raise GovernanceError(
-            "epsilon_above_level", f"{level} data allows at most epsilon {ceiling:g} per release at this site; "
-            f"this query asks for {epsilon:.4g}",
-            hint=f"ask for epsilon <= {ceiling:g}; to narrow intervals further, combine several releases",
-            status=403)
-    return rho, epsilon
+            "epsilon_above_level", f"{level} data allows at most epsilon {ceiling:g} per release at this site; {asked}",
+            hint=f"ask for epsilon <= {ceiling:g} (or a looser accuracy); to narrow intervals further, combine "
+                 "several releases", status=403)
+
+
+def accuracy_within_level(request: QueryRequest, certified: Certified, level: str, pricing: Pricing) -> None:
+    """For a release that asked for an accuracy: refuse it when the loss that certifies it is above the ceiling."""
+    if request.accuracy is not None:
+        epsilon = epsilon_of(certified.rho, pricing.reporting_delta)
+        within_level(epsilon, level, pricing, f"a half-width of {request.accuracy:g} at {request.confidence * 100:.4g}% "
+                     f"needs epsilon {epsilon:.4g}")
 
 
 def cost_of(certified: Certified, pricing: Pricing) -> Cost:
