@@ -108,7 +108,7 @@ class FederatedModel:
     @property
     def evaluation(self) -> dict[str, Result]:
         """Each site's DP release of the global model's held-out accuracy (or squared error)."""
-        return {site: Result(job.evaluation) for site, job in self.parts.items() if job.evaluation is not None}
+        return {site: Result.of(job.evaluation) for site, job in self.parts.items() if job.evaluation is not None}
 
     def module(self):  # noqa: ANN201 - torch is imported lazily
         """The global `torch.nn.Module`."""

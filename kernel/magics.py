@@ -64,8 +64,8 @@ class VeilMagics(Magics):
             if self._cost_run is not None:
                 self._cost_run.setdefault(site.name, []).append(result.release)
             return
-        event = {"site": site.name, **result.provenance}
-        self.kernel.send_budget_event(event)
+        for provenance in result.provenance:
+            self.kernel.send_budget_event({"site": site.name, **provenance})
 
     @_declared
     @line_cell_magic

@@ -1,5 +1,7 @@
-"""Releases as researchers see them: Polars frames with estimate, interval and level, plus cost and
-receipt, rendered as HTML in notebooks; and multi-center results combined by post-processing only."""
+"""Releases as researchers see them: one type for one site's release and for several sites' releases
+combined (post-processing only). Either way a Result has the same attributes, the same HTML and the same
+notebook metadata: rows (estimate, `_lower`, `_upper` per statistic) as a Polars frame with their level,
+the raw noisy values behind them, notes, the cost and receipt of each site's release."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 import polars as pl
 
+from veil.kernel.errors import VeilUsageError
 from veil.query.estimates import cell_text
 from veil.wire import Release
 
@@ -32,70 +35,40 @@ def _table(rows: list[dict[str, Any]], keys: list[str], stats: list[str]) -> str
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
-    """One site's DP release. `df` holds, per statistic, the estimate and its `_lower`/`_upper` bounds."""
+    """A DP result: `df` holds, per statistic, the estimate and its `_lower`/`_upper` bounds at `level`.
 
-    release: Release
-    mock: bool = False
+    `results` holds each site's own Result (a single site's is the result itself); `releases`, `cost` and
+    `receipts` are per site. Make one with `Result.of` (one site) or `Result.combined` (several)."""
 
-    @property
-    def df(self) -> pl.DataFrame:
-        return _frame(self.release.rows).with_columns(pl.lit(self.release.confidence).alias("level"))
-
-    @property
-    def raw(self) -> pl.DataFrame:
-        """The raw noisy values behind `df` (unbiased; `df` moves each into its interval and public range)."""
-        return _frame(self.release.raw)
-
-    @property
-    def statistics(self) -> list[str]:
-        return [s.name for s in self.release.statistics]
-
-    @property
-    def cost(self) -> dict[str, float]:
-        c = self.release.cost
-        return {"epsilon": c.epsilon, "delta": c.delta + c.epsilon_delta, "rho": c.rho}
-
-    @property
-    def receipt(self) -> str:
-        return self.release.receipt
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        """What the notebook records of a release: site, dataset, canonical query, cost, receipt."""
-        r = self.release
-        return {"site": r.site, "dataset": r.dataset, "query": r.query, "cost": r.cost.model_dump(),
-                "receipt": r.receipt, "mock": self.mock}
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
-        data = {"text/html": self._repr_html_(), "text/plain": repr(self)}
-        return data, ({} if self.mock else {"veil": {"releases": [self.provenance]}})
-
-    def _repr_html_(self) -> str:
-        r = self.release
-        label = MOCK_LABEL if self.mock else f"site {html.escape(r.site)}"
-        caption = (f"<p><b>{label}</b> · {html.escape(r.dataset)} · {r.confidence:.0%} intervals · "
-                   f"cost ε={r.cost.epsilon:.3g} (δ={r.cost.epsilon_delta + r.cost.delta:.2g}) · "
-                   f"receipt <code>{html.escape(r.receipt[:16])}</code></p>")
-        return caption + _table(r.rows, r.group_by, self.statistics)
-
-    def __repr__(self) -> str:
-        kind = "MOCK result (nothing spent)" if self.mock else "release"
-        return f"<Veil {kind} from {self.release.site}: {self.release.query}>\n{self.df}"
-
-
-@dataclass
-class Combined:
-    """A multi-center result: per-site releases and their combination (post-processing only)."""
-
-    results: dict[str, Result]
     rows: list[dict[str, Any]]
+    raw_rows: list[dict[str, Any]]
     group_by: list[str]
     statistics: list[str]
     confidence: float
+    releases: dict[str, Release]
+    mock: bool = False
     notes: list[str] = field(default_factory=list)
-    raw_rows: list[dict[str, Any]] = field(default_factory=list)
+    parts: dict[str, Result] = field(default_factory=dict)
+    """Each site's Result when several are combined; empty for one site's release."""
+
+    @classmethod
+    def of(cls, release: Release, mock: bool = False) -> Result:
+        """One site's release."""
+        return cls(release.rows, release.raw, list(release.group_by), [s.name for s in release.statistics],
+                   release.confidence, {release.site: release}, mock, list(release.notes))
+
+    @classmethod
+    def combined(cls, results: dict[str, Result], rows: list[dict[str, Any]], raw_rows: list[dict[str, Any]],
+                 group_by: list[str], statistics: list[str], confidence: float, notes: list[str]) -> Result:
+        """Several sites' results and their combination (rows computed by `combine.combine`)."""
+        site_notes = [f"{site}: {note}" for site, r in results.items() for note in r.notes]
+        releases = {site: r.release for site, r in results.items()}
+        return cls(rows, raw_rows, group_by, statistics, confidence, releases,
+                   all(r.mock for r in results.values()), [*notes, *site_notes], dict(results))
+
+    # ---------------------------------------------------------------- what every result has
 
     @property
     def df(self) -> pl.DataFrame:
@@ -103,29 +76,77 @@ class Combined:
 
     @property
     def raw(self) -> pl.DataFrame:
-        """The sums of the sites' raw noisy values behind `df` (unbiased)."""
+        """The raw noisy values behind `df` (unbiased; `df` moves each into its interval and public range);
+        for several sites, the sums of theirs."""
         return _frame(self.raw_rows)
 
     @property
+    def results(self) -> dict[str, Result]:
+        """Each site's own result: for one site's release, the result itself."""
+        return self.parts or {site: self for site in self.releases}
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.releases)
+
+    @property
+    def dataset(self) -> str:
+        return next(iter(self.releases.values())).dataset
+
+    @property
     def cost(self) -> dict[str, dict[str, float]]:
-        return {site: r.cost for site, r in self.results.items()}
+        """What each site charged: epsilon (at its reporting delta), delta (total) and rho (what adds up)."""
+        return {site: {"epsilon": r.cost.epsilon, "delta": r.cost.delta + r.cost.epsilon_delta, "rho": r.cost.rho}
+                for site, r in self.releases.items()}
+
+    @property
+    def receipts(self) -> dict[str, str]:
+        """Each site's receipt: the hash of its audit entry (check with `veil receipts verify`)."""
+        return {site: r.receipt for site, r in self.releases.items()}
+
+    @property
+    def provenance(self) -> list[dict[str, Any]]:
+        """What the notebook records of each site's release: site, dataset, canonical query, cost, receipt."""
+        return [{"site": r.site, "dataset": r.dataset, "query": r.query, "cost": r.cost.model_dump(),
+                 "receipt": r.receipt, "mock": self.results[site].mock} for site, r in self.releases.items()]
+
+    # ---------------------------------------------------------------- one site's, by name
+
+    @property
+    def release(self) -> Release:
+        """The one site's release (several sites: `results[site].release`)."""
+        if len(self.releases) != 1:
+            raise VeilUsageError(f"this result combines {len(self.releases)} sites' releases: "
+                                 "read one with .results[site].release, or all with .releases")
+        return next(iter(self.releases.values()))
+
+    @property
+    def receipt(self) -> str:
+        """The one site's receipt (several sites: `receipts`)."""
+        return self.release.receipt
+
+    # ---------------------------------------------------------------- display
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
         data = {"text/html": self._repr_html_(), "text/plain": repr(self)}
-        live = [r.provenance for r in self.results.values() if not r.mock]
+        live = [p for p in self.provenance if not p["mock"]]
         return data, ({"veil": {"releases": live}} if live else {})
 
-    @property
-    def mock(self) -> bool:
-        return all(r.mock for r in self.results.values())
+    def _caption(self) -> str:
+        if len(self.releases) == 1:
+            where = f"site {self.sites[0]}"
+        else:
+            where = f"{len(self.releases)} sites combined ({', '.join(self.sites)})"
+        label = f"{MOCK_LABEL} · " if self.mock else ""
+        costs = ", ".join(f"{s}: ε={c['epsilon']:.3g}" for s, c in self.cost.items())
+        receipts = "" if self.mock else " · receipt " + ", ".join(r[:16] for r in self.receipts.values())
+        return f"{label}{where} · {self.dataset} · {self.confidence:.0%} intervals · cost {costs}{receipts}"
 
     def _repr_html_(self) -> str:
-        costs = ", ".join(f"{html.escape(s)}: ε={c['epsilon']:.3g}" for s, c in self.cost.items())
+        caption = html.escape(self._caption()).replace("MOCK", "<b>MOCK</b>", 1)
         notes = "".join(f"<br><i>{html.escape(n)}</i>" for n in self.notes)
-        label = f"{MOCK_LABEL} · " if self.mock else ""
-        return (f"<p><b>{label}{len(self.results)} sites combined</b> · {self.confidence:.0%} intervals · cost {costs}"
-                f"{notes}</p>" + _table(self.rows, self.group_by, self.statistics))
+        return f"<p>{caption}{notes}</p>" + _table(self.rows, self.group_by, self.statistics)
 
     def __repr__(self) -> str:
-        kind = "MOCK multi-center result (nothing spent)" if self.mock else "multi-center result"
-        return f"<Veil {kind} over {', '.join(self.results)}>\n{self.df}"
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        return f"<Veil result: {self._caption()}>{notes}\n{self.df}"

@@ -13,7 +13,7 @@ from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, per_site_accuracy, site_aggregates
 from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable, VeilUsageError
-from veil.kernel.result import Combined, Result
+from veil.kernel.result import Result
 from veil.kernel.training import TrainedModel, run_job
 from veil.models.spec import ModelSpec, TrainSpec
 from veil.query.table import DTYPES
@@ -93,9 +93,9 @@ class Site:
     def release(self, spec: QuerySpec, confidence: float, **loss: Any) -> Result:
         """One release at this site, live or mock as the site's mode says."""
         if self.mode == "mock":
-            result = Result(self.mock.query(spec, confidence=confidence, **loss), mock=True)
+            result = Result.of(self.mock.query(spec, confidence=confidence, **loss), mock=True)
         else:
-            result = Result(self.client.query(spec=spec, confidence=confidence, **loss))
+            result = Result.of(self.client.query(spec=spec, confidence=confidence, **loss))
         for listener in RELEASE_LISTENERS:
             listener(self, result)
         return result
@@ -191,8 +191,8 @@ class Query:
                          aggregates=list(self.shape.aggregates))
 
     def release(self, epsilon: float | None = None, rho: float | None = None, delta: float | None = None,
-                confidence: float = 0.95, accuracy: float | None = None) -> Result | Combined:
-        """Spend budget for a DP release: one site gives a Result, several a Combined result. Give the loss
+                confidence: float = 0.95, accuracy: float | None = None) -> Result:
+        """Spend budget for a DP release: one site's Result, or several sites' combined into one. Give the loss
         (epsilon or rho), or the `accuracy` you need: the half-width every count and sum must have at
         `confidence` (combined over the sites for a study), and each site charges the least loss OpenDP
         certifies for it. With none, each release costs the study's `default_epsilon` (0.1 unless configured)."""
@@ -249,7 +249,7 @@ class Dataset:
     def agg(self, *aggs: Agg) -> Query:
         return Query(self, Shape()).agg(*aggs)
 
-    def run(self, spec: QuerySpec, loss: dict[str, Any], confidence: float) -> Result | Combined:
+    def run(self, spec: QuerySpec, loss: dict[str, Any], confidence: float) -> Result:
         """Send the spec to every site of this dataset (in parallel) and combine when there are several."""
         loss = {k: v for k, v in loss.items() if v is not None}
         if not {"epsilon", "rho", "accuracy"} & loss.keys():
@@ -266,7 +266,7 @@ class Dataset:
         bounds = {c.name: c.bounds for c in self.info.columns}
         rows, raw, notes = combine({s: r.release for s, r in results.items()}, requested, list(spec.group_by),
                                    bounds, confidence)
-        return Combined(results, rows, list(spec.group_by), [a.name for a in requested], confidence, notes, raw)
+        return Result.combined(results, rows, raw, list(spec.group_by), [a.name for a in requested], confidence, notes)
 
     def __repr__(self) -> str:
         where = ", ".join(s.name for s in self.sites)

@@ -54,7 +54,7 @@ class TrainedModel:
     @property
     def evaluation(self) -> Result | None:
         """The DP release of held-out accuracy (or squared error), with its interval and receipt."""
-        return Result(self.job.evaluation) if self.job.evaluation is not None else None
+        return Result.of(self.job.evaluation) if self.job.evaluation is not None else None
 
     def module(self) -> Any:
         """The trained `torch.nn.Module`, rebuilt from the spec, layout (and a custom model's checked graph)

@@ -99,10 +99,10 @@ def test_the_budget_moves_by_the_cost_of_a_live_release(lab: Lab, sites: dict[st
 
     def grant(state: dict[str, Any], site: str) -> dict[str, Any]:
         return next(g for g in state["sites"][site]["grants"] if g["dataset"] == "patients")
-    assert grant(after, "north")["rho_spent"] - grant(before, "north")["rho_spent"] == pytest.approx(result.cost["rho"])
+    assert grant(after, "north")["rho_spent"] - grant(before, "north")["rho_spent"] == pytest.approx(result.cost["north"]["rho"])
     assert grant(after, "central") == grant(before, "central")
     verified = lab.post("receipts/verify", {"releases": [
-        {**result.provenance}, {**result.provenance, "receipt": "ab" * 32}]})["results"]
+        result.provenance[0], {**result.provenance[0], "receipt": "ab" * 32}]})["results"]
     assert [r["ok"] for r in verified] == [True, False] and "does not know receipt" in verified[1]["detail"]
 
 

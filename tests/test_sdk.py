@@ -17,11 +17,12 @@ from veil.kernel import (
     VeilConfigError,
     VeilPolicyError,
     VeilSiteUnavailable,
+    VeilUsageError,
     col,
     count,
     load_study,
 )
-from veil.kernel.result import Combined, Result
+from veil.kernel.result import Result
 from veil.kernel.sdk import VeilPartialFailure
 from veil.kernel.study import Study
 from veil.query.accounting import epsilon_of, rho_for_epsilon
@@ -54,7 +55,7 @@ def test_single_site_sql_release_is_a_frame_with_intervals_and_renders(study: St
     assert isinstance(result, Result)
     assert result.df.columns == ["sex", "n", "n_lower", "n_upper", "level"]
     assert result.df["level"].to_list() == [0.95, 0.95]
-    assert result.cost["epsilon"] == pytest.approx(0.5, rel=1e-6) and len(result.receipt) == 64
+    assert result.cost["north"]["epsilon"] == pytest.approx(0.5, rel=1e-6) and len(result.receipt) == 64
     page = result._repr_html_()
     assert "site north" in page and result.receipt[:16] in page and "<table>" in page and "[" in page
 
@@ -74,7 +75,7 @@ def test_multi_center_count_is_the_sum_of_site_releases_and_covers_the_truth(
         study: Study, sites: dict[str, Deployment]) -> None:
     combined = study.dataset("encounters").filter(col("department") == "genetics").agg(count().alias("n")) \
         .release(epsilon=1.0, confidence=SURE)
-    assert isinstance(combined, Combined) and set(combined.results) == set(SITES)
+    assert isinstance(combined, Result) and set(combined.results) == set(SITES) == set(combined.receipts)
     raw = [r.raw.row(0, named=True) for r in combined.results.values()]
     row = combined.rows[0]
     assert combined.raw.row(0, named=True)["n"] == sum(r["n"] for r in raw)  # raw values add up
@@ -188,7 +189,7 @@ def test_mock_mode_spends_nothing_and_predicts_the_live_cost(study: Study, sites
 
 def test_a_release_without_a_loss_costs_the_default_epsilon(study: Study) -> None:
     result = study.sites["north"].datasets["patients"].sql("SELECT COUNT(*) FROM patients").release()
-    assert result.cost["epsilon"] == pytest.approx(study.sites["north"].default_epsilon, rel=1e-6) == \
+    assert result.cost["north"]["epsilon"] == pytest.approx(study.sites["north"].default_epsilon, rel=1e-6) == \
         pytest.approx(0.1, rel=1e-6)
 
 
@@ -209,10 +210,10 @@ def test_accuracy_on_request_at_a_site_and_across_sites(study: Study, sites: dic
         study.mode = "live"
     live = query.release(accuracy=20.0)
     assert isinstance(live, Result) and live.release.statistics[0].accuracy <= 20.0
-    assert live.cost["rho"] == pytest.approx(rehearsal.cost["rho"], rel=1e-12)  # mock mode prices it exactly
+    assert live.cost["north"]["rho"] == pytest.approx(rehearsal.cost["north"]["rho"], rel=1e-12)  # priced exactly
     assert all(r["n_upper"] - r["n_lower"] <= 40.0 for r in live.release.rows)
     combined = study.dataset("patients").sql(sql).release(accuracy=60.0, confidence=SURE)
-    assert isinstance(combined, Combined)
+    assert combined.sites == list(SITES)
     true = truth(sites, "patients").group_by("sex").len()
     for row in combined.rows:  # the combined half-width is the one asked for, not each site's
         assert row["n_upper"] - row["n_lower"] <= 120.0 + 1e-9
@@ -223,3 +224,30 @@ def test_accuracy_on_request_at_a_site_and_across_sites(study: Study, sites: dic
         query.release(accuracy=3.0)
     with pytest.raises(VeilPolicyError, match="accuracy_unreachable.*What to do: ask for a half-width of at least 1"):
         query.release(accuracy=0.5)
+
+
+def test_one_result_type_for_one_site_and_for_several(study: Study) -> None:
+    sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
+    one = study.sites["north"].datasets["patients"].sql(sql).release(epsilon=0.3)
+    several = study.dataset("patients").sql(sql).release(epsilon=0.3)
+    for result in (one, several):
+        assert type(result) is Result and result.dataset == "patients"
+        assert result.df.columns == ["sex", "n", "n_lower", "n_upper", "level"] and len(result.rows) == 2
+        assert result.raw.columns == ["sex", "n"] and result.statistics == ["n"] and result.confidence == 0.95
+        assert list(result.cost) == list(result.receipts) == list(result.results) == result.sites
+        bundle, metadata = result._repr_mimebundle_()
+        assert bundle["text/html"].startswith("<p>") and "<table>" in bundle["text/html"]
+        assert [p["receipt"] for p in metadata["veil"]["releases"]] == list(result.receipts.values())
+        assert all(r.release.site == site for site, r in result.results.items())
+    assert one.results == {"north": one} and one.receipt == one.receipts["north"]
+    assert any("exact 95% intervals" in note for note in several.notes)
+    with pytest.raises(VeilUsageError, match="combines 3 sites' releases: read one with .results"):
+        several.release  # noqa: B018
+
+
+def test_a_release_note_is_shown_with_the_result(study: Study) -> None:
+    release = study.sites["north"].datasets["patients"].sql("SELECT COUNT(*) AS n FROM patients") \
+        .release(epsilon=0.3).release
+    noted = Result.of(release.model_copy(update={"notes": ["rows were truncated to at most 1 per patient"]}))
+    assert "<i>rows were truncated to at most 1 per patient</i>" in noted._repr_html_()
+    assert "note: rows were truncated" in repr(noted)
