@@ -43,6 +43,8 @@ def _coverage(name: str, held_out: int, epsilon: float, seed: int) -> tuple[floa
             scores = np.clip(rng.gamma(0.5, rng.uniform(0.05, 1.0), held_out), 0.0, 4.0)
         row = evaluation.release(scores, ev, epsilon).rows[0]
         assert row[f"{name}_lower"] <= row[name] <= row[f"{name}_upper"]
+        # always floats, even at an integer score's bounds: sites' frames concatenate
+        assert all(type(row[k]) is float for k in (name, f"{name}_lower", f"{name}_upper")), row
         hits += row[f"{name}_lower"] <= float(np.mean(scores)) <= row[f"{name}_upper"]
     return hits / DRAWS, ev
 

@@ -180,6 +180,7 @@ def release(scores: np.ndarray, ev: Evaluator, epsilon: float,
                          scale=ev.sum_scale / m, accuracy=ev.half_width, note=statement)
         empty: dict[str, Any] = {"n": m, name: None, f"{name}_lower": None, f"{name}_upper": None}
         return Evaluation([empty], [{"n": m, name: None}], [size, stat], [statement])
+    lo, hi = float(lo), float(hi)  # bounds of an integer score, but the interval is always a float
     values = np.asarray(scores, dtype=np.float64)
     if len(values) > m:
         raise ValueError(f"{len(values)} scores for a held-out set of {m}")
