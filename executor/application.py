@@ -118,7 +118,7 @@ def _approve(conn: Connection, catalog: Catalog, row: dict, request: Application
                     hint="apply for a smaller budget; the site's data stewards can tell you more")
             raise GovernanceError(
                 "cap_exceeded", f"approving epsilon {request.epsilon:g} on '{name}' exceeds what its lifetime cap "
-                f"has left (epsilon {epsilon_of(left, catalog.reporting_delta):.4g})",
+                f"allows now (the largest next release or new grant: epsilon {epsilon_of(left, catalog.reporting_delta):.4g})",
                 hint="ask the applicant for a smaller budget, or raise the cap with 'veil steward budget "
                      f"{name} --cap EPSILON'")
     expires = (datetime.now(UTC) + timedelta(days=request.duration_days)).isoformat(timespec="microseconds")

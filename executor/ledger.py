@@ -15,6 +15,8 @@ only: that the dataset's site-wide budget is short says nothing of how much othe
 
 from __future__ import annotations
 
+import math
+
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from veil.errors import BudgetError, CatalogError, GovernanceError
@@ -136,7 +138,8 @@ def grant_status(row: dict, now: str) -> str:
 
 
 def grant_info(row: dict, reporting_delta: float, now: str | None = None) -> GrantInfo:
-    """A grant as people read it; `epsilon_remaining` is the largest epsilon one more release could have."""
+    """A grant as people read it: granted (`epsilon`), spent (`epsilon_spent`), and the largest epsilon one more
+    release could have (`largest_next_epsilon`: the epsilon of the remaining rho, not granted minus spent)."""
     remaining = rho_left(row, reporting_delta)
     return GrantInfo(
         id=row["id"], project=row["project"], dataset=row["dataset"],
@@ -145,7 +148,7 @@ def grant_info(row: dict, reporting_delta: float, now: str | None = None) -> Gra
         epsilon=row["epsilon"], delta=row["delta"],
         rho_total=row["rho_total"], rho_spent=row["rho_spent"], rho_remaining=remaining,
         epsilon_spent=epsilon_spent(row, reporting_delta),
-        epsilon_remaining=epsilon_of(remaining, reporting_delta),
+        largest_next_epsilon=epsilon_of(remaining, reporting_delta),
         delta_spent=row["delta_spent"],
     )
 
@@ -190,7 +193,7 @@ def granted_datasets(engine: Engine, project: str) -> set[str]:
 
 
 def budgets(engine: Engine, catalog: Catalog) -> list[DatasetBudget]:
-    """Per dataset: its lifetime cap, what is spent and remains, and every project's grant on it."""
+    """Per dataset: its lifetime cap, what is spent, the largest next release, and every project's grant on it."""
     delta = catalog.reporting_delta
     now = audit.now()
     with engine.connect() as conn:
@@ -205,7 +208,7 @@ def budgets(engine: Engine, catalog: Catalog) -> list[DatasetBudget]:
         out.append(DatasetBudget(
             dataset=ds.name, level=ds.level, cap_epsilon=cap["epsilon"], cap_rho=cap["rho_total"],
             spent_rho=cap["rho_spent"], spent_epsilon=epsilon_spent(cap, delta),
-            remaining_rho=remaining, remaining_epsilon=epsilon_of(remaining, delta),
+            remaining_rho=remaining, largest_next_epsilon=epsilon_of(remaining, delta),
             granted_rho=sum(g.rho_remaining for g in mine if g.status == "active"), grants=mine,
         ))
     return out
@@ -233,12 +236,38 @@ def default_grant_epsilon(conn: Connection, catalog: Catalog, dataset: Dataset) 
 def _remaining(grant: dict, reporting_delta: float) -> dict[str, float]:
     """What a refusal tells the caller remains: their own grant's figures only, never the cap's, which
     would tell them what other projects have spent."""
+    rho = rho_left(grant, reporting_delta)
     return {
-        "rho": rho_left(grant, reporting_delta),
+        "rho": rho,
         "delta": max(0.0, grant["delta"] - grant["delta_spent"]),
         "rho_granted": grant["rho_total"],
         "epsilon_granted": grant["epsilon"],
+        "epsilon_spent": epsilon_spent(grant, reporting_delta),
+        "largest_next_epsilon": epsilon_of(rho, reporting_delta),
     }
+
+
+def _largest_next(row: dict, reporting_delta: float, approx: bool) -> float:
+    """The largest epsilon one more release could have under a grant or cap: for a zCDP release, the epsilon of
+    the rho left; for one accounted in (epsilon, delta) (DP-SGD), what the epsilon of all the rho exceeds the
+    spent epsilon by, since that is how `affords` adds them up."""
+    if not approx:
+        return epsilon_of(rho_left(row, reporting_delta), reporting_delta)
+    return max(0.0, epsilon_of(row["rho_total"], reporting_delta) - epsilon_spent(row, reporting_delta))
+
+
+def _at_most(value: float) -> float:
+    """`value` rounded down to three significant digits: a figure to ask for that the budget still affords."""
+    if value <= 0.0:
+        return 0.0
+    scale = 10.0 ** (math.floor(math.log10(value)) - 2)
+    return float(f"{math.floor(value / scale) * scale:.3g}")
+
+
+def _asked(rho: float, delta: float, epsilon: float, reporting_delta: float) -> str:
+    """A release's cost as people read it: its epsilon at the reporting delta (and its rho, which is charged)."""
+    text = f"epsilon {epsilon:.4g}" if epsilon else f"epsilon {epsilon_of(rho, reporting_delta):.4g} (rho={rho:.4g})"
+    return text + (f", delta={delta:.2g}" if delta else "")
 
 
 def _usable(grant: dict, project: str, dataset: Dataset, use: str) -> None:
@@ -277,7 +306,7 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
     grant_ok = affords(grant, rho, delta, epsilon, catalog.reporting_delta)
     if not (grant_ok and affords(cap, rho, delta, epsilon, catalog.reporting_delta)):
         left = _remaining(grant, catalog.reporting_delta)
-        asked = (f"epsilon={epsilon:.4g}" if epsilon else f"rho={rho:.4g}") + (f", delta={delta:.2g}" if delta else "")
+        asked = _asked(rho, delta, epsilon, catalog.reporting_delta)
         if not grant_ok and grant["delta_spent"] + delta > grant["delta"]:
             raise BudgetError(
                 "delta_exhausted",
@@ -288,18 +317,20 @@ def check(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, rh
                 remaining=left,
             )
         if not grant_ok:
-            left_text = f"rho={left['rho']:.4g} (epsilon {epsilon_of(left['rho'], catalog.reporting_delta):.4g})" + (
-                f", delta={left['delta']:.2g}" if delta else "")
+            largest = _largest_next(grant, catalog.reporting_delta, approx=epsilon > 0.0)
+            ask = f"ask for a smaller epsilon, {_at_most(largest):g} at most (wider intervals), " if largest else ""
             raise BudgetError(
                 "budget_exhausted",
-                f"this release costs {asked} but project '{project}''s grant on '{dataset.name}' has {left_text} left",
-                hint="ask for a smaller epsilon (wider intervals), reuse releases you already have, "
-                     "or ask the data steward for more budget",
+                f"this release asks for {asked} but project '{project}''s grant on '{dataset.name}' allows at most "
+                f"epsilon {largest:.4g} for the next release (granted {grant['epsilon']:.4g}, spent "
+                f"{left['epsilon_spent']:.4g}" + ("" if epsilon else "; epsilons of releases do not add up, rho does")
+                + ")",
+                hint=ask + "reuse releases you already have, or ask the data steward for more budget",
                 remaining=left,
             )
         raise BudgetError(  # the cap's figures would tell what other projects spent: not for a researcher
             "budget_exhausted",
-            f"this release costs {asked}, which your grant on '{dataset.name}' covers, but this dataset's "
+            f"this release asks for {asked}, which your grant on '{dataset.name}' covers, but this dataset's "
             "site-wide budget cannot cover it",
             hint="ask for a smaller epsilon (wider intervals) or reuse releases you already have; the site's "
                  "data stewards can tell you more",
@@ -338,8 +369,10 @@ def check_cap(conn: Connection, dataset: Dataset, rho: float, delta: float, repo
     """Refuse (BudgetError) unless the dataset's lifetime cap alone can afford the cost."""
     cap = dict(conn.execute(_CAP, {"dataset": dataset.name}).mappings().one())
     if not affords(cap, rho, delta, 0.0, reporting_delta):
-        raise BudgetError("budget_exhausted", f"this costs rho={rho:.4g} but the lifetime cap of "
-                          f"'{dataset.name}' has rho={rho_left(cap, reporting_delta):.4g} left",
+        raise BudgetError("budget_exhausted", f"this asks for {_asked(rho, delta, 0.0, reporting_delta)} but the "
+                          f"lifetime cap of '{dataset.name}' allows at most epsilon "
+                          f"{_largest_next(cap, reporting_delta, approx=False):.4g} for the next release (cap "
+                          f"{cap['epsilon']:.4g}, spent {epsilon_spent(cap, reporting_delta):.4g})",
                           hint="use a smaller epsilon, or raise the cap with 'veil steward budget DATASET --cap'")
 
 

@@ -44,9 +44,9 @@ class VeilRefusal(VeilError):
     """A site refused the request. `refusal` holds its code, message, hint, receipt and what remains."""
 
     def __init__(self, site: str, status: int, refusal: Refusal) -> None:
+        # The site's message says what was asked and what allows it (for a grant: the largest next release, with
+        # granted and spent); `refusal.remaining` holds the grant's figures, which a cap's refusal does not turn on.
         text = f"site '{site}' refused [{refusal.code}]: {refusal.message}"
-        if refusal.remaining:
-            text += f"; remaining: rho={refusal.remaining.get('rho', 0.0):.4g}"
         if refusal.hint:
             text += f". What to do: {refusal.hint}"
         super().__init__(refusal.code, text, refusal.hint, status, refusal.remaining)

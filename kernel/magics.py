@@ -73,7 +73,7 @@ class VeilMagics(Magics):
         """Veil in a notebook: list datasets, show the budget, switch mode, release SQL, price a cell.
 
         %veil datasets          which site offers what
-        %veil budget            grants, spent, remaining
+        %veil budget            each grant: granted, spent, largest next release
         %veil mode mock|live    mock: made-up rows, nothing spent; live: real releases, charged
         %%veil sql [--site A,B | --all] [--epsilon E | --rho R | --accuracy A] [--delta D] [--confidence C]
                                 the cell's SQL as a DP release at the site(s)
@@ -107,7 +107,7 @@ class VeilMagics(Magics):
     def _budget(self) -> pl.DataFrame:
         rows = [{"site": s.name, "dataset": g.dataset, "granted_epsilon": g.epsilon,
                  "spent_epsilon": round(g.epsilon_spent, 4), "remaining_rho": g.rho_remaining,
-                 "largest_next_epsilon": round(g.epsilon_remaining, 4)}
+                 "largest_next_epsilon": round(g.largest_next_epsilon, 4)}
                 for s in self.study.sites.values() for g in s.budget()]
         return pl.DataFrame(rows)
 

@@ -705,17 +705,27 @@ def test_exhausted_grant_is_refused_with_what_remains(deployer: Callable[..., De
         assert grant.rho_spent == pytest.approx(first.cost.rho, rel=1e-12)
         with charges_nothing(d):
             second = query(researcher, sql, epsilon=0.45)
-        refusal = assert_refused(d, second, 409, "budget_exhausted", says=("encounters", "left"),
+        refusal = assert_refused(d, second, 409, "budget_exhausted", says=("encounters", "for the next release"),
                                  hint="smaller epsilon", principal="alice")
         assert refusal.remaining is not None
         assert refusal.remaining["rho"] == pytest.approx(grant.rho_remaining, rel=1e-9)
         assert refusal.remaining["epsilon_granted"] == 0.5
         assert refusal.remaining["rho_granted"] == pytest.approx(grant.rho_total)
-        assert f"rho={refusal.remaining['rho']:.4g} (epsilon" in refusal.message
+        assert refusal.remaining["epsilon_spent"] == pytest.approx(grant.epsilon_spent)
+        assert refusal.remaining["largest_next_epsilon"] == pytest.approx(grant.largest_next_epsilon)
+        # what was asked, and the largest next release with what was granted and spent
+        assert "asks for epsilon 0.45" in refusal.message
+        assert (f"allows at most epsilon {grant.largest_next_epsilon:.4g} for the next release "
+                f"(granted 0.5, spent {grant.epsilon_spent:.4g}") in refusal.message
+        assert grant.epsilon_spent + grant.largest_next_epsilon > grant.epsilon  # epsilons do not add up
         assert PROJECT in refusal.message
         assert grants_of(researcher)[(PROJECT, "encounters")] == grant
-        # What remains is spendable: a release within it still goes through.
-        small = released(query(researcher, sql, epsilon=grant.epsilon_remaining * 0.9))
+        # The largest next release is spendable: the figure the hint names still goes through.
+        named = re.search(r"smaller epsilon, ([0-9.e-]+) at most", refusal.hint or "")
+        assert named is not None, refusal.hint
+        hinted = float(named.group(1))
+        assert grant.largest_next_epsilon * 0.99 < hinted <= grant.largest_next_epsilon
+        small = released(query(researcher, sql, epsilon=hinted))
         assert grants_of(researcher)[(PROJECT, "encounters")].rho_spent == pytest.approx(
             first.cost.rho + small.cost.rho, rel=1e-12)
     with pytest.raises(VeilRefusal) as refused:

@@ -187,3 +187,29 @@ def test_no_interleaving_overspends(base_site: Site, tmp_path: Path) -> None:
     # the property is only as good as what it exercised: releases, and refusals of each kind
     exercised = ("released", "budget_exhausted", "grant_revoked", "unknown_dataset", "approx_charged", "approx_refused")
     assert min(outcomes[k] for k in exercised) > 0, outcomes
+
+
+@pytest.mark.parametrize("delta", [1e-5, 1e-6, 1e-8])
+def test_the_lab_bounds_the_largest_next_release_from_below(delta: float) -> None:
+    """The lab's status bar charges a release in rho and, until it refetches, shows the largest next release as
+    max(before - epsilon, before * rho_left_after / rho_left) (budgetModel.ts `applyRelease`). Both are lower
+    bounds only because OpenDP's conversion of rho to epsilon is concave and 0 at 0: check that it is, and that
+    the bound never overstates, over the budgets people use; and that epsilons do not add up (spent plus the
+    largest next release is more than granted once anything is spent)."""
+    rhos = [1e-6 * 1.07**i for i in range(300)]  # 1e-6 to about 0.6
+    epsilons = [epsilon_of(r, delta) for r in rhos]
+    slopes = [(e1 - e0) / (r1 - r0) for (r0, e0), (r1, e1) in itertools.pairwise(zip(rhos, epsilons, strict=True))]
+    assert all(s1 <= s0 * (1 + 1e-9) for s0, s1 in itertools.pairwise(slopes))  # concave
+    for granted in (0.5, 2.0, 8.0):
+        total = rho_for_epsilon(granted, delta)
+        for spent_share in (0.1, 0.5, 0.9):
+            left = total * (1 - spent_share)
+            before = epsilon_of(left, delta)
+            assert epsilon_of(total - left, delta) + before > granted * (1 - 1e-9)  # epsilons do not add up
+            for asked in (0.01, 0.1, 0.5):
+                rho = rho_for_epsilon(asked, delta)
+                if rho > left:
+                    continue
+                after = epsilon_of(left - rho, delta)
+                shown = max(before - epsilon_of(rho, delta), before * (left - rho) / left)
+                assert shown <= after * (1 + 1e-12) + 1e-12, (granted, spent_share, asked)

@@ -137,11 +137,11 @@ def test_refusals_tell_a_researcher_nothing_of_other_projects_spending(fair: Dep
         cap = http.put("/budgets/cohort/cap", json={"epsilon": spent + 1e-6, "reason": "a smaller protocol"})
         assert cap.status_code == 200, cap.text
         budget = cap.json()
-    assert budget["spent_epsilon"] == pytest.approx(spent) and budget["remaining_epsilon"] < 0.01  # stewards see all
+    assert budget["spent_epsilon"] == pytest.approx(spent) and budget["largest_next_epsilon"] < 0.01  # stewards see all
     with fair.engine.connect() as conn:
         mine = ledger.grant_row(conn, "study1", "cohort")
     assert mine is not None
-    secret = figures(spent, budget["spent_rho"], budget["remaining_epsilon"], budget["remaining_rho"],
+    secret = figures(spent, budget["spent_rho"], budget["largest_next_epsilon"], budget["remaining_rho"],
                      budget["cap_epsilon"], budget["cap_rho"], ledger.epsilon_spent(mine, DELTA),
                      mine["rho_spent"])
 
@@ -156,7 +156,9 @@ def test_refusals_tell_a_researcher_nothing_of_other_projects_spending(fair: Dep
     assert not disclosed(body["message"], body["hint"]), body
     own = SHARE * budget["cap_epsilon"]  # the fourth project's default grant, nothing spent: its own figures
     assert body["remaining"] == pytest.approx({"rho": rho_for_epsilon(own, DELTA), "delta": DELTA,
-                                               "rho_granted": rho_for_epsilon(own, DELTA), "epsilon_granted": own})
+                                               "rho_granted": rho_for_epsilon(own, DELTA), "epsilon_granted": own,
+                                               "epsilon_spent": 0.0,
+                                               "largest_next_epsilon": epsilon_of(rho_for_epsilon(own, DELTA), DELTA)})
     with fair.http("fourth") as http:  # the refusal's audit entry, which the researcher may read, says no more
         entry = http.get(f"/receipts/{body['receipt']}").json()
     assert not disclosed(entry["reason"]), entry["reason"]

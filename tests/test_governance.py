@@ -5,6 +5,7 @@ and every bad input refused with a precise, audited error that changes nothing."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -178,8 +179,16 @@ def test_l3_path_through_the_cli(gov: Deployment, capsys: pytest.CaptureFixture[
 
     code, out = steward_cli(gov, "steward", "grants", capsys=capsys)
     assert code == 0 and "study1 on registry [active" in out
+    # three labels that cannot be misread: granted, spent, largest next release (not "remaining")
+    registry = next(g for g in gov.client("steward").grants() if g.project == "study1" and g.dataset == "registry")
+    assert (f"epsilon: granted {registry.epsilon:g}, spent {registry.epsilon_spent:.4g}, largest next release "
+            f"{registry.largest_next_epsilon:.4g}") in out
+    assert registry.epsilon_spent + registry.largest_next_epsilon > registry.epsilon  # epsilons do not add up
+    assert "do not add up (rho does)" in out and "remaining" not in out
     code, out = steward_cli(gov, "steward", "budget", "registry", capsys=capsys)
     assert code == 0 and "registry (L3): lifetime cap epsilon 10" in out and "study1 on registry" in out
+    assert re.search(r"lifetime cap epsilon 10, spent [0-9.]+, largest next release [0-9.]+\n", out), out
+    assert "remaining" not in out
 
 
 def test_the_cli_runs_as_a_command(gov: Deployment) -> None:

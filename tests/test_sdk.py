@@ -129,7 +129,7 @@ def test_refusals_raise_typed_errors_that_say_what_to_do(study: Study, sites: di
         cap = epsilon_of(spent + rho_for_epsilon(1.0, delta) / 2, delta)
         ledger.set_cap(conn, valley.catalog, valley.catalog.dataset("patients"), cap, "carol", "test")
     try:
-        with pytest.raises(VeilBudgetError, match="remaining: rho=") as budget:
+        with pytest.raises(VeilBudgetError, match="site-wide budget cannot cover it") as budget:
             ds.agg(count()).release(epsilon=1.0)
     finally:
         with write(valley.engine) as conn:

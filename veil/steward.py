@@ -44,10 +44,14 @@ def _print_application(a: ApplicationInfo, detail: bool = False) -> None:
                   f"{review.comment}")
 
 
+NEXT_RELEASE_NOTE = ("largest next release: the most epsilon one more release may have; epsilons of several "
+                     "releases do not add up (rho does), so it can be more than granted minus spent")
+
+
 def _print_grant(g: GrantInfo) -> None:
     until = f" until {g.expires_at[:10]}" if g.expires_at else ""
-    print(f"grant {g.id}: {g.project} on {g.dataset} [{g.status}{until}] epsilon {g.epsilon:g}: "
-          f"spent {g.epsilon_spent:.4g}, remaining {g.epsilon_remaining:.4g} ({', '.join(g.uses)})")
+    print(f"grant {g.id}: {g.project} on {g.dataset} [{g.status}{until}] epsilon: granted {g.epsilon:g}, "
+          f"spent {g.epsilon_spent:.4g}, largest next release {g.largest_next_epsilon:.4g} ({', '.join(g.uses)})")
 
 
 def _applications(args: argparse.Namespace) -> int:
@@ -72,8 +76,10 @@ def _review(args: argparse.Namespace) -> int:
 
 def _grants(args: argparse.Namespace) -> int:
     with _client(args) as site:
-        for g in site.grants():
-            _print_grant(g)
+        found = site.grants()
+    for g in found:
+        _print_grant(g)
+    print(NEXT_RELEASE_NOTE if found else "no grants")
     return 0
 
 
@@ -103,11 +109,12 @@ def _budget(args: argparse.Namespace) -> int:
             if budget is None:
                 raise SystemExit(f"error: the site has no dataset '{args.dataset}'")
     print(f"{budget.dataset} ({budget.level}): lifetime cap epsilon {budget.cap_epsilon:g}, spent "
-          f"{budget.spent_epsilon:.4g}, remaining {budget.remaining_epsilon:.4g}")
+          f"{budget.spent_epsilon:.4g}, largest next release {budget.largest_next_epsilon:.4g}")
     if budget.patients_over_bound:
         _print_broken_bound(budget)
     for g in budget.grants:
         _print_grant(g)
+    print(NEXT_RELEASE_NOTE)
     return 0
 
 
@@ -146,7 +153,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=None,
                    help="the version you read (default: the current one); a changed application is refused")
 
-    command("grants", "every project's grants: granted, spent, remaining, status", _grants)
+    command("grants", "every project's grants: granted, spent, largest next release, status", _grants)
     grant = actions.add_parser("grant", help="change a grant").add_subparsers(dest="grant_action", required=True)
     p = command("revoke", "revoke a grant (what it spent stays spent)", _revoke, parent=grant)
     p.add_argument("id", type=int)

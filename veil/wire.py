@@ -239,6 +239,10 @@ class Release(_Strict):
     checkpoint: Checkpoint | None = Field(default=None, description="the signed head that covers this receipt")
 
 
+LARGEST_NEXT = ("the largest epsilon one more release could have (epsilon of the remaining rho at the reporting "
+                "delta); epsilons of several releases do not add up: rho does, so granted minus spent is not this")
+
+
 class Refusal(_Strict):
     """Why a request was refused and what to do next. Nothing was charged."""
 
@@ -247,7 +251,9 @@ class Refusal(_Strict):
     message: str
     hint: str | None = None
     receipt: str | None = None
-    remaining: dict[str, float] | None = None
+    remaining: dict[str, float] | None = Field(
+        default=None, description="the caller's own grant: `rho` and `delta` left, `rho_granted`, `epsilon_granted`, "
+        "`epsilon_spent` and `largest_next_epsilon` (" + LARGEST_NEXT + ")")
 
 
 # ---------------------------------------------------------------- catalog and budget views
@@ -290,7 +296,8 @@ Office = Literal["data_center", "data_committee"]
 
 
 class GrantInfo(_Strict):
-    """A project's budget on a dataset: granted, spent and remaining, and whether it may still be used."""
+    """A project's budget on a dataset: granted, spent and the largest next release, and whether it may still be
+    used. Budgets compose in zCDP (rho adds up exactly); epsilons are stated at the site's reporting delta."""
 
     id: int
     project: str
@@ -299,13 +306,14 @@ class GrantInfo(_Strict):
     expires_at: str | None
     application_id: int | None
     uses: list[Use]
-    epsilon: float
+    epsilon: float = Field(description="granted: the grant's whole budget, in epsilon at the reporting delta")
     delta: float
-    rho_total: float
+    rho_total: float = Field(description="granted, in rho")
     rho_spent: float
-    rho_remaining: float
-    epsilon_spent: float
-    epsilon_remaining: float
+    rho_remaining: float = Field(description="what one more zCDP release may still cost, in rho")
+    epsilon_spent: float = Field(description="spent: the epsilon of the rho spent so far (plus any (epsilon, delta) "
+                                 "training), at the reporting delta")
+    largest_next_epsilon: float = Field(description=LARGEST_NEXT)
     delta_spent: float
 
 
@@ -421,12 +429,12 @@ class DatasetBudget(_Strict):
 
     dataset: str
     level: str
-    cap_epsilon: float
+    cap_epsilon: float = Field(description="the lifetime cap, in epsilon at the reporting delta")
     cap_rho: float
     spent_rho: float
     spent_epsilon: float
-    remaining_rho: float
-    remaining_epsilon: float
+    remaining_rho: float = Field(description="what one more zCDP release may still cost the cap, in rho")
+    largest_next_epsilon: float = Field(description=LARGEST_NEXT + " (of the cap, all projects together)")
     granted_rho: float = Field(description="what the active grants could still spend, together")
     grants: list[GrantInfo]
     max_rows_per_unit: int | None = Field(default=None, description="the catalog's bound on rows per patient")

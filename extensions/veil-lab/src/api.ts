@@ -48,11 +48,26 @@ export interface IUnreachable {
 
 export type GrantStatus = 'active' | 'revoked' | 'expired';
 
+/**
+ * A grant, as the site reports it. Budgets compose in zCDP (rho adds up);
+ * people read them in epsilon at the site's reporting delta.
+ */
 export interface IGrant {
   dataset: string;
+  /** Granted: the grant's whole budget, in epsilon. */
   epsilon: number;
+  /** Spent: the epsilon of the rho spent so far. */
   epsilon_spent: number;
-  epsilon_remaining: number;
+  /**
+   * The largest epsilon one more release could have (epsilon of the remaining
+   * rho at the reporting delta); epsilons of several releases do not add up:
+   * rho does, so this is not `epsilon - epsilon_spent`.
+   */
+  largest_next_epsilon: number;
+  /** Granted, spent and what one more release may still cost, in rho. */
+  rho_total?: number;
+  rho_spent?: number;
+  rho_remaining?: number;
   status: GrantStatus;
   expires_at: string | null;
 }
@@ -174,7 +189,8 @@ export interface IDatasetBudget {
   level: PrivacyLevel | string;
   cap_epsilon: number;
   spent_epsilon: number;
-  remaining_epsilon: number;
+  /** The largest epsilon one more release could have under the cap (see IGrant). */
+  largest_next_epsilon: number;
   grants: IStewardGrant[];
   /** How the site's file keeps the catalog's rows-per-patient bound (stewards only). */
   max_rows_per_unit?: number | null;

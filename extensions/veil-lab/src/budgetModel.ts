@@ -1,6 +1,12 @@
 /**
- * BudgetModel: the researcher's remaining privacy budget per site, built from
+ * BudgetModel: the researcher's privacy budget per site, built from
  * `GET /veil/api/budget`. Plain TypeScript, no DOM, so it can be unit-tested.
+ *
+ * Budgets compose in zCDP (rho adds up exactly) and are read in epsilon at the
+ * site's reporting delta, under three names: granted (`epsilon`), spent
+ * (`epsilon_spent`) and the largest next release (`largest_next_epsilon`, the
+ * epsilon of the rho left). Epsilons do not add up, so granted minus spent is
+ * not the largest next release, and no figure here is computed that way.
  */
 import { ISignal, Signal } from '@lumino/signaling';
 
@@ -9,6 +15,12 @@ import type { IBudgetEvent, IBudgetResponse, IGrant, IRelease } from './api';
 /** Fraction of a grant under which the status bar turns to a warning. */
 export const LOW_BUDGET_FRACTION = 0.2;
 
+/** Why spent plus the largest next release is more than granted. */
+export const NEXT_RELEASE_NOTE =
+  'Largest next release: the most epsilon one more release may have. ' +
+  'Epsilons of several releases do not add up (rho does), so it can be ' +
+  'more than granted minus spent.';
+
 /** The budget state of one site. */
 export interface ISiteBudget {
   site: string;
@@ -16,9 +28,14 @@ export interface ISiteBudget {
   /** Error text when the site is unreachable. */
   error: string | null;
   grants: IGrant[];
-  /** Sum of epsilon_remaining over the site's active grants. */
-  remaining: number;
-  /** True when an active grant has less than 20% of its epsilon left. */
+  /**
+   * The largest epsilon one more release at this site could have whichever
+   * dataset it is on: the least `largest_next_epsilon` among the site's active
+   * grants (a release is on one dataset, so these are never added up); 0
+   * without an active grant. Each grant's own figure is in the tooltip.
+   */
+  largestNext: number;
+  /** True when an active grant's largest next release is under 20% of what it granted. */
   low: boolean;
 }
 
@@ -30,7 +47,7 @@ export function isGrantLow(
   if (grant.status !== 'active' || !(grant.epsilon > 0)) {
     return false;
   }
-  return grant.epsilon_remaining < fraction * grant.epsilon;
+  return grant.largest_next_epsilon < fraction * grant.epsilon;
 }
 
 /** Format an epsilon for people: one decimal above 1, two digits below. */
@@ -95,7 +112,10 @@ export class BudgetModel {
     return this._requestError !== null || this.unreachableSites.length > 0;
   }
 
-  /** One-line text for the status bar. */
+  /**
+   * One-line text for the status bar: the largest next release per site; with
+   * one site and one active grant, also what was granted and spent.
+   */
   get text(): string {
     if (this._requestError !== null) {
       return 'Veil: budget unavailable';
@@ -110,14 +130,23 @@ export class BudgetModel {
     if (this._sites.size === 0) {
       return 'Veil ε (no sites)';
     }
-    const parts = this.sites.map(
-      s =>
-        `${s.site} ${s.grants.some(g => g.status === 'active') ? formatEpsilon(s.remaining) : '–'}`
+    const sites = this.sites;
+    const active = sites.map(s => s.grants.filter(g => g.status === 'active'));
+    if (sites.length === 1 && active[0].length === 1) {
+      const g = active[0][0];
+      return (
+        `Veil ${sites[0].site}: ε ${formatEpsilon(g.largest_next_epsilon)} for the next release ` +
+        `(granted ${formatEpsilon(g.epsilon)}, spent ${formatEpsilon(g.epsilon_spent)})`
+      );
+    }
+    const parts = sites.map(
+      (s, i) =>
+        `${s.site} ${active[i].length > 0 ? formatEpsilon(s.largestNext) : '–'}`
     );
-    return `Veil ε ${parts.join(' · ')}`;
+    return `Veil ε for the next release: ${parts.join(' · ')}`;
   }
 
-  /** Multi-line tooltip: one line per grant. */
+  /** Multi-line tooltip: one line per grant (granted, spent, largest next release). */
   get tooltip(): string {
     const lines: string[] = [];
     if (this._project) {
@@ -138,9 +167,14 @@ export class BudgetModel {
         const warn = isGrantLow(g) ? ' (low)' : '';
         const status = g.status === 'active' ? '' : ` [${g.status}]`;
         lines.push(
-          `${s.site}/${g.dataset}: ε ${formatEpsilon(g.epsilon_remaining)} of ${formatEpsilon(g.epsilon)} left${warn}${status}`
+          `${s.site}/${g.dataset}: ε granted ${formatEpsilon(g.epsilon)}, ` +
+            `spent ${formatEpsilon(g.epsilon_spent)}, ` +
+            `largest next release ${formatEpsilon(g.largest_next_epsilon)}${warn}${status}`
         );
       }
+    }
+    if (this.sites.some(s => s.grants.length > 0)) {
+      lines.push(NEXT_RELEASE_NOTE);
     }
     return lines.join('\n');
   }
@@ -161,7 +195,7 @@ export class BudgetModel {
           error:
             entry && 'error' in entry ? String(entry.error) : 'unknown error',
           grants: [],
-          remaining: 0,
+          largestNext: 0,
           low: false
         });
         continue;
@@ -180,8 +214,15 @@ export class BudgetModel {
   }
 
   /**
-   * Apply a live release optimistically until the next fetch: the matching
-   * active grant is charged `cost.epsilon`. Mock releases spend nothing.
+   * Apply a live (zCDP) release until the refetch that follows it: the
+   * matching active grant is charged `cost.rho` exactly. Its epsilons cannot be
+   * recomputed here (the site converts with OpenDP), and epsilons do not add
+   * up, so until the site's own figures arrive the largest next release is a
+   * lower bound and spent an upper bound: the epsilon of rho is concave and 0
+   * at 0, so the epsilon of `rho_remaining - rho` is at least both
+   * `largest_next_epsilon - cost.epsilon` and `largest_next_epsilon` scaled by
+   * the rho left, and the epsilon spent grows by at most `cost.epsilon`.
+   * Mock releases spend nothing.
    *
    * @returns true when a grant was charged
    */
@@ -191,6 +232,7 @@ export class BudgetModel {
     }
     const site = this._sites.get(event.site);
     const epsilon = Number(event.cost?.epsilon);
+    const rho = Number(event.cost?.rho);
     if (!site || !site.reachable || !Number.isFinite(epsilon)) {
       return false;
     }
@@ -200,8 +242,22 @@ export class BudgetModel {
     if (!grant) {
       return false;
     }
+    const before = grant.largest_next_epsilon;
+    let next = Math.max(0, before - epsilon);
+    const rhoLeft = grant.rho_remaining;
+    if (Number.isFinite(rho) && rho >= 0 && rhoLeft !== undefined) {
+      const after = Math.max(0, rhoLeft - rho);
+      if (rhoLeft > 0) {
+        next = Math.max(next, (before * after) / rhoLeft);
+      }
+      if (after === 0) {
+        next = 0;
+      }
+      grant.rho_remaining = after;
+      grant.rho_spent = (grant.rho_spent ?? 0) + rho;
+    }
+    grant.largest_next_epsilon = next;
     grant.epsilon_spent += epsilon;
-    grant.epsilon_remaining = Math.max(0, grant.epsilon_remaining - epsilon);
     this._sites.set(site.site, BudgetModel._summarize(site.site, site.grants));
     this._changed.emit();
     return true;
@@ -214,7 +270,10 @@ export class BudgetModel {
       reachable: true,
       error: null,
       grants,
-      remaining: active.reduce((sum, g) => sum + g.epsilon_remaining, 0),
+      largestNext:
+        active.length === 0
+          ? 0
+          : Math.min(...active.map(g => g.largest_next_epsilon)),
       low: active.some(g => isGrantLow(g))
     };
   }

@@ -169,10 +169,11 @@ const core: JupyterFrontEndPlugin<IVeil> = {
   }
 };
 
-/** Status bar item: remaining epsilon per site of the current notebook. */
+/** Status bar item: the largest next release (ε) per site of the current notebook. */
 const budgetStatus: JupyterFrontEndPlugin<void> = {
   id: 'veil-lab:budget-status',
-  description: 'Shows the remaining Veil privacy budget in the status bar.',
+  description:
+    'Shows the Veil privacy budget in the status bar: the largest next release, granted and spent.',
   autoStart: true,
   requires: [IVeil, INotebookTracker, IStatusBar],
   activate: (

@@ -86,7 +86,11 @@ export class ReleasesPanel extends ReactWidget {
           <>
             <div className="veil-totals">
               {totals.map(t => (
-                <span className="veil-total" key={t.site}>
+                <span
+                  className="veil-total"
+                  key={t.site}
+                  title="The epsilons of these releases, added up. The site's ledger adds up rho, so what the grant has spent (in epsilon) is less."
+                >
                   {t.site}: {t.count} release{t.count === 1 ? '' : 's'}, ε{' '}
                   {formatEpsilon(t.epsilon)}
                 </span>

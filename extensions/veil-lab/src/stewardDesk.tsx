@@ -21,7 +21,7 @@ import {
   toApiError,
   VeilApiError
 } from './api';
-import { formatEpsilon } from './budgetModel';
+import { formatEpsilon, NEXT_RELEASE_NOTE } from './budgetModel';
 import { ErrorBox, formatTime, formatValue, LevelBadge } from './components';
 import { veilIcon } from './icons';
 
@@ -333,10 +333,10 @@ function BudgetsTab(): JSX.Element {
                   <div className="veil-card-head">
                     <LevelBadge level={String(b.level)} />
                     <strong>{b.dataset}</strong>
-                    <span>
+                    <span title={NEXT_RELEASE_NOTE}>
                       cap ε {formatEpsilon(b.cap_epsilon)} · spent{' '}
-                      {formatEpsilon(b.spent_epsilon)} · remaining{' '}
-                      {formatEpsilon(b.remaining_epsilon)}
+                      {formatEpsilon(b.spent_epsilon)} · largest next release{' '}
+                      {formatEpsilon(b.largest_next_epsilon)}
                     </span>
                     <button
                       className="jp-mod-styled veil-button"
@@ -354,9 +354,11 @@ function BudgetsTab(): JSX.Element {
                         <tr>
                           <th>Grant</th>
                           <th>Project</th>
-                          <th>ε</th>
+                          <th>Granted ε</th>
                           <th>Spent</th>
-                          <th>Remaining</th>
+                          <th title={NEXT_RELEASE_NOTE}>
+                            Largest next release
+                          </th>
                           <th>Status</th>
                           <th>Expires</th>
                           <th />
@@ -369,7 +371,7 @@ function BudgetsTab(): JSX.Element {
                             <td>{g.project}</td>
                             <td>{formatEpsilon(g.epsilon)}</td>
                             <td>{formatEpsilon(g.epsilon_spent)}</td>
-                            <td>{formatEpsilon(g.epsilon_remaining)}</td>
+                            <td>{formatEpsilon(g.largest_next_epsilon)}</td>
                             <td>{g.status}</td>
                             <td>{formatTime(g.expires_at) || '—'}</td>
                             <td>

@@ -1,21 +1,40 @@
 import type { IBudgetEvent, IBudgetResponse } from '../api';
-import { BudgetModel, formatEpsilon, isGrantLow } from '../budgetModel';
+import {
+  BudgetModel,
+  formatEpsilon,
+  isGrantLow,
+  NEXT_RELEASE_NOTE
+} from '../budgetModel';
 
+/**
+ * A grant: `epsilon` granted, `next` the largest next release. Spent is not
+ * granted minus next (epsilons do not add up), so it is its own argument.
+ */
 function grant(
   dataset: string,
   epsilon: number,
-  remaining: number,
-  status = 'active'
+  next: number,
+  status = 'active',
+  spent = epsilon / 4
 ) {
   return {
     dataset,
     epsilon,
-    epsilon_spent: epsilon - remaining,
-    epsilon_remaining: remaining,
+    epsilon_spent: spent,
+    largest_next_epsilon: next,
     status: status as 'active' | 'revoked' | 'expired',
     expires_at: null
   };
 }
+
+/**
+ * Figures from the site's own conversion (OpenDP, delta 1e-6): a grant whose
+ * largest next release is ε 3.2 has rho 0.20805 left; a release at ε 0.5 costs
+ * rho 0.0066415, after which the largest next release is ε 3.1432 (not 2.7).
+ */
+const RHO_LEFT = 0.20805168188844944;
+const RELEASE_RHO = 0.006641524356660497;
+const NEXT_AFTER = 3.1432146321378083;
 
 const healthy: IBudgetResponse = {
   project: 'sepsis-2026',
@@ -40,7 +59,7 @@ function release(overrides: Partial<IBudgetEvent> = {}): IBudgetEvent {
 }
 
 describe('BudgetModel', () => {
-  it('summarizes remaining epsilon per site in server order', () => {
+  it('summarizes the largest next release per site in server order', () => {
     const model = new BudgetModel();
     let emitted = 0;
     model.changed.connect(() => emitted++);
@@ -52,7 +71,9 @@ describe('BudgetModel', () => {
       'central',
       'valley'
     ]);
-    expect(model.text).toBe('Veil ε north 3.20 · central 4.00 · valley 1.10');
+    expect(model.text).toBe(
+      'Veil ε for the next release: north 3.20 · central 4.00 · valley 1.10'
+    );
     expect(model.low).toBe(false);
     expect(model.hasError).toBe(false);
   });
@@ -91,8 +112,8 @@ describe('BudgetModel', () => {
     });
     expect(model.low).toBe(true);
     expect(model.site('central')!.low).toBe(false);
-    // Remaining is summed over active grants.
-    expect(model.site('north')!.remaining).toBeCloseTo(3.6);
+    // A release is on one dataset: the site's figure is what fits on any of its active grants, never a sum.
+    expect(model.site('north')!.largestNext).toBeCloseTo(0.1);
   });
 
   it('reports an unreachable site as an error', () => {
@@ -126,14 +147,86 @@ describe('BudgetModel', () => {
     model.update(healthy);
     let emitted = 0;
     model.changed.connect(() => emitted++);
+    // Without its rho, a release's epsilon is subtracted: a lower bound until the refetch.
     expect(model.applyRelease(release({ cost: { epsilon: 2.7 } }))).toBe(true);
     expect(emitted).toBe(1);
     const north = model.site('north')!;
-    expect(north.remaining).toBeCloseTo(0.5);
-    expect(north.grants[0].epsilon_spent).toBeCloseTo(3.5);
+    expect(north.largestNext).toBeCloseTo(0.5);
+    expect(north.grants[0].epsilon_spent).toBeCloseTo(3.7);
     // 0.5 < 0.2 * 4: the release pushed the grant under the threshold.
     expect(model.low).toBe(true);
-    expect(model.text).toBe('Veil ε north 0.5 · central 4.00 · valley 1.10');
+    expect(model.text).toBe(
+      'Veil ε for the next release: north 0.5 · central 4.00 · valley 1.10'
+    );
+  });
+
+  it('charges rho exactly and never overstates the largest next release', () => {
+    const model = new BudgetModel();
+    model.update({
+      project: 'p',
+      sites: {
+        north: {
+          status: 'ok',
+          grants: [
+            {
+              ...grant('encounters', 4, 3.2),
+              rho_total: 0.31106495493324654,
+              rho_spent: 0.31106495493324654 - RHO_LEFT,
+              rho_remaining: RHO_LEFT
+            }
+          ]
+        }
+      }
+    });
+    const cost = {
+      rho: RELEASE_RHO,
+      delta: 0,
+      epsilon: 0.5,
+      epsilon_delta: 1e-6
+    };
+    expect(model.applyRelease(release({ cost }))).toBe(true);
+    const g = model.site('north')!.grants[0];
+    expect(g.rho_remaining).toBeCloseTo(RHO_LEFT - RELEASE_RHO, 12);
+    expect(g.rho_spent).toBeCloseTo(
+      0.31106495493324654 - RHO_LEFT + RELEASE_RHO,
+      12
+    );
+    // epsilons do not add up: 3.2 - 0.5 = 2.7 would understate it badly; the rho left, scaled, comes close
+    expect(g.largest_next_epsilon).toBeLessThanOrEqual(NEXT_AFTER);
+    expect(g.largest_next_epsilon).toBeGreaterThan(3.05);
+    // spent grows by at most the release's epsilon
+    expect(g.epsilon_spent).toBeCloseTo(1 + 0.5);
+    // all of the rho: nothing left for the next release
+    model.applyRelease(release({ cost: { ...cost, rho: 1 } }));
+    expect(model.site('north')!.largestNext).toBe(0);
+  });
+
+  it('labels granted, spent and the largest next release', () => {
+    const model = new BudgetModel();
+    model.update({
+      project: 'p',
+      sites: {
+        north: {
+          status: 'ok',
+          grants: [grant('encounters', 2, 0.8, 'active', 1.5)]
+        }
+      }
+    });
+    // one site, one grant: all three figures in the status bar (spent + next > granted is no bug)
+    expect(model.text).toBe(
+      'Veil north: ε 0.8 for the next release (granted 2.00, spent 1.50)'
+    );
+    expect(model.tooltip).toContain(
+      'north/encounters: ε granted 2.00, spent 1.50, largest next release 0.8'
+    );
+    expect(model.tooltip).toContain(NEXT_RELEASE_NOTE);
+    expect(model.tooltip).not.toMatch(/remaining|left/);
+    // several sites: the largest next release per site, each grant's figures in the tooltip
+    model.update(healthy);
+    expect(model.text).toMatch(/^Veil ε for the next release: north 3\.20/);
+    expect(model.tooltip).toContain(
+      'valley/encounters: ε granted 2.00, spent 0.5, largest next release 1.10'
+    );
   });
 
   it('ignores mock releases and unknown sites or datasets', () => {
@@ -142,14 +235,14 @@ describe('BudgetModel', () => {
     expect(model.applyRelease(release({ mock: true }))).toBe(false);
     expect(model.applyRelease(release({ site: 'elsewhere' }))).toBe(false);
     expect(model.applyRelease(release({ dataset: 'notes' }))).toBe(false);
-    expect(model.site('north')!.remaining).toBeCloseTo(3.2);
+    expect(model.site('north')!.largestNext).toBeCloseTo(3.2);
   });
 
-  it('never shows negative remaining budget', () => {
+  it('never shows a negative largest next release', () => {
     const model = new BudgetModel();
     model.update(healthy);
     model.applyRelease(release({ cost: { epsilon: 10 } }));
-    expect(model.site('north')!.remaining).toBe(0);
+    expect(model.site('north')!.largestNext).toBe(0);
   });
 
   it('does not mutate the response it was given', () => {
@@ -158,9 +251,9 @@ describe('BudgetModel', () => {
     model.update(json);
     model.applyRelease(release());
     const north = json.sites.north as {
-      grants: { epsilon_remaining: number }[];
+      grants: { largest_next_epsilon: number }[];
     };
-    expect(north.grants[0].epsilon_remaining).toBe(3.2);
+    expect(north.grants[0].largest_next_epsilon).toBe(3.2);
   });
 });
 
