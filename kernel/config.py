@@ -5,6 +5,7 @@ start, for its banner and its guard, before it loads the SDK; `load_study` build
     name = "rare_peds"
     project = "rare_peds"
     default_epsilon = 0.1              # a release's epsilon when a query names none
+    default_site = "north"             # optional: where `%%veil sql` without --site/--all releases
     [sites.north]
     url = "http://127.0.0.1:8701"
     token_file = "north.token"        # relative to this file; the token never enters the notebook
@@ -49,6 +50,7 @@ class StudyConfig:
     default_epsilon: float
     sites: tuple[SiteConfig, ...]
     guards: tuple[Path, ...]
+    default_site: str | None = None
 
 
 def read_study_config(path: str | Path | None = None) -> StudyConfig:
@@ -81,5 +83,9 @@ def read_study_config(path: str | Path | None = None) -> StudyConfig:
             raise VeilConfigError(f"{path}: cannot read the token file of site '{name}' ({exc})") from None
         sites.append(SiteConfig(name, cfg["url"], token))
         guards += [Path(p).resolve() for p in cfg.get("guard_paths", [])]
+    default_site = study.get("default_site")
+    if default_site is not None and default_site not in raw["sites"]:
+        raise VeilConfigError(f"{path}: default_site '{default_site}' is not one of the sites "
+                              f"({', '.join(raw['sites'])})")
     return StudyConfig(path, str(study.get("name", study["project"])), str(study["project"]), default_epsilon,
-                       tuple(sites), tuple(guards))
+                       tuple(sites), tuple(guards), default_site)

@@ -7,7 +7,7 @@ its code; nothing was charged for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from veil.errors import VeilError as VeilError
 
@@ -67,6 +67,27 @@ class VeilAuthError(VeilRefusal):
 
 class VeilRequestError(VeilRefusal):
     """The request itself was malformed or too large."""
+
+
+def one_line(error: VeilError) -> str:
+    """A Veil error as a notebook shows it: its class, code, message and what to do, on one line."""
+    code = "" if f"[{error.code}]" in error.message else f" [{error.code}]"
+    text = f"{type(error).__name__}{code}: {error.message}"
+    if error.hint and "What to do:" not in error.message:
+        text += f". What to do: {error.hint}"
+    return text
+
+
+def show_in_one_line(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None,
+                     ) -> list[str]:
+    """IPython's handler for Veil errors (`set_custom_exc`): `one_line`, or the whole traceback under
+    `%xmode Verbose`. Either way the cell fails with the error's name and message, as any error does."""
+    if shell.InteractiveTB.mode == "Verbose" or not isinstance(value, VeilError):
+        stb: list[str] = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+    else:
+        stb = [f"\x1b[0;31m{one_line(value)}\x1b[0m"]
+    shell._showtraceback(etype, value, stb)
+    return stb
 
 
 def refusal_error(site: str, status: int, refusal: Refusal) -> VeilRefusal:

@@ -14,17 +14,21 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from veil.kernel.errors import VeilError, show_in_one_line
 from veil.kernel.result import Result
 from veil.kernel.sdk import RELEASE_LISTENERS, Site
 from veil.sql import parse_sql
 from veil.wire import Release
 
 MAGIC_ARGUMENTS = (
-    argument("command", choices=("datasets", "budget", "mode", "sql", "cost"),
-             help="datasets, budget and mode are line magics (%%veil); sql and cost are cell magics (%%%%veil)"),
+    argument("command", nargs="?", choices=("datasets", "budget", "mode", "sql", "cost"),
+             help="datasets, budget and mode are line magics (%%veil); sql and cost are cell magics (%%%%veil); "
+                  "%%veil alone prints this help"),
     argument("mode", nargs="?", choices=("mock", "live"),
-             help="with `mode`: mock (made-up rows, nothing spent) or live (real releases, charged)"),
-    argument("--site", help="sql: the site(s) to ask, comma separated (default: every site)"),
+             help="with `mode`: mock (made-up rows, nothing spent) or live (real releases, charged); "
+                  "without: which one is on"),
+    argument("--site", help="sql: the site(s) to ask, comma separated (default: the study's default_site; "
+                            "a study of several sites without one needs --site or --all)"),
     argument("--all", action="store_true", help="sql: ask every site and combine the releases"),
     argument("--epsilon", type=float, help="sql: the privacy loss of the release, in epsilon"),
     argument("--rho", type=float, help="sql: ... or in rho (zero-concentrated DP)"),
@@ -72,9 +76,11 @@ class VeilMagics(Magics):
     def veil(self, line: str, cell: str | None = None) -> Any:
         """Veil in a notebook: list datasets, show the budget, switch mode, release SQL, price a cell.
 
+        %veil                   this help
         %veil datasets          which site offers what
         %veil budget            each grant: granted, spent, largest next release
-        %veil mode mock|live    mock: made-up rows, nothing spent; live: real releases, charged
+        %veil mode [mock|live]  which mode is on, or switch: mock: made-up rows, nothing spent;
+                                live: real releases, charged
         %%veil sql [--site A,B | --all] [--epsilon E | --rho R | --accuracy A] [--delta D] [--confidence C]
                                 the cell's SQL as a DP release at the site(s)
         %%veil cost             run the cell in mock mode: what it would charge live, and the
@@ -82,8 +88,11 @@ class VeilMagics(Magics):
         """
         args = parse_argstring(self.veil, line)
         command = args.command
-        if (args.mode is not None) != (command == "mode"):
-            raise UsageError("%veil mode takes mock or live; no other command takes a mode")
+        if command is None:
+            print(self.veil.__doc__)
+            return None
+        if args.mode is not None and command != "mode":
+            raise UsageError("only %veil mode takes mock or live")
         if cell is None and command in ("sql", "cost"):
             raise UsageError(f"%%veil {command} is a cell magic: put it on the first line of a cell")
         if cell is not None and command not in ("sql", "cost"):
@@ -111,7 +120,10 @@ class VeilMagics(Magics):
                 for s in self.study.sites.values() for g in s.budget()]
         return pl.DataFrame(rows)
 
-    def _mode(self, mode: str) -> None:
+    def _mode(self, mode: str | None) -> None:
+        if mode is None:
+            print(f"Veil mode: {self.study.mode.upper()} (switch with %veil mode mock or %veil mode live)")
+            return
         self.study.mode = mode
         print("Veil mode: LIVE — releases spend privacy budget at the sites." if mode == "live" else
               "Veil mode: MOCK — queries run locally on made-up rows; nothing is spent, results are not real.")
@@ -119,6 +131,12 @@ class VeilMagics(Magics):
     def _sql(self, args: Any, cell: str) -> Any:
         dataset = parse_sql(cell).dataset
         names = None if args.all or not args.site else [s.strip() for s in args.site.split(",")]
+        if names is None and not args.all and len(self.study.sites) > 1:  # never spend everywhere by default
+            if self.study.default_site is None:
+                raise UsageError(f"this study has {len(self.study.sites)} sites ({', '.join(self.study.sites)}): "
+                                 "say where with --site NAME[,NAME] or --all (every site, combined), or set "
+                                 "default_site in the study's TOML")
+            names = [self.study.default_site]
         if args.all or names is None or len(names) > 1:
             target = self.study.dataset(dataset, names)
         else:
@@ -157,5 +175,7 @@ def _half_widths(release: Release) -> str:
 
 
 def register(shell: Any, kernel: Any) -> None:
-    """Called by the Veil kernel on first use (before the first cell runs), once the SDK has loaded."""
+    """Called by the Veil kernel on first use (before the first cell runs), once the SDK has loaded: the
+    magics, and Veil's errors shown in one line (`%xmode Verbose` shows their tracebacks)."""
     shell.register_magics(VeilMagics(shell, kernel))
+    shell.set_custom_exc((VeilError,), show_in_one_line)

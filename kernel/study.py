@@ -26,14 +26,17 @@ if TYPE_CHECKING:
 class Study:
     """The sites of a multi-center study; `study.dataset(name)` spans every site that offers it."""
 
-    def __init__(self, name: str, project: str, sites: dict[str, Site], guards: list[Path]) -> None:
+    def __init__(self, name: str, project: str, sites: dict[str, Site], guards: list[Path],
+                 default_site: str | None = None) -> None:
         self.name, self.project, self.sites, self._guards = name, project, sites, guards
+        self.default_site = default_site
+        """Where `%%veil sql` without --site or --all releases (the config's `default_site`)."""
 
     @classmethod
     def from_config(cls, config: StudyConfig) -> Study:
         """The study a config describes (`veil.kernel.config.read_study_config`), its sites in live mode."""
         sites = {s.name: Site(s.name, s.url, s.token, config.default_epsilon) for s in config.sites}
-        return cls(config.name, config.project, sites, list(config.guards))
+        return cls(config.name, config.project, sites, list(config.guards), config.default_site)
 
     @property
     def mode(self) -> str:

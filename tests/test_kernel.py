@@ -141,6 +141,32 @@ class TestVeilKernel:
         reply, _ = execute(kernel[1], "%veil sql --all")
         assert reply["status"] == "error" and "is a cell magic" in reply["evalue"]
 
+    def test_veil_alone_mode_and_the_safe_default(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        """`%veil` prints its help, `%veil mode` says which mode is on, and `%%veil sql` in a study of several
+        sites without --site or --all spends nowhere: it asks where."""
+        reply, out = execute(kernel[1], "%veil")
+        assert reply["status"] == "ok" and "%veil mode [mock|live]" in stdout(out) and "--accuracy" in stdout(out)
+        reply, out = execute(kernel[1], "%veil mode")
+        assert reply["status"] == "ok" and stdout(out).startswith("Veil mode: MOCK")
+        reply, _ = execute(kernel[1], "%%veil sql\nSELECT COUNT(*) AS n FROM patients")
+        assert reply["status"] == "error" and reply["ename"] == "UsageError"
+        assert "this study has 2 sites (north, south): say where with --site" in reply["evalue"]
+
+    def test_a_veil_error_is_one_line_unless_verbose(self, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
+        """A refusal reads as one line with what to do; `%xmode Verbose` brings the traceback back."""
+        raising = "%%veil sql --site north\nSELECT MAX(age) FROM patients"
+        reply, out = execute(kernel[1], raising)
+        assert reply["status"] == "error" and reply["ename"] == "QueryError"
+        assert len(reply["traceback"]) == 1, reply["traceback"]
+        line = reply["traceback"][0]
+        assert "QueryError [" in line and "MAX" in line and "What to do:" in line, line
+        execute(kernel[1], "%xmode Verbose")
+        try:
+            reply, _ = execute(kernel[1], raising)
+            assert reply["status"] == "error" and len(reply["traceback"]) > 1
+        finally:
+            execute(kernel[1], "%xmode Context")
+
     def test_guard_refuses_served_files(self, veil_env: Path, kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
         secret = veil_env / "served" / "secret.parquet"
         alias = veil_env / "alias"
