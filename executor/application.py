@@ -9,6 +9,15 @@ A rule that needs no reviewer (L1) approves at most each dataset's per-project s
 cap (`ledger.project_share`; an application sets the project's grant total, so this bounds what the
 project holds however many applications it files); a larger application waits for one steward's
 review, who sees the figures and may approve it. A researcher is never told what the cap has left.
+
+Approval never shrinks a grant by surprise. Where the project already holds an active grant on a requested
+dataset, given by another application (or the site's default), the approving reviewer chooses what becomes of
+it (`ReviewRequest.on_existing_grant`): `add` (the new budget composes with it: rho adds up in zCDP, deltas add
+up, the later expiry and both uses stand), `replace` (the grant becomes what this application asks), or `keep`
+(it stays as it is). Without a choice the approval is refused and nothing changes. The site's rule (no
+reviewer) only ever adds, and only while the sum stays within the project's share; beyond it, a steward
+reviews. A grant this same application gave (an amended, re-approved application) is its own: the reviewed
+version replaces it.
 """
 
 from __future__ import annotations
@@ -24,7 +33,14 @@ from veil.executor.catalog import Catalog
 from veil.executor.policy import combined, may_review, missing
 from veil.executor.store import applications, reviews, write
 from veil.query.accounting import epsilon_of, rho_for_epsilon
-from veil.wire import ApplicationInfo, ApplicationRequest, LevelRule, Review, ReviewRequest
+from veil.wire import (
+    ApplicationInfo,
+    ApplicationRequest,
+    ExistingGrantChoice,
+    LevelRule,
+    Review,
+    ReviewRequest,
+)
 
 SITE_POLICY = Principal("site-policy", "system")
 
@@ -61,7 +77,20 @@ def _reviews(conn: Connection, application_id: int, version: int) -> list[Review
                    version=r["version"], ts=r["ts"]) for r in rows]
 
 
-def _info(conn: Connection, catalog: Catalog, row: dict) -> ApplicationInfo:
+def _existing(conn: Connection, row: dict, request: ApplicationRequest, own: bool = False) -> dict[str, dict]:
+    """The project's active grants on the requested datasets, by dataset: those another application (or the
+    site's default) gave, and with `own` also those this application gave."""
+    now = audit.now()
+    found = {}
+    for name in request.datasets:
+        held = ledger.grant_row(conn, row["project"], name)
+        if held is not None and ledger.grant_status(held, now) == "active" and (
+                own or held["application_id"] != row["id"]):
+            found[name] = held
+    return found
+
+
+def _info(conn: Connection, catalog: Catalog, row: dict, steward: bool = False) -> ApplicationInfo:
     request = ApplicationRequest.model_validate_json(row["request"])
     rule = combined([catalog.rule(catalog.datasets[d]) for d in request.datasets if d in catalog.datasets])
     found = _reviews(conn, row["id"], row["version"])
@@ -70,12 +99,17 @@ def _info(conn: Connection, catalog: Catalog, row: dict) -> ApplicationInfo:
     if row["status"] == "pending":
         needs = missing(rule, approvals)
         if needs is None and not approvals:  # a rule without reviewers held it: above the project share
-            needs = "1 approving reviewer: " + "; ".join(_above_share(conn, catalog, request) or [
+            needs = "1 approving reviewer: " + "; ".join(_above_share(conn, catalog, request, row) or [
                 "when filed, it was above what this level's rule approves without review"])
+    existing = []
+    if steward and row["status"] == "pending":
+        existing = [ledger.grant_info(g, catalog.reporting_delta) for g in _existing(conn, row, request, own=True
+                                                                                      ).values()]
     return ApplicationInfo(
         id=row["id"], project=row["project"], applicant=row["applicant"], status=row["status"],
         version=row["version"], request=request, rule=rule, reviews=found, needs=needs,
         created_at=row["created_at"], updated_at=row["updated_at"], decided_at=row["decided_at"],
+        existing_grants=existing,
     )
 
 
@@ -85,30 +119,75 @@ def _audit(conn: Connection, who: Principal, decision: str, row: dict, reason: s
                  project=row["project"], reason=f"application {row['id']} v{row['version']}: {reason}")
 
 
-def _above_share(conn: Connection, catalog: Catalog, request: ApplicationRequest) -> list[str]:
+def _above_share(conn: Connection, catalog: Catalog, request: ApplicationRequest, row: dict) -> list[str]:
     """Why a rule without reviewers may not approve `request` alone, one line per dataset whose
-    epsilon is above the project's share of its lifetime cap; empty when it may."""
+    epsilon, added to the project's active grant there (the rule only ever adds), is above the project's
+    share of its lifetime cap; empty when it may."""
     lines = []
+    existing = _existing(conn, row, request)
     for name in request.datasets:
         dataset = catalog.datasets.get(name)
         if dataset is None:  # gone from the catalog since: nothing the rule could approve there
             continue
         share = ledger.project_share(conn, catalog, dataset)
-        if request.epsilon > share * (1 + 1e-9):
-            lines.append(f"epsilon {request.epsilon:g} on '{name}' is above the most one project may hold there "
+        held = existing.get(name)
+        total = request.epsilon if held is None else ledger.added_grant(
+            held, request.epsilon, 0.0, None, (), catalog.reporting_delta)["epsilon"]
+        if total > share * (1 + 1e-9):
+            what = (f"epsilon {request.epsilon:g} on '{name}'" if held is None else
+                    f"epsilon {request.epsilon:g} on '{name}' added to the project's grant there (epsilon "
+                    f"{held['epsilon']:.4g}, together {total:.4g})")
+            lines.append(f"{what} is above the most one project may hold there "
                          f"without review (epsilon {share:.4g}, {catalog.rule(dataset).max_project_share:.0%} of "
                          "its lifetime cap)")
     return lines
 
 
-def _approve(conn: Connection, catalog: Catalog, row: dict, request: ApplicationRequest, by: Principal) -> None:
-    """Create the grants of an approved application, if every dataset's remaining cap affords them.
+def _figures(g: dict, reporting_delta: float) -> str:
+    info = ledger.grant_info(g, reporting_delta)
+    until = f"expires {g['expires_at'][:10]}" if g["expires_at"] else "no expiry"
+    return (f"epsilon granted {info.epsilon:.4g}, spent {info.epsilon_spent:.4g}, largest next release "
+            f"{info.largest_next_epsilon:.4g}, {until}")
+
+
+def _no_choice(row: dict, request: ApplicationRequest, existing: dict[str, dict], reporting_delta: float
+               ) -> GovernanceError:
+    held = "; ".join(f"grant {g['id']} on '{name}' ({_figures(g, reporting_delta)})" for name, g in existing.items())
+    added = ", ".join(f"epsilon {ledger.added_grant(g, request.epsilon, 0.0, None, (), reporting_delta)['epsilon']:.4g}"
+                      f" on '{name}'" for name, g in existing.items())
+    return GovernanceError(
+        "existing_grant",
+        f"project '{row['project']}' already holds {held}; application {row['id']} requests epsilon "
+        f"{request.epsilon:g} for {request.duration_days:g} days ({', '.join(request.uses)}). Approving must say "
+        "what becomes of the existing grant",
+        hint=f"approve again choosing add (the budgets compose: {added}, the later expiry), replace (the grant "
+             f"becomes epsilon {request.epsilon:g} for {request.duration_days:g} days; what it spent stays spent) "
+             "or keep (it stays as it is; the application is approved without changing it): on_existing_grant in "
+             f"the review, or 'veil steward review {row['id']} --approve --existing add|replace|keep'")
+
+
+def _approve(conn: Connection, catalog: Catalog, row: dict, request: ApplicationRequest, by: Principal,
+             choice: ExistingGrantChoice | None = None) -> str:
+    """Create the grants of an approved application, if every dataset's remaining cap affords them; an active
+    grant another application gave is added to, replaced or kept as `choice` says (refused without one; the
+    site's rule adds). Returns what became of existing grants (before and after), for the audit log.
 
     A steward approving is told what the cap has left; the researcher whose application the site's rule
     approves is not (it would tell them what other projects spent)."""
+    existing = _existing(conn, row, request)
+    if by is SITE_POLICY:
+        choice = "add"  # `_above_share` held it unless the sum stays within the project's share
+    if existing and choice is None:
+        raise _no_choice(row, request, existing, catalog.reporting_delta)
+    new_rho = rho_for_epsilon(request.epsilon, catalog.reporting_delta)
     for name in request.datasets:
         held = ledger.grant_row(conn, row["project"], name)
-        would_spend = rho_for_epsilon(request.epsilon, catalog.reporting_delta) - (held["rho_spent"] if held else 0.0)
+        if name in existing and choice == "keep":
+            continue
+        if name in existing and choice == "add":
+            would_spend = existing[name]["rho_total"] + new_rho - existing[name]["rho_spent"]
+        else:
+            would_spend = new_rho - (held["rho_spent"] if held else 0.0)
         left = ledger.cap_remaining(conn, name, catalog.reporting_delta)
         if would_spend > left * (1 + 1e-9):
             if by is SITE_POLICY:
@@ -122,32 +201,46 @@ def _approve(conn: Connection, catalog: Catalog, row: dict, request: Application
                 hint="ask the applicant for a smaller budget, or raise the cap with 'veil steward budget "
                      f"{name} --cap EPSILON'")
     expires = (datetime.now(UTC) + timedelta(days=request.duration_days)).isoformat(timespec="microseconds")
+    notes = []
     for name in request.datasets:
-        ledger.set_grant(conn, catalog, row["project"], catalog.datasets[name], request.epsilon, by=by.name,
-                         role=by.role, delta=request.delta, expires_at=expires, application_id=row["id"],
-                         uses=tuple(request.uses))
+        held = existing.get(name)
+        if held is not None and choice == "add":
+            ledger.add_to_grant(conn, catalog, held, request.epsilon, by=by.name, role=by.role, delta=request.delta,
+                                expires_at=expires, application_id=row["id"], uses=tuple(request.uses))
+        elif held is None or choice == "replace":
+            ledger.set_grant(conn, catalog, row["project"], catalog.datasets[name], request.epsilon, by=by.name,
+                             role=by.role, delta=request.delta, expires_at=expires, application_id=row["id"],
+                             uses=tuple(request.uses))
+        if held is not None:
+            after = ledger.grant_row(conn, row["project"], name)
+            assert after is not None
+            notes.append(f"grant {held['id']} on '{name}' {_figures(held, catalog.reporting_delta)} -> "
+                         f"{_figures(after, catalog.reporting_delta)}")
     for dropped in ledger.grants_of_application(conn, row["id"], exclude=request.datasets):
         ledger.revoke_grant(conn, dropped, by=by.name, reason=f"no longer in application {row['id']}")
+    return f"; on the existing grant: {choice}: " + "; ".join(notes) if notes else ""
 
 
-def _decide_if_met(conn: Connection, catalog: Catalog, row: dict, by: Principal) -> dict:
-    """Approve the application when the approvals of its current version meet its rule."""
+def _decide_if_met(conn: Connection, catalog: Catalog, row: dict, by: Principal,
+                   choice: ExistingGrantChoice | None = None) -> dict:
+    """Approve the application when the approvals of its current version meet its rule; `choice` says what
+    becomes of a grant the project already holds (the approval that creates the grants must say)."""
     request = ApplicationRequest.model_validate_json(row["request"])
     rule = rule_for(catalog, request)
     approvals = [(r.reviewer, r.office) for r in _reviews(conn, row["id"], row["version"]) if r.decision == "approve"]
     if missing(rule, approvals) is None:
         if not approvals:  # no review needed: the site's rule approves it, up to each dataset's project share
-            above = _above_share(conn, catalog, request)
+            above = _above_share(conn, catalog, request, row)
             if above:
                 _audit(conn, SITE_POLICY, "held", row, "needs a steward's review: " + "; ".join(above))
                 return row
             by = SITE_POLICY
-        _approve(conn, catalog, row, request, by)
+        changed = _approve(conn, catalog, row, request, by, choice)
         now = audit.now()
         conn.execute(update(applications).where(applications.c.id == row["id"])
                      .values(status="approved", decided_at=now))
         row = {**row, "status": "approved", "decided_at": now}
-        _audit(conn, by, "approved", row, f"rule {rule.level} met by {len(approvals)} approval(s)")
+        _audit(conn, by, "approved", row, f"rule {rule.level} met by {len(approvals)} approval(s){changed}")
     return row
 
 
@@ -242,7 +335,9 @@ def review(engine: Engine, catalog: Catalog, who: Principal, application_id: int
                                             reviewer=who.name, office=who.office, decision=decision.decision,
                                             comment=decision.comment, ts=audit.now()))
         verdict = "approve" if decision.decision == "approve" else "reject"
-        _audit(conn, who, verdict, row, decision.comment[:500], action="review")
+        choice = decision.on_existing_grant if decision.decision == "approve" else None
+        _audit(conn, who, verdict, row, decision.comment[:500]
+               + (f" [on an existing grant: {choice}]" if choice else ""), action="review")
         if decision.decision == "reject":
             now = audit.now()
             conn.execute(update(applications).where(applications.c.id == application_id)
@@ -250,8 +345,8 @@ def review(engine: Engine, catalog: Catalog, who: Principal, application_id: int
             row = {**row, "status": "rejected", "decided_at": now}
             _audit(conn, who, "rejected", row, decision.comment[:500])
         else:
-            row = _decide_if_met(conn, catalog, row, who)
-        return _info(conn, catalog, row)
+            row = _decide_if_met(conn, catalog, row, who, choice)
+        return _info(conn, catalog, row, steward=True)
 
 
 
@@ -261,7 +356,7 @@ def get(engine: Engine, catalog: Catalog, who: Principal, application_id: int) -
         row = _row(conn, application_id)
         if who.role == "researcher":
             _own(row, who)
-        return _info(conn, catalog, row)
+        return _info(conn, catalog, row, steward=who.role != "researcher")
 
 
 def listing(engine: Engine, catalog: Catalog, who: Principal, status: str | None = None) -> list[ApplicationInfo]:
@@ -272,7 +367,7 @@ def listing(engine: Engine, catalog: Catalog, who: Principal, status: str | None
     if status is not None:
         query = query.where(applications.c.status == status)
     with engine.connect() as conn:
-        return [_info(conn, catalog, dict(r)) for r in conn.execute(query).mappings()]
+        return [_info(conn, catalog, dict(r), steward=who.role != "researcher") for r in conn.execute(query).mappings()]
 
 
 

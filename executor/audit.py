@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
@@ -23,6 +24,7 @@ from sqlalchemy import Connection, Engine, bindparam, func, insert, select, upda
 from veil.executor import checkpoints
 from veil.executor.checkpoints import SiteKey
 from veil.executor.store import GENESIS, audit, audit_head, caps, grants, head_moved
+from veil.query.accounting import epsilon_of
 from veil.wire import AuditEntry, Checkpoint
 
 FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "epsilon", "delta",
@@ -209,3 +211,69 @@ def entries(engine: Engine, since: int = 0, limit: int | None = None) -> list[Au
 def count_entries(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(audit)).scalar_one())
+
+
+FILTERS = ("project", "dataset", "action", "decision")
+"""Columns the log can be filtered on (exact match)."""
+
+
+def _matching(since: int, before: int | None, filters: dict[str, str | None]) -> list[Any]:
+    unknown = set(filters) - set(FILTERS)
+    if unknown:
+        raise ValueError(f"no audit filter {sorted(unknown)}")
+    conditions: list[Any] = [audit.c.seq > since]
+    if before is not None:
+        conditions.append(audit.c.seq < before)
+    return conditions + [audit.c[name] == value for name, value in filters.items() if value is not None]
+
+
+def page(engine: Engine, *, limit: int = 100, before: int | None = None, since: int = 0,
+         **filters: str | None) -> tuple[list[AuditEntry], int]:
+    """Newest first: up to `limit` entries with `since` < seq < `before` matching the filters (keyset paging:
+    pass the last seq of a page as the next `before`), and how many entries after `since` match the filters."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(audit).where(*_matching(since, before, filters))
+                            .order_by(audit.c.seq.desc()).limit(limit)).mappings().all()
+        total = conn.execute(select(func.count()).select_from(audit)
+                             .where(*_matching(since, None, filters))).scalar_one()
+    return [AuditEntry(**row) for row in rows], int(total)
+
+
+def matching(engine: Engine, since: int = 0, **filters: str | None) -> list[AuditEntry]:
+    """Every entry after `since` matching the filters, oldest first (an export)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(audit).where(*_matching(since, None, filters)).order_by(audit.c.seq)).mappings()
+        return [AuditEntry(**row) for row in rows]
+
+
+EXPORT_COLUMNS = (*FIELDS, "hash", "epsilon_at_reporting_delta")
+"""The columns of an exported log (CSV), in order; JSON lines carry the same keys."""
+
+
+def export_text(found: Iterable[AuditEntry], fmt: str) -> str:
+    """The entries as JSON lines (`jsonl`) or CSV (`csv`, a header row first)."""
+    import csv
+    import io
+
+    rows = [e.model_dump(include=set(EXPORT_COLUMNS)) for e in found]
+    if fmt == "jsonl":
+        return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    if fmt != "csv":
+        raise ValueError(f"unknown export format {fmt!r}: jsonl or csv")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_of(rho: float, delta: float) -> float:
+    return epsilon_of(rho, delta)  # OpenDP's conversion takes milliseconds; a log repeats a few costs
+
+
+def reported(entry: AuditEntry, reporting_delta: float) -> AuditEntry:
+    """The entry with its cost as epsilon at the site's reporting delta (the zCDP part converted by OpenDP,
+    plus any (epsilon, delta) charge), as the ledger counts it; the hashed fields are untouched."""
+    cost = _epsilon_of(entry.rho, reporting_delta) + entry.epsilon if entry.rho > 0 else entry.epsilon
+    return entry.model_copy(update={"epsilon_at_reporting_delta": cost})

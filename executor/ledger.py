@@ -66,6 +66,38 @@ def set_grant(conn: Connection, catalog: Catalog, project: str, dataset: Dataset
                         f"{until} for {', '.join(uses)}" + (f" (application {application_id})" if application_id else ""))
 
 
+def added_grant(existing: dict, epsilon: float, delta: float, expires_at: str | None, uses: tuple[str, ...],
+                reporting_delta: float) -> dict:
+    """What a grant becomes when a new budget of `epsilon` (and `delta`) is added to it: zCDP composes, so the
+    new rho is added to the grant's total (its remaining grows by exactly the new budget's rho, and the granted
+    epsilon is the epsilon of the summed rho, less than the two epsilons added up); deltas add up; the later
+    expiry stands (none is the latest); the uses are both grants' uses."""
+    rho_total = existing["rho_total"] + rho_for_epsilon(epsilon, reporting_delta)
+    later = None if existing["expires_at"] is None or expires_at is None else max(existing["expires_at"], expires_at)
+    both = list(dict.fromkeys([*existing["uses"].split(","), *uses]))
+    return dict(rho_total=rho_total, epsilon=epsilon_of(rho_total, reporting_delta),
+                delta=existing["delta"] + delta, expires_at=later, uses=",".join(both))
+
+
+def add_to_grant(conn: Connection, catalog: Catalog, existing: dict, epsilon: float, by: str, role: str, *,
+                 delta: float | None = None, expires_at: str | None = None, application_id: int | None = None,
+                 uses: tuple[str, ...] = ("query",), note: str = "") -> AuditEntry:
+    """Add a new budget to an active grant (see `added_grant`); what it spent stays spent. Audited with the
+    figures before and after."""
+    delta = catalog.reporting_delta if delta is None else delta
+    after = added_grant(existing, epsilon, delta, expires_at, uses, catalog.reporting_delta)
+    conn.execute(update(grants).where(grants.c.id == existing["id"]).values(
+        revoked=False, application_id=application_id, **after))
+    until = f" until {after['expires_at'][:10]}" if after["expires_at"] else ""
+    return audit.append(conn, principal=by, role=role, action="grant", decision="granted",
+                        project=existing["project"], dataset=existing["dataset"],
+                        reason=f"added epsilon={epsilon:g} to grant {existing['id']}: epsilon "
+                        f"{existing['epsilon']:.4g} -> {after['epsilon']:.4g} at delta={catalog.reporting_delta:g} "
+                        f"(rho {existing['rho_total']:.4g} -> {after['rho_total']:.4g}){until} for "
+                        f"{after['uses'].replace(',', ', ')}" + note
+                        + (f" (application {application_id})" if application_id else ""))
+
+
 def revoke_grant(conn: Connection, grant_id: int, by: str, reason: str) -> AuditEntry:
     """Stop a grant from being used (what it spent stays spent); audited."""
     row = conn.execute(select(grants).where(grants.c.id == grant_id)).mappings().first()

@@ -184,7 +184,8 @@ class Site:
             raise CatalogError("unknown_receipt", f"no receipt {receipt[:16]}... that you may read on this site",
                                hint="check the receipt string; receipts are the hash of an audit entry", status=404)
         with self.engine.connect() as conn:
-            return entry.model_copy(update={"checkpoint": checkpoints.covering(conn, entry.seq)})
+            entry = entry.model_copy(update={"checkpoint": checkpoints.covering(conn, entry.seq)})
+        return audit.reported(entry, self.catalog.reporting_delta)
 
     # ------------------------------------------------------------ queries
 
@@ -324,9 +325,24 @@ class Site:
         require(who, "researcher")
         return self.trainer.weights(who, job_id)
 
-    def audit_log(self, who: Principal, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
+    def audit_log(self, who: Principal, since: int = 0, limit: int = 100, before: int | None = None,
+                  **filters: str | None) -> list[AuditEntry]:
+        """Newest first (see `audit_page`)."""
+        return self.audit_page(who, since=since, limit=limit, before=before, **filters)[0]
+
+    def audit_page(self, who: Principal, *, limit: int = 100, before: int | None = None, since: int = 0,
+                   **filters: str | None) -> tuple[list[AuditEntry], int]:
+        """Newest first, up to `limit` entries with `since` < seq < `before` matching the filters, each with its
+        cost in epsilon at the site's reporting delta; and how many entries match the filters in all."""
         require(who, "steward", "admin")
-        return audit.entries(self.engine, since=since, limit=limit)
+        found, total = audit.page(self.engine, limit=limit, before=before, since=since, **filters)
+        return [audit.reported(e, self.catalog.reporting_delta) for e in found], total
+
+    def audit_export(self, who: Principal, fmt: str, since: int = 0, **filters: str | None) -> str:
+        """Every entry matching the filters, oldest first, as JSON lines or CSV (stewards)."""
+        require(who, "steward", "admin")
+        found = audit.matching(self.engine, since=since, **filters)
+        return audit.export_text((audit.reported(e, self.catalog.reporting_delta) for e in found), fmt)
 
     def verify(self, who: Principal) -> AuditVerification:
         require(who, "steward", "admin")

@@ -133,9 +133,28 @@ class SiteClient:
 
 
 
-    def audit(self, since: int = 0, limit: int = 1000) -> list[AuditEntry]:
-        """The site's audit log from entry `since` (stewards)."""
-        return [AuditEntry.model_validate(e) for e in self._call("GET", "/audit", params={"since": since, "limit": limit})]
+    def audit(self, since: int = 0, limit: int = 100, before: int | None = None, *, project: str | None = None,
+              dataset: str | None = None, action: str | None = None, decision: str | None = None) -> list[AuditEntry]:
+        """The site's audit log, newest first: up to `limit` entries after `since` and before `before`, filtered by
+        project, dataset, action and decision (stewards)."""
+        return self.audit_page(since, limit, before, project=project, dataset=dataset, action=action,
+                               decision=decision)[0]
+
+    def audit_page(self, since: int = 0, limit: int = 100, before: int | None = None, *, project: str | None = None,
+                   dataset: str | None = None, action: str | None = None, decision: str | None = None
+                   ) -> tuple[list[AuditEntry], int]:
+        """(a page of the audit log, newest first; how many entries match the filters in all) (stewards)."""
+        params = {"since": since, "limit": limit, "before": before, "project": project, "dataset": dataset,
+                  "action": action, "decision": decision}
+        response = self._send("GET", "/audit", params={k: v for k, v in params.items() if v is not None})
+        return [AuditEntry.model_validate(e) for e in response.json()], int(response.headers["X-Total-Count"])
+
+    def audit_export(self, fmt: str = "jsonl", since: int = 0, *, project: str | None = None,
+                     dataset: str | None = None, action: str | None = None, decision: str | None = None) -> str:
+        """Every entry matching the filters, oldest first, as JSON lines (`jsonl`) or CSV (`csv`) (stewards)."""
+        params = {"format": fmt, "since": since, "project": project, "dataset": dataset, "action": action,
+                  "decision": decision}
+        return self._send("GET", "/audit/export", params={k: v for k, v in params.items() if v is not None}).text
 
     def verify_audit(self) -> AuditVerification:
         """The site's check of its audit chain against its ledger (stewards)."""

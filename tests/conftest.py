@@ -115,7 +115,8 @@ class Deployment:
                 "purpose": "A diagnosis-support model from biopsy features", "datasets": [dataset],
                 "epsilon": epsilon, "delta": delta, "duration_days": 30, "uses": ["query", "training"]}).json()
         with self.http("steward") as http:
-            review = {"decision": "approve", "comment": "training approved", "version": 1}
+            review = {"decision": "approve", "comment": "training approved", "version": 1,
+                      "on_existing_grant": "replace"}  # study1's query grant becomes this one
             assert http.post(f"/applications/{app['id']}/reviews", json=review).json()["status"] == "approved"
 
     def grant(self, project: str, dataset: str, epsilon: float) -> None:

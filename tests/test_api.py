@@ -24,12 +24,14 @@ from veil.executor import audit
 from veil.executor.app import MAX_ANONYMOUS_BODY_BYTES, MAX_BODY_BYTES
 from veil.executor.store import caps
 from veil.kernel.errors import VeilRefusal
+from veil.query.accounting import epsilon_of
 from veil.wire import AuditEntry, ColumnInfo, DatasetInfo, GrantInfo, Health, Refusal, Release
 
 ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/grants", "/receipts/{receipt}", "/whoami",
           "/datasets/{name}/mock", "/levels", "/catalog", "/applications", "/applications/{application_id}",
           "/applications/{application_id}/withdraw", "/applications/{application_id}/reviews",
           "/grants/{grant_id}/revoke", "/budgets", "/budgets/{dataset}/cap", "/audit", "/audit/verify",
+          "/audit/export",
           "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
           "/jobs/{job_id}/finish"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -282,7 +284,8 @@ def check_receipt(d: Deployment, client: httpx.Client, release: Release) -> None
     assert (entry.project, entry.dataset, entry.query) == (PROJECT, release.dataset, release.query)
     assert (entry.rho, entry.delta) == (release.cost.rho, release.cost.delta)
     assert entry.result_digest and HEX64.match(entry.result_digest)
-    assert entry.model_copy(update={"checkpoint": None}) == audited(d, release.receipt)
+    assert entry.epsilon_at_reporting_delta == epsilon_of(entry.rho, d.catalog.reporting_delta) > 0
+    assert entry.model_copy(update={"checkpoint": None, "epsilon_at_reporting_delta": None}) == audited(d, release.receipt)
     assert entry.checkpoint is not None and entry.checkpoint.seq >= entry.seq  # signed by the site
     assert release.checkpoint == entry.checkpoint
 

@@ -56,7 +56,8 @@ def apply_with_source(d: Deployment, source: str) -> None:
                      duration_days=30, uses=["query", "training"], model_source=source)
     assert app.status == "pending" and app.request.model_source == source
     with d.http("steward") as http:
-        review = {"decision": "approve", "comment": "architecture read: per-row layers only", "version": 1}
+        review = {"decision": "approve", "comment": "architecture read: per-row layers only", "version": 1,
+                  "on_existing_grant": "replace"}
         assert http.post(f"/applications/{app.id}/reviews", json=review).json()["status"] == "approved"
 
 

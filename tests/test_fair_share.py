@@ -105,7 +105,8 @@ def test_l1_rule_approves_at_most_the_share_and_a_steward_may_approve_more(fair:
     assert "15% of its lifetime cap" in above["needs"]
     again = apply(fair, "researcher", 3.0).json()  # a new application is no way round it
     assert again["status"] == "pending" and granted(fair, "study1") == share
-    assert apply(fair, "researcher", share).json()["status"] == "approved" and granted(fair, "study1") == share
+    more = apply(fair, "researcher", 0.1).json()  # nor a small one: the rule adds it to what the project holds
+    assert more["status"] == "pending" and granted(fair, "study1") == share and "together" in more["needs"]
 
     other = apply(fair, "outsider", share).json()  # the next project still gets its share
     assert other["status"] == "approved" and granted(fair, "other_project") == share
@@ -114,7 +115,8 @@ def test_l1_rule_approves_at_most_the_share_and_a_steward_may_approve_more(fair:
         pending = {a["id"] for a in http.get("/applications", params={"status": "pending"}).json()}
         assert {above["id"], again["id"]} <= pending
         review = http.post(f"/applications/{again['id']}/reviews",
-                           json={"decision": "approve", "comment": "a larger study, agreed", "version": 1})
+                           json={"decision": "approve", "comment": "a larger study, agreed", "version": 1,
+                                 "on_existing_grant": "replace"})
     assert review.status_code == 200, review.text
     assert review.json()["status"] == "approved" and granted(fair, "study1") == 3.0
 

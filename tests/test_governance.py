@@ -76,12 +76,14 @@ def apply(d: Deployment, who: str = "researcher", **fields: Any) -> dict[str, An
     return response.json()
 
 
-def review(d: Deployment, who: str, app: dict[str, Any], decision: str = "approve", version: int | None = None
-           ) -> Any:
+def review(d: Deployment, who: str, app: dict[str, Any], decision: str = "approve", version: int | None = None,
+           existing: str | None = None) -> Any:
+    """`existing`: what approving does to a grant the project already holds (add, replace or keep)."""
     with d.http(who) as http:
         return http.post(f"/applications/{app['id']}/reviews",
                          json={"decision": decision, "comment": f"{decision} by {who}",
-                               "version": version or app["version"]})
+                               "version": version or app["version"],
+                               **({"on_existing_grant": existing} if existing else {})})
 
 
 def query(d: Deployment, sql: str, who: str = "researcher", epsilon: float = 0.2) -> Any:
@@ -283,14 +285,14 @@ def test_changed_and_withdrawn_applications(gov: Deployment) -> None:
 
 def test_a_change_to_an_approved_application_needs_a_new_review(gov: Deployment) -> None:
     app = apply(gov, who="outsider", purpose="Outcomes by department over time", epsilon=1.0)
-    approved = review(gov, "erin", app).json()
+    approved = review(gov, "erin", app, existing="replace").json()  # other_project holds encounters already
     assert approved["status"] == "approved"
     with gov.http("outsider") as http:
         changed = http.put(f"/applications/{app['id']}", json={**app["request"], "epsilon": 3.0}).json()
     assert changed["status"] == "pending" and changed["version"] == 2 and changed["reviews"] == []
     grant = next(g for g in ledger.list_grants(gov.engine, "other_project", 1e-6) if g.dataset == "encounters")
     assert grant.epsilon == 1.0 and grant.status == "active"  # the approved budget stands until reviewed again
-    assert review(gov, "frank", changed).json()["status"] == "approved"
+    assert review(gov, "frank", changed).json()["status"] == "approved"  # its own grant: the new version sets it
     grant = next(g for g in ledger.list_grants(gov.engine, "other_project", 1e-6) if g.dataset == "encounters")
     assert grant.epsilon == 3.0
 
@@ -300,7 +302,9 @@ def test_approving_above_the_remaining_cap_changes_nothing(gov: Deployment) -> N
                 purpose="A very expensive registry study")
     assert review(gov, "erin", app).json()["needs"] == "1 more approving reviewer (from: data_committee)"
     before = state(gov.engine)
-    assert_refused(gov, review(gov, "frank", app), 409, "cap_exceeded", before)
+    assert_refused(gov, review(gov, "frank", app), 409, "existing_grant", before)  # study1 holds registry
+    assert_refused(gov, review(gov, "frank", app, existing="replace"), 409, "cap_exceeded", before)
+    assert_refused(gov, review(gov, "frank", app, existing="add"), 409, "cap_exceeded", before)
     with gov.http("steward") as http:
         again = http.get(f"/applications/{app['id']}").json()
     assert again["status"] == "pending" and [r["reviewer"] for r in again["reviews"]] == ["erin"]
@@ -381,9 +385,9 @@ def test_audit_log_exports_and_verifies(gov: Deployment, tmp_path: Path, capsys:
                                         ) -> None:
     with gov.http("steward") as http:
         verdict = http.get("/audit/verify").json()
-        log = http.get("/audit", params={"since": 3, "limit": 5}).json()
+        log = http.get("/audit", params={"since": 3, "before": 9, "limit": 5}).json()  # newest first
     assert verdict["ok"], verdict["problems"]
-    assert [e["seq"] for e in log] == [4, 5, 6, 7, 8]
+    assert [e["seq"] for e in log] == [8, 7, 6, 5, 4]
     site_args = ["--site-config", str(gov.catalog.path), "--database-url", gov.database_url]
     assert veil(["audit", "export", "--format", "jsonl", "--out", str(tmp_path / "log.jsonl"), *site_args]) == 0
     assert "audit entries to" in capsys.readouterr().out

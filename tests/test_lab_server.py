@@ -145,6 +145,16 @@ def test_a_steward_approves_revokes_and_caps_from_the_desk(lab: Lab, sites: dict
 
     entries = lab.get("steward/audit", site="central", since=0, limit=500)["entries"]
     assert any("project ended" in (e["reason"] or "") for e in entries)
+    assert [e["seq"] for e in entries] == sorted((e["seq"] for e in entries), reverse=True)  # newest first
+    page = lab.get("steward/audit", site="central", limit=2)
+    assert page == {"entries": entries[:2], "total": len(entries)}
+    assert lab.get("steward/audit", site="central", limit=2, before=entries[1]["seq"])["entries"] == entries[2:4]
+    cap_change = lab.get("steward/audit", site="central", action="cap", decision="changed")
+    assert cap_change["total"] == 1 and "annual review" in cap_change["entries"][0]["reason"]
+    release = lab.get("steward/audit", site="central", action="query", decision="released")["entries"][0]
+    assert release["epsilon_at_reporting_delta"] > 0 and release["epsilon"] == 0
+    export = lab.get("steward/audit/export", site="central", format="csv", action="cap", decision="changed")
+    assert export["filename"] == "central-audit.csv" and len(export["content"].splitlines()) == 2
     assert lab.get("steward/audit/verify", site="central")["ok"] is True
 
 

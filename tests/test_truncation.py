@@ -46,7 +46,7 @@ def over_bound(catalog: Path) -> tuple[int, int]:
 
 def data_checks(d: Deployment) -> list[dict[str, Any]]:
     with d.http("steward") as http:
-        return [e for e in http.get("/audit").json() if e["action"] == "data_check"]
+        return [e for e in reversed(http.get("/audit", params={"limit": 1000}).json()) if e["action"] == "data_check"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_a_steward_may_refuse_a_file_that_breaks_its_bound(site_config: Path, tm
         assert d.spent("encounters") == before
         with d.http("steward") as http:
             cap_after = next(b for b in http.get("/budgets").json() if b["dataset"] == "encounters")
-            log = http.get("/audit").json()
+            log = http.get("/audit", params={"limit": 1000}).json()[::-1]  # oldest first
         assert cap_after["spent_rho"] == cap_before["spent_rho"] and cap_after["on_excess_rows"] == "refuse"
         refused = [e for e in log if e["decision"] == "refused"]
         assert [e["action"] for e in refused] == ["datasets", "query", "jobs"]

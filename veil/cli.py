@@ -160,24 +160,14 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import csv
-    import json
+    from veil.executor.audit import entries, export_text, reported
 
-    from veil.executor.audit import FIELDS, entries
-
-    _, engine = _open(args)
+    catalog, engine = _open(args)
     since = args.since or "0"
     found = entries(engine, since=int(since)) if since.isdigit() else [e for e in entries(engine) if e.ts >= since]
-    columns = [*FIELDS, "hash"]
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     try:
-        if args.format == "jsonl":
-            for e in found:
-                out.write(json.dumps(e.model_dump(exclude={"checkpoint"}), sort_keys=True) + "\n")
-        else:
-            writer = csv.DictWriter(out, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(e.model_dump(exclude={"checkpoint"}) for e in found)
+        out.write(export_text((reported(e, catalog.reporting_delta) for e in found), args.format))
     finally:
         if args.out:
             out.close()

@@ -42,6 +42,11 @@ def _print_application(a: ApplicationInfo, detail: bool = False) -> None:
         for review in a.reviews:
             print(f"    {review.decision} by {review.reviewer} ({review.office or 'no office'}) at {review.ts[:19]}: "
                   f"{review.comment}")
+    for g in a.existing_grants:
+        own = " (this application's own)" if g.application_id == a.id else " (approving: --existing add|replace|keep)"
+        until = f"expires {g.expires_at[:10]}" if g.expires_at else "no expiry"
+        print(f"    the project already holds grant {g.id} on {g.dataset}: epsilon granted {g.epsilon:g}, spent "
+              f"{g.epsilon_spent:.4g}, largest next release {g.largest_next_epsilon:.4g}, {until}{own}")
 
 
 NEXT_RELEASE_NOTE = ("largest next release: the most epsilon one more release may have; epsilons of several "
@@ -68,7 +73,7 @@ def _review(args: argparse.Namespace) -> int:
     with _client(args) as site:
         version = args.version or site.application(args.id).version
         decision = ReviewRequest(decision="approve" if args.approve else "reject", comment=args.comment,
-                                 version=version)
+                                 version=version, on_existing_grant=args.existing if args.approve else None)
         after = site.review(args.id, decision)
     _print_application(after, detail=True)
     return 0
@@ -152,6 +157,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--comment", required=True)
     p.add_argument("--version", type=int, default=None,
                    help="the version you read (default: the current one); a changed application is refused")
+    p.add_argument("--existing", choices=("add", "replace", "keep"), default=None,
+                   help="when the project already holds a grant on a requested dataset (another application's or "
+                        "the site's default), what approving does to it: add (the budgets compose: rho adds up, "
+                        "the later expiry stands), replace (it becomes what this application asks; what it spent "
+                        "stays spent) or keep (it stays as it is); approving over one without this is refused")
 
     command("grants", "every project's grants: granted, spent, largest next release, status", _grants)
     grant = actions.add_parser("grant", help="change a grant").add_subparsers(dest="grant_action", required=True)

@@ -402,6 +402,13 @@ class ApplicationInfo(_Strict):
     created_at: str
     updated_at: str
     decided_at: str | None
+    existing_grants: list[GrantInfo] = Field(
+        default_factory=list, description="stewards' view of a pending application: the project's active grants on "
+        "the requested datasets, so a reviewer sees both; approving over one given by another application needs "
+        "`on_existing_grant` in the review")
+
+
+ExistingGrantChoice = Literal["add", "replace", "keep"]
 
 
 class ReviewRequest(_Strict):
@@ -410,6 +417,12 @@ class ReviewRequest(_Strict):
     decision: Literal["approve", "reject"]
     comment: str = Field(min_length=1, max_length=4000)
     version: int = Field(ge=1, description="the version you reviewed; a changed application needs a new review")
+    on_existing_grant: ExistingGrantChoice | None = Field(
+        default=None, description="what an approval does to a grant the project already holds on a requested "
+        "dataset (from another application or the site's default): `add` (the new budget composes with it: its "
+        "rho is added to the grant's, its delta to the grant's delta, the later expiry and both uses stand), "
+        "`replace` (the grant becomes what this application asks; what it spent stays spent), `keep` (the grant "
+        "stays as it is; the application is approved without changing it). Required when there is one")
 
 
 class RevokeRequest(_Strict):
@@ -576,6 +589,9 @@ class AuditEntry(_Strict):
     prev_hash: str
     hash: str
     checkpoint: Checkpoint | None = Field(default=None, description="the first signed head at or after this entry")
+    epsilon_at_reporting_delta: float | None = Field(
+        default=None, description="the entry's cost as epsilon at the site's reporting delta: epsilon_of(rho) plus "
+        "`epsilon`, computed by the site (OpenDP's conversion); None where the site did not compute it")
 
 
 class WhoAmI(_Strict):

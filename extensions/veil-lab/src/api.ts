@@ -170,6 +170,21 @@ export interface IApplicationInfo {
   };
   reviews: IReview[];
   needs: string | null;
+  /**
+   * Stewards' view of a pending application: the project's active grants on
+   * the requested datasets (approving over one another application gave needs
+   * `on_existing_grant`).
+   */
+  existing_grants?: IExistingGrant[];
+}
+
+/** What approving does to a grant the project already holds. */
+export type ExistingGrantChoice = 'add' | 'replace' | 'keep';
+
+export interface IExistingGrant extends IGrant {
+  id: string | number;
+  project: string;
+  application_id: string | number | null;
 }
 
 export interface IApplicationsResponse {
@@ -219,10 +234,20 @@ export interface IAuditEntry {
   delta: number | null;
   reason: string | null;
   hash: string;
+  /** The entry's cost as epsilon at the site's reporting delta, computed by the site. */
+  epsilon_at_reporting_delta: number | null;
 }
 
+/** A page of the log, newest first; `total`: entries matching the filters. */
 export interface IAuditResponse {
   entries: IAuditEntry[];
+  total: number;
+}
+
+/** The filtered log as JSON lines or CSV, to be saved. */
+export interface IAuditExportResponse {
+  filename: string;
+  content: string;
 }
 
 export interface IAuditVerifyResponse {

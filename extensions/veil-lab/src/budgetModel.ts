@@ -10,7 +10,14 @@
  */
 import { ISignal, Signal } from '@lumino/signaling';
 
-import type { IBudgetEvent, IBudgetResponse, IGrant, IRelease } from './api';
+import type {
+  IApplicationInfo,
+  IBudgetEvent,
+  IBudgetResponse,
+  IExistingGrant,
+  IGrant,
+  IRelease
+} from './api';
 
 /** Fraction of a grant under which the status bar turns to a warning. */
 export const LOW_BUDGET_FRACTION = 0.2;
@@ -283,4 +290,25 @@ export class BudgetModel {
   private _requestError: string | null = null;
   private _loaded = false;
   private _sites = new Map<string, ISiteBudget>();
+}
+
+/** A grant as the card shows it: granted, spent, largest next release, expiry. */
+export function describeGrant(g: IExistingGrant): string {
+  const until = g.expires_at
+    ? `expires ${String(g.expires_at).slice(0, 10)}`
+    : 'no expiry';
+  return (
+    `grant ${g.id} on ${g.dataset}: ε granted ${formatEpsilon(g.epsilon)}, ` +
+    `spent ${formatEpsilon(g.epsilon_spent)}, largest next release ` +
+    `${formatEpsilon(g.largest_next_epsilon)}, ${until}`
+  );
+}
+
+/** The grants an approval must say what to do with: another application's. */
+export function grantsToDecide(app: IApplicationInfo): IExistingGrant[] {
+  return (app.existing_grants ?? []).filter(
+    g =>
+      g.status === 'active' &&
+      (g.application_id === null || String(g.application_id) !== String(app.id))
+  );
 }

@@ -2,18 +2,21 @@
  * Steward desk (main area): applications to review, budgets and grants, and
  * the audit log of each site the steward is responsible for.
  */
-import { InputDialog } from '@jupyterlab/apputils';
+import { Dialog, InputDialog, showDialog } from '@jupyterlab/apputils';
 import { ReactWidget } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import {
   apiPath,
+  ExistingGrantChoice,
   IApplicationInfo,
   IApplicationsResponse,
   IAuditEntry,
+  IAuditExportResponse,
   IAuditResponse,
   IAuditVerifyResponse,
   IDatasetBudget,
+  IExistingGrant,
   IStewardBudgetsResponse,
   IStewardGrant,
   postAPI,
@@ -21,7 +24,21 @@ import {
   toApiError,
   VeilApiError
 } from './api';
-import { formatEpsilon, NEXT_RELEASE_NOTE } from './budgetModel';
+import {
+  appendPage,
+  AUDIT_FILTERS,
+  AUDIT_PAGE,
+  AuditFilters,
+  auditQuery,
+  formatCost,
+  NO_FILTERS
+} from './auditModel';
+import {
+  describeGrant,
+  formatEpsilon,
+  grantsToDecide,
+  NEXT_RELEASE_NOTE
+} from './budgetModel';
 import { ErrorBox, formatTime, formatValue, LevelBadge } from './components';
 import { veilIcon } from './icons';
 
@@ -67,6 +84,61 @@ function RefreshButton(props: {
 
 // ---------------------------------------------------------------- applications
 
+/**
+ * Ask the steward what approving does to the project's existing grant(s):
+ * add, replace or keep; null when they cancel.
+ */
+async function askExistingGrant(
+  app: IApplicationInfo,
+  held: IExistingGrant[]
+): Promise<ExistingGrantChoice | null> {
+  const r = app.request;
+  const body = (
+    <div className="veil-existing-choice">
+      <p>The project already holds:</p>
+      <ul>
+        {held.map(g => (
+          <li key={String(g.id)}>{describeGrant(g)}</li>
+        ))}
+      </ul>
+      <p>
+        This application requests ε {formatEpsilon(r.epsilon)} for{' '}
+        {r.duration_days} days.
+      </p>
+      <ul>
+        <li>
+          <strong>Add</strong>: the budgets compose (rho adds up); the later
+          expiry and both uses stand.
+        </li>
+        <li>
+          <strong>Replace</strong>: the grant becomes what this application
+          asks; what it spent stays spent.
+        </li>
+        <li>
+          <strong>Keep</strong>: the grant stays as it is; the application is
+          approved without changing it.
+        </li>
+      </ul>
+    </div>
+  );
+  const choices: ExistingGrantChoice[] = ['add', 'replace', 'keep'];
+  const result = await showDialog({
+    title: `Approve #${app.id}: the project already holds a grant`,
+    body,
+    buttons: [
+      Dialog.cancelButton(),
+      Dialog.okButton({ label: 'Keep', caption: 'keep the existing grant' }),
+      Dialog.okButton({ label: 'Replace', caption: 'replace it' }),
+      Dialog.okButton({ label: 'Add', caption: 'add the new budget to it' })
+    ]
+  });
+  if (!result.button.accept) {
+    return null;
+  }
+  const picked = result.button.label.toLowerCase() as ExistingGrantChoice;
+  return choices.includes(picked) ? picked : null;
+}
+
 function ApplicationCard(props: {
   site: string;
   app: IApplicationInfo;
@@ -82,12 +154,25 @@ function ApplicationCard(props: {
       setError('A comment is required to approve or reject.');
       return;
     }
+    let choice: ExistingGrantChoice | null = null;
+    const held = grantsToDecide(app);
+    if (decision === 'approve' && held.length) {
+      choice = await askExistingGrant(app, held);
+      if (choice === null) {
+        return;
+      }
+    }
     setBusy(true);
     setError(null);
     try {
       await postAPI<IApplicationInfo>(
         `steward/applications/${apiPath(site, app.id)}/reviews`,
-        { decision, comment: comment.trim(), version: app.version }
+        {
+          decision,
+          comment: comment.trim(),
+          version: app.version,
+          ...(choice ? { on_existing_grant: choice } : {})
+        }
       );
       setComment('');
       props.onReviewed();
@@ -141,6 +226,21 @@ function ApplicationCard(props: {
         </dd>
       </dl>
       {app.needs ? <div className="veil-needs">Needs: {app.needs}</div> : null}
+      {app.existing_grants?.length ? (
+        <div className="veil-existing-grants">
+          The project already holds:
+          <ul>
+            {app.existing_grants.map(g => (
+              <li key={String(g.id)}>
+                {describeGrant(g)}
+                {String(g.application_id) === String(app.id)
+                  ? " (this application's own: approving replaces it)"
+                  : ' (approving asks: add, replace or keep)'}
+              </li>
+            ))}
+          </ul>
+        </div>
+      ) : null}
       {app.reviews?.length ? (
         <ul className="veil-reviews">
           {app.reviews.map((rv, i) => (
@@ -412,19 +512,70 @@ export function auditEntryMatches(entry: IAuditEntry, filter: string): boolean {
   );
 }
 
+/** Save text as a file through the browser. */
+function download(filename: string, content: string): void {
+  const type = filename.endsWith('.csv') ? 'text/csv' : 'application/x-ndjson';
+  const url = URL.createObjectURL(new Blob([content], { type }));
+  const link = document.createElement('a');
+  link.href = url;
+  link.download = filename;
+  link.click();
+  window.setTimeout(() => URL.revokeObjectURL(url), 0);
+}
+
 function AuditTab(props: { sites: string[] }): JSX.Element {
   const [site, setSite] = React.useState(props.sites[0] ?? '');
-  const [filter, setFilter] = React.useState('');
+  const [draft, setDraft] = React.useState<AuditFilters>(NO_FILTERS);
+  const [filters, setFilters] = React.useState<AuditFilters>(NO_FILTERS);
+  const [search, setSearch] = React.useState('');
+  const [entries, setEntries] = React.useState<IAuditEntry[]>([]);
+  const [total, setTotal] = React.useState<number | null>(null);
+  const [loading, setLoading] = React.useState(false);
+  const [error, setError] = React.useState<VeilApiError | null>(null);
+  const [format, setFormat] = React.useState<'jsonl' | 'csv'>('csv');
   const q = encodeURIComponent(site);
-  const audit = useResource<IAuditResponse>(
-    site ? `steward/audit?site=${q}&since=0&limit=200` : null
-  );
   const check = useResource<IAuditVerifyResponse>(
     site ? `steward/audit/verify?site=${q}` : null
   );
-  const entries = (audit.data?.entries ?? []).filter(e =>
-    auditEntryMatches(e, filter)
+  /** The newest page (no `before`), or the page older than `before`. */
+  const load = React.useCallback(
+    async (before?: number) => {
+      if (!site) {
+        return;
+      }
+      setLoading(true);
+      setError(null);
+      try {
+        const page = await requestAPI<IAuditResponse>(
+          `steward/audit?${auditQuery(site, filters, { limit: AUDIT_PAGE, before })}`
+        );
+        setEntries(old =>
+          before === undefined ? page.entries : appendPage(old, page.entries)
+        );
+        setTotal(page.total);
+      } catch (e) {
+        setError(toApiError(e));
+      } finally {
+        setLoading(false);
+      }
+    },
+    [site, filters]
   );
+  React.useEffect(() => {
+    void load();
+  }, [load]);
+  const exportLog = async (): Promise<void> => {
+    setError(null);
+    try {
+      const file = await requestAPI<IAuditExportResponse>(
+        `steward/audit/export?${auditQuery(site, filters, { format })}`
+      );
+      download(file.filename, file.content);
+    } catch (e) {
+      setError(toApiError(e));
+    }
+  };
+  const shown = entries.filter(e => auditEntryMatches(e, search));
   const v = check.data;
   return (
     <div>
@@ -437,13 +588,6 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
             </option>
           ))}
         </select>
-        <input
-          className="veil-filter"
-          type="search"
-          placeholder="Filter entries"
-          value={filter}
-          onChange={e => setFilter(e.target.value)}
-        />
         {check.loading ? (
           <span className="veil-badge">checking chain…</span>
         ) : v ? (
@@ -457,14 +601,67 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
           </span>
         ) : null}
         <RefreshButton
-          loading={audit.loading}
+          loading={loading}
           onClick={() => {
-            void audit.reload();
+            void load();
             void check.reload();
           }}
         />
       </div>
-      <ErrorBox error={audit.error} />
+      <form
+        className="veil-toolbar veil-audit-filters"
+        onSubmit={e => {
+          e.preventDefault();
+          setFilters({ ...draft });
+        }}
+      >
+        {AUDIT_FILTERS.map(key => (
+          <input
+            key={key}
+            className="veil-filter"
+            type="search"
+            aria-label={`Filter by ${key}`}
+            placeholder={key}
+            value={draft[key]}
+            onChange={e => setDraft({ ...draft, [key]: e.target.value })}
+          />
+        ))}
+        <button type="submit" className="jp-mod-styled veil-button">
+          Apply filters
+        </button>
+        <select
+          aria-label="Export format"
+          value={format}
+          onChange={e =>
+            setFormat(e.target.value === 'jsonl' ? 'jsonl' : 'csv')
+          }
+        >
+          <option value="csv">CSV</option>
+          <option value="jsonl">JSON lines</option>
+        </select>
+        <button
+          type="button"
+          className="jp-mod-styled veil-button"
+          onClick={() => void exportLog()}
+        >
+          Export
+        </button>
+      </form>
+      <div className="veil-toolbar">
+        <span className="veil-audit-count">
+          {total === null
+            ? ''
+            : `${total} entries${total > entries.length ? `, newest ${entries.length} shown` : ''}`}
+        </span>
+        <input
+          className="veil-filter"
+          type="search"
+          placeholder="Search shown entries"
+          value={search}
+          onChange={e => setSearch(e.target.value)}
+        />
+      </div>
+      <ErrorBox error={error} />
       <ErrorBox error={check.error} />
       {v && !v.ok ? (
         <ul className="veil-problems">
@@ -485,13 +682,15 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
               <th>Decision</th>
               <th>Project</th>
               <th>Dataset</th>
-              <th>ε</th>
+              <th title="this entry's cost, as epsilon at the site's reporting delta (computed by the site; costs do not add up)">
+                ε
+              </th>
               <th>Reason</th>
               <th>Hash</th>
             </tr>
           </thead>
           <tbody>
-            {entries.map(e => (
+            {shown.map(e => (
               <tr key={e.seq}>
                 <td>{e.seq}</td>
                 <td>{formatTime(e.ts)}</td>
@@ -501,7 +700,9 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
                 <td>{e.decision}</td>
                 <td>{e.project ?? ''}</td>
                 <td>{e.dataset ?? ''}</td>
-                <td>{e.epsilon === null ? '' : formatEpsilon(e.epsilon)}</td>
+                <td title={e.rho ? `rho ${e.rho}` : undefined}>
+                  {formatCost(e)}
+                </td>
                 <td>{e.reason ?? ''}</td>
                 <td>
                   <code title={e.hash}>{e.hash.slice(0, 10)}</code>
@@ -511,6 +712,15 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
           </tbody>
         </table>
       </div>
+      {total !== null && entries.length < total ? (
+        <button
+          className="jp-mod-styled veil-button"
+          disabled={loading}
+          onClick={() => void load(entries[entries.length - 1]?.seq)}
+        >
+          {loading ? 'Loading…' : 'Load older'}
+        </button>
+      ) : null}
     </div>
   );
 }

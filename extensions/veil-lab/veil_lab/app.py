@@ -48,7 +48,7 @@ class VeilLabApp(ExtensionApp):
             (r"steward/applications/([^/]+)/(\d+)/reviews", ReviewHandler), ("steward/budgets", BudgetsHandler),
             (r"steward/grants/([^/]+)/(\d+)/revoke", RevokeHandler),
             (r"steward/budgets/([^/]+)/([^/]+)/cap", CapHandler), ("steward/audit", AuditHandler),
-            ("steward/audit/verify", AuditVerifyHandler)]
+            ("steward/audit/verify", AuditVerifyHandler), ("steward/audit/export", AuditExportHandler)]
         self.handlers.extend((url_path_join(base, "veil/api", path), handler, {"lab": self})
                              for path, handler in routes)
 
@@ -253,12 +253,37 @@ class CapHandler(_Handler):
         await self.run(work)
 
 
+AUDIT_FILTERS = ("project", "dataset", "action", "decision")
+
+
 class AuditHandler(_Handler):
+    """A page of a site's audit log, newest first (`before`: the last seq of the previous page), filtered;
+    `total`: how many entries match the filters."""
+
     @tornado.web.authenticated
     async def get(self) -> None:
         site = self.get_argument("site")
-        since, limit = int(self.get_argument("since", "0")), int(self.get_argument("limit", "200"))
-        await self.run(lambda: {"entries": _plain(self.steward(site)[site].audit(since, limit))})
+        since, limit = int(self.get_argument("since", "0")), int(self.get_argument("limit", "100"))
+        before = self.get_argument("before", "") or None
+        project, dataset, action, decision = (self.get_argument(k, "") or None for k in AUDIT_FILTERS)
+
+        def work() -> Any:
+            found, total = self.steward(site)[site].audit_page(
+                since, limit, None if before is None else int(before), project=project, dataset=dataset,
+                action=action, decision=decision)
+            return {"entries": _plain(found), "total": total}
+        await self.run(work)
+
+
+class AuditExportHandler(_Handler):
+    """The filtered log as JSON lines or CSV text, for the desk to save: {filename, content}."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        site, fmt = self.get_argument("site"), self.get_argument("format", "jsonl")
+        project, dataset, action, decision = (self.get_argument(k, "") or None for k in AUDIT_FILTERS)
+        await self.run(lambda: {"filename": f"{site}-audit.{fmt}", "content": self.steward(site)[site].audit_export(
+            fmt, project=project, dataset=dataset, action=action, decision=decision)})
 
 
 class AuditVerifyHandler(_Handler):

@@ -1,7 +1,14 @@
-import type { IBudgetEvent, IBudgetResponse } from '../api';
+import type {
+  IApplicationInfo,
+  IBudgetEvent,
+  IBudgetResponse,
+  IExistingGrant
+} from '../api';
 import {
   BudgetModel,
+  describeGrant,
   formatEpsilon,
+  grantsToDecide,
   isGrantLow,
   NEXT_RELEASE_NOTE
 } from '../budgetModel';
@@ -267,5 +274,60 @@ describe('formatEpsilon', () => {
     expect(formatEpsilon(0)).toBe('0');
     expect(formatEpsilon(-1)).toBe('0');
     expect(formatEpsilon(NaN)).toBe('–');
+  });
+});
+
+describe('existing grants on an application card', () => {
+  const held = (id: number, applicationId: number | null): IExistingGrant => ({
+    id,
+    project: 'study1',
+    dataset: 'encounters',
+    application_id: applicationId,
+    epsilon: 8,
+    epsilon_spent: 0.5,
+    largest_next_epsilon: 7.6,
+    status: 'active',
+    expires_at: null
+  });
+  const app = (grants: IExistingGrant[]): IApplicationInfo => ({
+    id: 7,
+    project: 'study1',
+    applicant: 'alice',
+    status: 'pending',
+    version: 1,
+    request: {
+      purpose: 'A smaller follow-up on encounters',
+      datasets: ['encounters'],
+      epsilon: 2,
+      duration_days: 90,
+      delta: 1e-6,
+      uses: ['query'],
+      ethics_ref: null,
+      model_source: null
+    },
+    rule: { level: 'L2', reviewers: 1, offices: [] },
+    reviews: [],
+    needs: '1 more approving reviewer',
+    existing_grants: grants
+  });
+
+  it('shows granted, spent, largest next release and expiry', () => {
+    expect(describeGrant(held(3, null))).toBe(
+      'grant 3 on encounters: ε granted 8.00, spent 0.5, largest next release 7.60, no expiry'
+    );
+    expect(
+      describeGrant({
+        ...held(3, null),
+        expires_at: '2027-03-04T10:00:00+00:00'
+      })
+    ).toContain('expires 2027-03-04');
+  });
+
+  it("asks about another application's grant, not the application's own", () => {
+    expect(
+      grantsToDecide(app([held(3, null), held(4, 2)])).map(g => g.id)
+    ).toEqual([3, 4]);
+    expect(grantsToDecide(app([held(5, 7)]))).toEqual([]);
+    expect(grantsToDecide(app([]))).toEqual([]);
   });
 });
