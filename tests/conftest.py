@@ -145,6 +145,16 @@ def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str
     return deployment
 
 
+def add_stewards(d: Deployment, token_dir: Path, stewards: dict[str, str]) -> None:
+    """Steward tokens for `stewards` (name -> office), and every token of `d` written to `token_dir`
+    (as `NAME.token`, for the steward CLI), which becomes `d.token_dir`."""
+    for name, office in stewards.items():
+        d.tokens[name] = create_token(d.engine, name, "steward", None, office)
+    for who, token in d.tokens.items():
+        (token_dir / f"{who}.token").write_text(token)
+    d.token_dir = token_dir  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def deployer(site_config: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Deployment]]:
     """Start fresh deployments inside a test: deployer(backend, grants={...})."""

@@ -23,7 +23,7 @@ from test_governance import (
     steward_cli,
 )
 
-from conftest import BACKENDS, Deployment, deploy, make_database
+from conftest import BACKENDS, Deployment, add_stewards, deploy, make_database
 from veil.executor import audit, ledger
 from veil.executor.auth import create_token
 from veil.query.accounting import epsilon_of, rho_for_epsilon
@@ -38,11 +38,7 @@ def site(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: py
     root = tmp_path_factory.mktemp("existing")
     url, drop = make_database(request.param, root)
     d = deploy(governance_catalog(site_config, root, {"L2": {"training": False}}), url, root, grants={})
-    for name, office in [("erin", "data_center"), ("frank", "data_committee")]:
-        d.tokens[name] = create_token(d.engine, name, "steward", None, office)
-    for who, token in d.tokens.items():
-        (root / f"{who}.token").write_text(token)
-    d.token_dir = root  # type: ignore[attr-defined]
+    add_stewards(d, root, {"erin": "data_center", "frank": "data_committee"})
     yield d
     d.stop()
     drop()

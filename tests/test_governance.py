@@ -20,7 +20,7 @@ import pytest
 import tomli_w
 from sqlalchemy import Engine, select
 
-from conftest import BACKENDS, Deployment, deploy, make_database
+from conftest import BACKENDS, Deployment, add_stewards, deploy, make_database
 from veil.cli import main as veil
 from veil.errors import CatalogError
 from veil.executor import audit, ledger
@@ -56,12 +56,8 @@ def gov(request: pytest.FixtureRequest, site_config: Path, tmp_path_factory: pyt
     catalog = governance_catalog(site_config, state, {"L2": {"training": False}})
     url, drop = make_database(request.param, state)
     d = deploy(catalog, url, state, grants={})
-    for name, office in [("erin", "data_center"), ("frank", "data_committee"), ("grace", "data_center")]:
-        d.tokens[name] = create_token(d.engine, name, "steward", None, office)
     d.tokens["alice_steward"] = create_token(d.engine, "alice", "steward", None, "data_committee")
-    for who, token in d.tokens.items():
-        (state / f"{who}.token").write_text(token)
-    d.token_dir = state  # type: ignore[attr-defined]
+    add_stewards(d, state, {"erin": "data_center", "frank": "data_committee", "grace": "data_center"})
     yield d
     d.stop()
     drop()
