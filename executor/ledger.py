@@ -146,6 +146,13 @@ def grant_row(conn: Connection, project: str, dataset: str) -> dict | None:
     return dict(row) if row else None
 
 
+def grant_figures(conn: Connection, catalog: Catalog, project: str, dataset: str) -> dict[str, float] | None:
+    """The project's grant on `dataset` as a researcher reads it (granted, spent, largest next release, what
+    remains), or None when it has none."""
+    row = grant_row(conn, project, dataset)
+    return None if row is None else _remaining(row, catalog.reporting_delta)
+
+
 def grants_of_application(conn: Connection, application_id: int, exclude: list[str]) -> list[int]:
     """Ids of the active grants an application gave on datasets other than `exclude`."""
     return list(conn.execute(select(grants.c.id).where(

@@ -31,6 +31,7 @@ from typing import Any
 
 from veil import errors
 from veil.errors import VeilError
+from veil.executor.cancellation import cancelled
 from veil.query.release import Output
 
 MAX_WORKER_RSS_BYTES = 3 * 1024**3
@@ -39,6 +40,12 @@ STARTUP_SECONDS = 120.0
 """How long a new worker may take to import and warm up (not counted against a query's time limit)."""
 MAX_IN_FLIGHT = 64
 """Queries one principal may have in the executor at once (running or waiting for a worker)."""
+STOP_CHECK_SECONDS = 0.05
+"""How often a request waiting on its worker looks whether it was cancelled."""
+
+
+class Stopped(Exception):
+    """The request was cancelled while its worker was busy with it."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,11 @@ class _Worker:
             self._receive(time.monotonic() + STARTUP_SECONDS)
             self.ready = True
 
-    def call(self, message: tuple, deadline: float) -> Any:
-        """Send one message and wait for the answer until `deadline` (monotonic); raise on overrun."""
+    def call(self, message: tuple, deadline: float, stopped: threading.Event) -> Any:
+        """Send one message and wait for the answer until `deadline` (monotonic) or until `stopped` is set;
+        raise on overrun (TimeoutError) or stop (Stopped)."""
         self.conn.send(message)
-        status, value = self._receive(deadline)
+        status, value = self._receive(deadline, stopped)
         if status == "refused":
             kind, code, message_text, hint, http_status = value
             raise getattr(errors, kind, VeilError)(code, message_text, hint=hint, status=http_status)
@@ -123,9 +131,12 @@ class _Worker:
             raise RuntimeError(value)
         return value
 
-    def _receive(self, deadline: float) -> Any:
-        if not self.conn.poll(max(0.0, deadline - time.monotonic())):
-            raise TimeoutError
+    def _receive(self, deadline: float, stopped: threading.Event | None = None) -> Any:
+        while not self.conn.poll(min(STOP_CHECK_SECONDS, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            if stopped is not None and stopped.is_set():
+                raise Stopped
         return self.conn.recv()
 
     def stop(self) -> None:
@@ -157,8 +168,9 @@ class QueryPool:
         return worker
 
     @contextmanager
-    def session(self, principal: str) -> Iterator[Session]:
-        """A worker for one query of `principal`, returned (or replaced, after an overrun) afterwards."""
+    def session(self, principal: str, stopped: threading.Event | None = None) -> Iterator[Session]:
+        """A worker for one query of `principal`, returned (or replaced, after an overrun or a stop) afterwards.
+        Setting `stopped` (the request was cancelled) ends the wait for a worker or an answer at once."""
         deadline = time.monotonic() + self.seconds
         with self._lock:
             if self._in_flight[principal] >= MAX_IN_FLIGHT:
@@ -166,8 +178,9 @@ class QueryPool:
                                 hint="wait for answers before sending more", status=429)
             self._in_flight[principal] += 1
         try:
-            worker = self._acquire(principal, deadline)
-            session = Session(worker, deadline, self.seconds)
+            stopped = stopped or threading.Event()
+            worker = self._acquire(principal, deadline, stopped)
+            session = Session(worker, deadline, self.seconds, stopped)
             try:
                 session.start()  # a fresh worker's start-up is not the query's time
                 yield session
@@ -179,7 +192,7 @@ class QueryPool:
                 if not self._in_flight[principal]:
                     del self._in_flight[principal]
 
-    def _acquire(self, principal: str, deadline: float) -> _Worker:
+    def _acquire(self, principal: str, deadline: float, stopped: threading.Event) -> _Worker:
         while True:
             with self._lock:
                 if self._running[principal] < self.per_principal:
@@ -192,6 +205,8 @@ class QueryPool:
                         return worker
             if time.monotonic() >= deadline:
                 raise _busy(self.seconds)
+            if stopped.is_set():
+                raise cancelled(None)
             time.sleep(0.002)
 
     def _release(self, principal: str, session: Session) -> None:
@@ -221,8 +236,8 @@ class QueryPool:
 class Session:
     """One request's use of a worker: prepare (plan + certify), then run, both before the deadline."""
 
-    def __init__(self, worker: _Worker, deadline: float, seconds: float) -> None:
-        self.worker, self.deadline, self.seconds, self.broken = worker, deadline, seconds, False
+    def __init__(self, worker: _Worker, deadline: float, seconds: float, stopped: threading.Event) -> None:
+        self.worker, self.deadline, self.seconds, self.stopped, self.broken = worker, deadline, seconds, stopped, False
 
     def start(self) -> None:
         """Wait for the worker to be ready, then start the query's clock."""
@@ -235,10 +250,13 @@ class Session:
 
     def _call(self, message: tuple) -> Any:
         try:
-            return self.worker.call(message, self.deadline)
+            return self.worker.call(message, self.deadline, self.stopped)
         except TimeoutError:
             self.broken = True
             raise _timeout(self.seconds) from None
+        except Stopped:  # the worker is still busy with the abandoned query: replace it
+            self.broken = True
+            raise cancelled(None) from None
         except (EOFError, OSError, BrokenPipeError):
             self.broken = True
             raise _crashed() from None

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from veil.errors import CatalogError, VeilError
 from veil.executor import application, audit, checkpoints, custom_model, federated, ledger, mocks
 from veil.executor.auth import Principal, require
+from veil.executor.cancellation import Ticket, Tickets
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
 from veil.executor.query_pool import QueryPool, QueryTask
 from veil.executor.rounds import Rounds
@@ -29,6 +30,7 @@ from veil.wire import (
     ApplicationRequest,
     AuditEntry,
     AuditVerification,
+    Cancellation,
     DatasetBudget,
     DatasetInfo,
     GrantInfo,
@@ -70,6 +72,7 @@ class Site:
     rounds: Rounds = field(init=False)
     rates: RateLimiter = field(default_factory=RateLimiter)
     refusals: RefusalCounter = field(init=False)
+    tickets: Tickets = field(default_factory=Tickets)
 
     def __post_init__(self) -> None:
         if self.queries is None:
@@ -189,9 +192,22 @@ class Site:
 
     # ------------------------------------------------------------ queries
 
-    def query(self, principal: Principal, request: QueryRequest) -> Release:
-        """Plan, certify, precheck the budget, run, then charge and audit in one transaction."""
+    def begin_query(self, principal: Principal, request: QueryRequest) -> Ticket:
+        """The ticket of a researcher's query, by which it can be cancelled until it is charged."""
         require(principal, "researcher")
+        return self.tickets.begin(principal.project or "", request.request_id)
+
+    def cancel_query(self, principal: Principal, request_id: str) -> Cancellation:
+        """Cancel a query of the caller's project: nothing charged, or the release it already made."""
+        require(principal, "researcher")
+        return self.tickets.cancel(principal.project or "", request_id)
+
+    def query(self, principal: Principal, request: QueryRequest, ticket: Ticket | None = None) -> Release:
+        """Plan, certify, precheck the budget, run, then charge and audit in one transaction, unless the
+        request's `ticket` was cancelled meanwhile (then nothing is charged)."""
+        ticket = ticket or self.begin_query(principal, request)
+        if ticket.release is not None:  # a retry of a request already released: the same release, charged once
+            return ticket.release
         project = principal.project or ""
         if request.project is not None and request.project != project:
             raise VeilError("wrong_project", f"your token acts for project '{project}', not '{request.project}'",
@@ -207,11 +223,12 @@ class Site:
                pricing.min_group_threshold)
         task = QueryTask(key, dataset.name, spec.model_dump_json(), verified, rho, delta, request.confidence,
                          pricing.min_group_threshold, request.accuracy)
-        with self.queries.session(principal.name) as worker:
+        with self.queries.session(principal.name, ticket.stopped) as worker:
             certified = worker.prepare(task)  # planned and certified in the worker, within the time limit
             accuracy_within_level(request, certified, dataset.level, pricing)
             with self.engine.connect() as conn:  # fail early, before touching the data
                 ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
+            ticket.check()
             output = worker.run(task)
         release = unsigned_release(self.catalog.site, dataset.name, project, text, request, spec.group_by,
                                    certified, output, pricing)
@@ -219,13 +236,19 @@ class Site:
             release = release.model_copy(update={"notes": [
                 *release.notes, f"rows were truncated to at most {dataset.max_rows_per_unit} per patient because "
                 "the site's file breaks its catalog's bound; counts and sums may be low"]})
-        with write(self.engine) as conn:
-            ledger.charge(conn, self.catalog, project, dataset, certified.rho, certified.delta)
-            entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",
-                                 decision="released", project=project, dataset=dataset.name, query=text,
-                                 rho=certified.rho, delta=certified.delta, result_digest=output.digest)
-            checkpoint = checkpoints.covering(conn, entry.seq)  # signs this head now (the commit won't again)
-        return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts, "checkpoint": checkpoint})
+
+        def charge() -> Release:
+            with write(self.engine) as conn:
+                ledger.charge(conn, self.catalog, project, dataset, certified.rho, certified.delta)
+                entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",
+                                     decision="released", project=project, dataset=dataset.name, query=text,
+                                     rho=certified.rho, delta=certified.delta, result_digest=output.digest)
+                checkpoint = checkpoints.covering(conn, entry.seq)  # signs this head now (the commit won't again)
+                grant = ledger.grant_figures(conn, self.catalog, project, dataset.name)
+            return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts,
+                                              "checkpoint": checkpoint, "grant": grant})
+
+        return ticket.commit(charge)
 
     # ------------------------------------------------------------ governance
 

@@ -15,6 +15,7 @@ from veil.wire import (
     ApplicationRequest,
     AuditEntry,
     AuditVerification,
+    Cancellation,
     CapRequest,
     CatalogEntry,
     DatasetBudget,
@@ -39,9 +40,10 @@ class SiteClient:
     """Talks to one executor with one researcher or steward token."""
 
     def __init__(self, name: str, url: str, token: str | None, timeout: float = 120.0) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.name = name
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.name, self.url, self.timeout = name, url, timeout
+        self._http = httpx.Client(base_url=url, headers=self._headers, timeout=timeout)
+        self._async: httpx.AsyncClient | None = None  # made on the event loop that uses it (`kernel.inflight`)
 
     def close(self) -> None:
         self._http.close()
@@ -56,7 +58,10 @@ class SiteClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise VeilSiteUnavailable(self.name, str(self._http.base_url), exc) from exc
+            raise VeilSiteUnavailable(self.name, self.url, exc) from exc
+        return self._checked(response)
+
+    def _checked(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:
             raise refusal_error(self.name, response.status_code, Refusal.model_validate(response.json()))
         return response
@@ -83,6 +88,21 @@ class SiteClient:
         """Run one DP query; `loss` is epsilon= or rho=, optionally delta= and confidence=."""
         request = QueryRequest(sql=sql, spec=spec, **loss)
         return Release.model_validate(self._call("POST", "/query", json=request.model_dump(exclude_none=True)))
+
+    async def query_async(self, request: QueryRequest) -> Release:
+        """`query` on an event loop (always the same one: `veil.kernel.inflight`'s), so that it can be cancelled:
+        cancelling closes the connection, and a site charges nothing for a request whose client went away."""
+        if self._async is None:
+            self._async = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self.timeout)
+        try:
+            response = await self._async.post("/query", json=request.model_dump(exclude_none=True))
+        except httpx.TransportError as exc:
+            raise VeilSiteUnavailable(self.name, self.url, exc) from exc
+        return Release.model_validate(self._checked(response).json())
+
+    def cancel(self, request_id: str, timeout: float) -> Cancellation:
+        """Cancel a query by its request_id: the site says nothing was charged, or returns the release it made."""
+        return Cancellation.model_validate(self._call("POST", f"/query/{request_id}/cancel", timeout=timeout))
 
     # ---------------------------------------------------------- applications (researchers)
 

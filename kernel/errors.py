@@ -81,7 +81,13 @@ def one_line(error: VeilError) -> str:
 def show_in_one_line(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None,
                      ) -> list[str]:
     """IPython's handler for Veil errors (`set_custom_exc`): `one_line`, or the whole traceback under
-    `%xmode Verbose`. Either way the cell fails with the error's name and message, as any error does."""
+    `%xmode Verbose`. Either way the cell fails with the error's name and message, as any error does. The
+    releases an error kept (some sites released, then others failed or the cell was interrupted) are shown
+    first: they were charged, and the notebook records them."""
+    from IPython.display import display
+
+    for kept in (getattr(value, "results", None) or {}).values():
+        display(kept)
     if shell.InteractiveTB.mode == "Verbose" or not isinstance(value, VeilError):
         stb: list[str] = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
     else:

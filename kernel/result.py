@@ -106,9 +106,11 @@ class Result:
 
     @property
     def provenance(self) -> list[dict[str, Any]]:
-        """What the notebook records of each site's release: site, dataset, canonical query, cost, receipt."""
+        """What the notebook records of each site's release: site, dataset, canonical query, cost, receipt, and the
+        project's grant just after it (`grant`, live releases)."""
         return [{"site": r.site, "dataset": r.dataset, "query": r.query, "cost": r.cost.model_dump(),
-                 "receipt": r.receipt, "mock": self.results[site].mock} for site, r in self.releases.items()]
+                 "receipt": r.receipt, "mock": self.results[site].mock, **({"grant": r.grant} if r.grant else {})}
+                for site, r in self.releases.items()]
 
     # ---------------------------------------------------------------- one site's, by name
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from veil.kernel import inflight
 from veil.kernel.builder import Agg, Col, Cond, Shape
 from veil.kernel.client import SiteClient
 from veil.kernel.combine import combine, per_site_accuracy, site_aggregates
-from veil.kernel.errors import VeilConfigError, VeilError, VeilRefusal, VeilSiteUnavailable, VeilUsageError
+from veil.kernel.errors import VeilConfigError, VeilError, VeilUsageError
 from veil.kernel.result import Result
 from veil.kernel.training import TrainedModel, run_job
 from veil.models.spec import ModelSpec, TrainSpec
@@ -25,6 +27,7 @@ from veil.wire import (
     DatasetInfo,
     Federation,
     GrantInfo,
+    QueryRequest,
     QuerySpec,
     TrainRequest,
 )
@@ -57,7 +60,8 @@ def live_only(mode: str) -> None:
 
 
 class VeilPartialFailure(VeilError):
-    """Some sites released and some did not: the releases made (and charged) are kept in `results`."""
+    """Some sites released and some did not: the releases made (and charged) are kept in `results` (a notebook
+    shows them above the error)."""
 
     def __init__(self, results: dict[str, Result], errors: dict[str, VeilError]) -> None:
         failed = "; ".join(str(e) for e in errors.values())
@@ -65,6 +69,18 @@ class VeilPartialFailure(VeilError):
                          f"{len(errors)} of {len(results) + len(errors)} sites failed ({failed}). "
                          f"The releases of {', '.join(results) or 'no site'} were made and are kept in "
                          ".results; retry the failed sites alone.", "retry the failed sites alone")
+        self.results, self.errors = results, errors
+
+
+class VeilInterrupted(VeilPartialFailure):
+    """The researcher interrupted a release. What completed (and was charged) is kept in `results`; each
+    request still in flight was cancelled, and `errors` says what each of those sites confirmed."""
+
+    def __init__(self, results: dict[str, Result], errors: dict[str, VeilError]) -> None:
+        kept = (f"the releases of {', '.join(results)} were made, charged and kept (shown above; .results)"
+                if results else "no release was made")
+        VeilError.__init__(self, "interrupted", f"interrupted: {kept}. "
+                           + "; ".join(e.message for e in errors.values()), "run the cell again to retry")
         self.results, self.errors = results, errors
 
 
@@ -89,16 +105,6 @@ class Site:
             synthetic = {i.name: rows for i in infos if (rows := synthetic_rows(i, self.client.mock(i.name))) is not None}
             self._mock = MockSite(self.name, infos, synthetic)
         return self._mock
-
-    def release(self, spec: QuerySpec, confidence: float, **loss: Any) -> Result:
-        """One release at this site, live or mock as the site's mode says."""
-        if self.mode == "mock":
-            result = Result.of(self.mock.query(spec, confidence=confidence, **loss), mock=True)
-        else:
-            result = Result.of(self.client.query(spec=spec, confidence=confidence, **loss))
-        for listener in RELEASE_LISTENERS:
-            listener(self, result)
-        return result
 
     @property
     def datasets(self) -> dict[str, Dataset]:
@@ -255,14 +261,12 @@ class Dataset:
         if not {"epsilon", "rho", "accuracy"} & loss.keys():
             loss["epsilon"] = self.sites[0].default_epsilon
         if len(self.sites) == 1:
-            return self.sites[0].release(spec, confidence, **loss)
+            return _release(self.sites, spec, confidence, loss)[self.sites[0].name]
         requested = list(spec.aggregates)
         if "accuracy" in loss:
             loss["accuracy"] = per_site_accuracy(loss["accuracy"], requested, len(self.sites))
         per_site = spec.model_copy(update={"aggregates": site_aggregates(requested)})
-        results, errors = _fan_out(self.sites, lambda s: s.release(per_site, confidence, **loss))
-        if errors:
-            raise VeilPartialFailure(results, errors)
+        results = _release(self.sites, per_site, confidence, loss)
         bounds = {c.name: c.bounds for c in self.info.columns}
         rows, raw, notes = combine({s: r.release for s, r in results.items()}, requested, list(spec.group_by),
                                    bounds, confidence)
@@ -273,14 +277,28 @@ class Dataset:
         return f"<Veil dataset {self.name} ({self.level}) at {where}>\n{self.metadata}"
 
 
-def _fan_out(sites: list[Site], call: Callable[[Site], Result]) -> tuple[dict[str, Result], dict[str, VeilError]]:
+def _release(sites: list[Site], spec: QuerySpec, confidence: float, loss: dict[str, Any]) -> dict[str, Result]:
+    """Each site's release of `spec`, live or mock as its mode says, all at once; each one made is announced
+    (RELEASE_LISTENERS). A refusal or an unreachable site raises, the other sites' releases kept
+    (VeilPartialFailure; one site's own error when there is one site), and so does an interrupt
+    (VeilInterrupted: see `veil.kernel.inflight`)."""
     results: dict[str, Result] = {}
     errors: dict[str, VeilError] = {}
-    with ThreadPoolExecutor(max_workers=len(sites)) as pool:
-        futures = {s.name: pool.submit(call, s) for s in sites}
-        for name, future in futures.items():
-            try:
-                results[name] = future.result()
-            except (VeilRefusal, VeilSiteUnavailable) as exc:
-                errors[name] = exc
-    return results, errors
+    mock = [s for s in sites if s.mode != "live"]
+    if mock:
+        with ThreadPoolExecutor(max_workers=len(mock)) as pool:
+            futures = {s.name: pool.submit(s.mock.query, spec, confidence=confidence, **loss) for s in mock}
+        results |= {name: Result.of(future.result(), mock=True) for name, future in futures.items()}
+    flight = inflight.release({s.name: (s.client, QueryRequest(spec=spec, confidence=confidence,
+                                                               request_id=uuid.uuid4().hex, **loss))
+                               for s in sites if s.mode == "live"})
+    results |= {name: Result.of(release) for name, release in flight.released.items()}
+    errors |= flight.errors
+    for site in sites:
+        for listener in RELEASE_LISTENERS if site.name in results else ():
+            listener(site, results[site.name])
+    if flight.interrupted:
+        raise VeilInterrupted(results, errors)
+    if errors:
+        raise next(iter(errors.values())) if len(sites) == 1 else VeilPartialFailure(results, errors)
+    return {s.name: results[s.name] for s in sites}

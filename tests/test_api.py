@@ -27,7 +27,7 @@ from veil.kernel.errors import VeilRefusal
 from veil.query.accounting import epsilon_of
 from veil.wire import AuditEntry, ColumnInfo, DatasetInfo, GrantInfo, Health, Refusal, Release
 
-ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/grants", "/receipts/{receipt}", "/whoami",
+ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/query/{request_id}/cancel", "/grants", "/receipts/{receipt}", "/whoami",
           "/datasets/{name}/mock", "/levels", "/catalog", "/applications", "/applications/{application_id}",
           "/applications/{application_id}/withdraw", "/applications/{application_id}/reviews",
           "/grants/{grant_id}/revoke", "/budgets", "/budgets/{dataset}/cap", "/audit", "/audit/verify",

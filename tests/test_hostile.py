@@ -285,6 +285,47 @@ def test_a_query_past_the_time_limit_is_stopped_uncharged_and_others_keep_being_
     assert audit.verify(d.engine).ok
 
 
+def test_a_running_query_cancelled_by_its_id_stops_at_once_uncharged(
+        slow_site: Callable[..., Deployment]) -> None:
+    d = slow_site(query_seconds=60)
+    released(d, "outsider")
+    before = d.spent("encounters")
+    answers: list[httpx.Response] = []
+
+    def ask() -> None:
+        with d.http() as http:
+            answers.append(http.post("/query", json={"sql": SLOW, "epsilon": 0.05, "request_id": "slow-0001"}))
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    time.sleep(1.0)  # the worker is busy with SLOW (seconds)
+    with d.http() as http:
+        cancel = http.post("/query/slow-0001/cancel").json()
+    start = time.monotonic()
+    asking.join(timeout=30)
+    assert cancel["outcome"] == "cancelled" and time.monotonic() - start < 2.0
+    refusal = refused(answers[0], 409, "request_cancelled")
+    assert d.spent("encounters") == before
+    audited(d, refusal.receipt)
+    released(d, "outsider")  # the busy worker was replaced
+    assert audit.verify(d.engine).ok
+
+
+def test_a_client_that_goes_away_mid_query_is_not_charged(slow_site: Callable[..., Deployment]) -> None:
+    d = slow_site(query_seconds=60)
+    released(d)
+    before = d.spent("encounters")
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=d.url, timeout=1.0, headers={
+            "Authorization": f"Bearer {d.tokens['researcher']}"}) as impatient:
+        impatient.post("/query", json={"sql": SLOW, "epsilon": 0.05})
+    time.sleep(2.0)  # the site notices the closed connection and stops the query
+    last = audit.page(d.engine, limit=1)[0][0]
+    assert last.decision == "refused" and "request_cancelled" in (last.reason or ""), last
+    assert d.spent("encounters") == before
+    released(d)
+    assert audit.verify(d.engine).ok
+
+
 def test_a_stalled_query_does_not_block_other_projects(slow_site: Callable[..., Deployment]) -> None:
     d = slow_site(query_seconds=60)
     released(d, "outsider")

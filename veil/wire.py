@@ -147,6 +147,9 @@ def check_condition_size(condition: Condition) -> None:
         raise ValueError(f"the filter holds {values} values, more than {limits.MAX_FILTER_VALUES}")
 
 
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+
+
 class QueryRequest(_Strict):
     """Run one DP query. Give `sql` or `spec`, and the privacy loss as `epsilon` or `rho`, or the
     `accuracy` the release must reach instead.
@@ -165,6 +168,10 @@ class QueryRequest(_Strict):
     delta: float | None = Field(default=None, ge=limits.MIN_DELTA, lt=1e-3)
     confidence: float = Field(default=0.95, ge=limits.MIN_CONFIDENCE, le=limits.MAX_CONFIDENCE)
     project: Name | None = None
+    request_id: str | None = Field(
+        default=None, pattern=REQUEST_ID_PATTERN,
+        description="made up by the client, new for each request: it can then cancel the request "
+        "(POST /query/{request_id}/cancel) and learn whether it was charged")
 
     @model_validator(mode="after")
     def _one_of_each(self) -> QueryRequest:
@@ -237,6 +244,18 @@ class Release(_Strict):
     receipt: str
     released_at: str
     checkpoint: Checkpoint | None = Field(default=None, description="the signed head that covers this receipt")
+    grant: dict[str, float] | None = Field(
+        default=None, description="the project's grant on this dataset just after this release, in the same "
+        "figures as a refusal's `remaining`")
+
+
+class Cancellation(_Strict):
+    """What became of a cancelled query: nothing charged, or the release it had already made (and charged)."""
+
+    request_id: str
+    outcome: Literal["cancelled", "released"]
+    release: Release | None = None
+    message: str
 
 
 LARGEST_NEXT = ("the largest epsilon one more release could have (epsilon of the remaining rho at the reporting "

@@ -11,8 +11,10 @@ from veil import limits
 from veil.errors import AuthError
 from veil.executor.auth import Principal
 from veil.executor.site import Site
+from veil.wire import REQUEST_ID_PATTERN
 
 Id = Annotated[int, PathParam(ge=1, le=limits.MAX_ID)]
+RequestId = Annotated[str, PathParam(pattern=REQUEST_ID_PATTERN)]
 
 
 async def site_of(request: Request) -> Site:
