@@ -7,6 +7,7 @@ number of rows per patient are public facts declared by the steward, never read 
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -21,10 +22,27 @@ from veil.executor.policy import DEFAULT_RULES, level_rules
 from veil.query.table import DTYPES, Column, Table
 from veil.wire import NAME_PATTERN, DatasetInfo, LevelRule, Pricing
 
+TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+"""A database table or view, optionally schema-qualified (`cdm.person`)."""
+
+
+@dataclass(frozen=True)
+class DatabaseSource:
+    """Where a dataset's rows live when they are not a Parquet file: a table or view in PostgreSQL, copied
+    into the site's Parquet snapshot (the dataset's `path`) at start and every `refresh_minutes`."""
+
+    url: str = field(repr=False)
+    """A PostgreSQL URL (`postgresql://role@host:5432/db`), best of a role that may only SELECT."""
+    table: str
+    refresh_minutes: float = 1440.0
+    statement_seconds: float = 600.0
+    """The longest the copy may run (the database's statement_timeout); past it the copy fails."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Dataset(Table):
-    """One dataset of a site: its public metadata (`Table`) and, on the site only, the Parquet file."""
+    """One dataset of a site: its public metadata (`Table`) and, on the site only, the Parquet file (the
+    snapshot of its `source` table, when it has one)."""
 
     title: str
     description: str
@@ -34,6 +52,7 @@ class Dataset(Table):
     lifetime_delta: float = 1e-4
     on_excess_rows: Literal["truncate", "refuse"] = "truncate"
     """What the site does when the file breaks max_rows_per_unit: "truncate" each patient's rows, or "refuse"."""
+    source: DatabaseSource | None = None
 
     def info(self, pricing: Pricing | None = None) -> DatasetInfo:
         return DatasetInfo(
@@ -188,11 +207,14 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
     if on_excess_rows not in EXCESS_ROWS:
         raise CatalogError("bad_catalog", f"{where}: on_excess_rows must be one of {', '.join(EXCESS_ROWS)}, "
                            f"not {on_excess_rows!r}", hint='"truncate" (the default) or "refuse"')
+    source = _source(raw["source"], where) if "source" in raw else None
     return Dataset(
         name=_check_name(name, where),
         title=raw.get("title", name),
         description=raw.get("description", ""),
-        path=(base / _require(raw, "path", where)).resolve(),
+        path=(base / (raw.get("path", f"snapshots/{name}.parquet") if source else _require(raw, "path", where))
+              ).resolve(),
+        source=source,
         level=level,
         privacy_unit=unit,
         max_rows_per_unit=max_per_unit,
@@ -202,6 +224,33 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         columns=columns,
         on_excess_rows=on_excess_rows,
     )
+
+
+SOURCE_KEYS = {"url", "url_env", "table", "refresh_minutes", "statement_seconds"}
+
+
+def _source(raw: Any, where: str) -> DatabaseSource:
+    """A dataset's `source = { table = "cdm.person", url_env = "VEIL_OMOP_URL" }` (or `url = ...`)."""
+    where = f"{where}, source"
+    if not isinstance(raw, dict) or set(raw) - SOURCE_KEYS:
+        raise CatalogError("bad_catalog", f"{where}: a table of {', '.join(sorted(SOURCE_KEYS))}",
+                           hint='e.g. source = { table = "cdm.person", url_env = "VEIL_OMOP_URL" }')
+    if ("url" in raw) == ("url_env" in raw):
+        raise CatalogError("bad_catalog", f"{where}: give exactly one of url and url_env",
+                           hint="url_env names an environment variable holding the URL, so that no password "
+                                "is written in site.toml")
+    url = raw.get("url") or os.environ.get(raw["url_env"], "")
+    if not url:
+        raise CatalogError("bad_catalog", f"{where}: the environment variable {raw['url_env']} is not set",
+                           hint="set it to the database's URL (postgresql://role:password@host:5432/db)")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise CatalogError("bad_catalog", f"{where}: only PostgreSQL URLs are supported (postgresql://...)")
+    table = _require(raw, "table", where)
+    if not isinstance(table, str) or not TABLE_NAME.match(table):
+        raise CatalogError("bad_catalog", f"{where}: table {table!r} is not a table name (schema.table or table)")
+    return DatabaseSource(url=url, table=table,
+                          refresh_minutes=_number(raw, "refresh_minutes", where, 1, 366 * 1440, 1440),
+                          statement_seconds=_number(raw, "statement_seconds", where, 1, 86400, 600))
 
 
 def load_catalog(path: str | Path) -> Catalog:

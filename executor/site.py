@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from veil.errors import CatalogError, VeilError
-from veil.executor import application, audit, checkpoints, custom_model, federated, ledger, mocks
+from veil.executor import application, audit, checkpoints, custom_model, federated, ledger, mocks, snapshot
 from veil.executor.auth import Principal, require
 from veil.executor.cancellation import Ticket, Tickets
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
@@ -73,6 +73,7 @@ class Site:
     rates: RateLimiter = field(default_factory=RateLimiter)
     refusals: RefusalCounter = field(init=False)
     tickets: Tickets = field(default_factory=Tickets)
+    snapshots: snapshot.Refresher = field(init=False)
 
     def __post_init__(self) -> None:
         if self.queries is None:
@@ -81,10 +82,12 @@ class Site:
         self.trainer = Trainer(self.engine, self.catalog)
         self.rounds = Rounds(self.trainer)
         self.refusals = RefusalCounter(self.catalog.limits.audit_window_seconds, self._log_refusals)
+        self.snapshots = snapshot.Refresher(self.catalog, self._log_failed_snapshot)
 
     def close(self) -> None:
         """Write the last window of counted refusals and stop the query workers (the executor stops)."""
         self.refusals.close()
+        self.snapshots.stop()
         self.queries.close()
 
     @classmethod
@@ -92,6 +95,9 @@ class Site:
         """Load the catalog, check every dataset file against it, connect the state database."""
         catalog = load_catalog(catalog_path)
         for ds in catalog.datasets.values():
+            if snapshot.due(ds):  # a dataset in PostgreSQL: its snapshot is taken before anything reads it
+                taken = snapshot.take(ds)
+                log.info("dataset %s: snapshot of %s taken (%d rows)", ds.name, taken.table, taken.rows)
             check_data_matches(ds)
         signer = checkpoints.Signer.load(catalog.site, catalog.audit_key)  # once per process; created if absent
         custom_model.hide([catalog.path.parent, catalog.audit_key.parent,
@@ -104,7 +110,13 @@ class Site:
         site.rounds.recover()
         for ds in catalog.datasets.values():
             site.check_bound(ds)
+        site.snapshots.start()
         return site
+
+    @staticmethod
+    def _log_failed_snapshot(dataset: Dataset, error: VeilError) -> None:
+        log.error("dataset %s: the snapshot could not be refreshed; the previous one is still served: %s",
+                  dataset.name, error.message)
 
     # ------------------------------------------------------------ privacy unit
 
@@ -236,6 +248,8 @@ class Site:
             release = release.model_copy(update={"notes": [
                 *release.notes, f"rows were truncated to at most {dataset.max_rows_per_unit} per patient because "
                 "the site's file breaks its catalog's bound; counts and sums may be low"]})
+        if (taken := snapshot.current(dataset)) is not None:
+            release = release.model_copy(update={"notes": [*release.notes, taken.note]})
 
         def charge() -> Release:
             with write(self.engine) as conn:
