@@ -285,14 +285,28 @@ def load_catalog(path: str | Path) -> Catalog:
 
 
 def check_data_matches(dataset: Dataset) -> None:
-    """Refuse to serve a dataset whose Parquet schema differs from the catalog (reads metadata only)."""
+    """Refuse to serve a dataset whose file differs from the catalog: a column missing, undeclared or of
+    another dtype, or nulls in a column the catalog says has none. Each problem names its column."""
     if not dataset.path.is_file():
         raise CatalogError("bad_catalog", f"dataset '{dataset.name}': no file at {dataset.path}")
     actual = pl.scan_parquet(dataset.path).collect_schema()
     expected = dataset.schema()
-    if dict(actual) != dict(expected):
-        raise CatalogError(
-            "bad_catalog",
-            f"dataset '{dataset.name}': the file's schema {dict(actual)} differs from the catalog's {dict(expected)}",
-            hint="fix the catalog's columns (or the file) so that names and dtypes agree",
-        )
+    problems = [f"column '{name}' is declared {dtype} but the file's is {actual[name]}"
+                for name, dtype in expected.items() if name in actual and actual[name] != dtype]
+    problems += [f"column '{name}' ({dtype}) is declared but not in the file"
+                 for name, dtype in expected.items() if name not in actual]
+    problems += [f"the file's column '{name}' ({dtype}) is not declared" for name, dtype in actual.items()
+                 if name not in expected]
+    if problems:
+        raise CatalogError("bad_catalog", f"dataset '{dataset.name}' does not match its file: " + "; ".join(problems),
+                           hint="declare each column of the file with its exact dtype (veil site init drafts "
+                                "them), or fix the file")
+    required = [c.name for c in dataset.columns.values() if not c.nullable]
+    nulls = pl.scan_parquet(dataset.path).select(pl.col(required).null_count()).collect().row(0, named=True) \
+        if required else {}
+    if any(nulls.values()):
+        found = ", ".join(f"'{name}' ({count} nulls)" for name, count in nulls.items() if count)
+        raise CatalogError("bad_catalog", f"dataset '{dataset.name}': column(s) {found} hold nulls, but the catalog "
+                           "says they have none (nullable = false)",
+                           hint="declare them nullable = true (then GROUP BY shows a null group, and counts and "
+                                "sums leave the nulls out), or fix the file")

@@ -4,6 +4,7 @@ columns; each release says which snapshot it used."""
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from veil.errors import CatalogError
 from veil.executor import snapshot
 from veil.executor.catalog import load_catalog
 
-pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="needs PostgreSQL: set VEIL_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(not POSTGRES_URL, reason="needs PostgreSQL: set VEIL_TEST_POSTGRES_URL")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def patients_table(hospital_db: str, site_config: Path) -> str:
     return "research.patients"
 
 
+@needs_postgres
 def test_a_table_is_served_from_its_snapshot(site_config: Path, hospital_db: str, patients_table: str,
                                              tmp_path: Path) -> None:
     config = catalog_with_source(site_config, tmp_path, hospital_db, patients_table)
@@ -70,6 +72,7 @@ def test_a_table_is_served_from_its_snapshot(site_config: Path, hospital_db: str
     assert taken.schema == load_catalog(config).dataset("patients").schema()
 
 
+@needs_postgres
 def test_the_copy_is_read_only(site_config: Path, hospital_db: str, patients_table: str, tmp_path: Path) -> None:
     with psycopg.connect(hospital_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE research.log (at timestamptz)")
@@ -85,6 +88,7 @@ def test_the_copy_is_read_only(site_config: Path, hospital_db: str, patients_tab
         assert conn.execute("SELECT count(*) FROM research.log").fetchone() == (0,)
 
 
+@needs_postgres
 def test_the_copy_is_time_limited(site_config: Path, hospital_db: str, patients_table: str, tmp_path: Path) -> None:
     with psycopg.connect(hospital_db, autocommit=True) as conn:
         conn.execute("CREATE VIEW research.slow AS SELECT p.* FROM research.patients p, pg_sleep(5) s")
@@ -94,6 +98,7 @@ def test_the_copy_is_time_limited(site_config: Path, hospital_db: str, patients_
         snapshot.take(dataset)
 
 
+@needs_postgres
 def test_a_value_that_does_not_fit_names_its_column(site_config: Path, hospital_db: str, patients_table: str,
                                                     tmp_path: Path) -> None:
     with psycopg.connect(hospital_db, autocommit=True) as conn:
@@ -104,6 +109,7 @@ def test_a_value_that_does_not_fit_names_its_column(site_config: Path, hospital_
         snapshot.take(dataset)
 
 
+@needs_postgres
 def test_source_settings_are_checked(site_config: Path, hospital_db: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     for source, message in [({"table": "x; DROP TABLE y"}, "not a table name"),
@@ -120,3 +126,23 @@ def test_source_settings_are_checked(site_config: Path, hospital_db: str, tmp_pa
     raw["datasets"]["patients"]["source"] = {"url_env": "VEIL_OMOP_URL", "table": "research.patients"}
     (tmp_path / "site.toml").write_text(tomli_w.dumps(raw))
     assert load_catalog(tmp_path / "site.toml").dataset("patients").source.url == hospital_db  # type: ignore[union-attr]
+
+
+def test_a_file_that_breaks_its_catalog_is_named_column_by_column(site_config: Path, tmp_path: Path) -> None:
+    """Not PostgreSQL-specific, but the same check guards snapshots: dtypes, missing, undeclared, nulls."""
+    from veil.executor.catalog import check_data_matches
+
+    dataset = load_catalog(site_config).dataset("patients")
+    frame = pl.read_parquet(dataset.path)
+    broken = frame.with_columns(pl.col("age").cast(pl.Int32)).drop("region").with_columns(extra=pl.lit(1))
+    broken.write_parquet(tmp_path / "broken.parquet")
+    with pytest.raises(CatalogError) as refused:
+        check_data_matches(dataclasses.replace(dataset, path=tmp_path / "broken.parquet"))
+    message = refused.value.message
+    assert "column 'age' is declared Int64 but the file's is Int32" in message
+    assert "column 'region' (String) is declared but not in the file" in message
+    assert "the file's column 'extra' (Int32) is not declared" in message
+    frame.with_columns(sex=pl.when(pl.col("age") < 3).then(None).otherwise(pl.col("sex"))).write_parquet(
+        tmp_path / "nulls.parquet")
+    with pytest.raises(CatalogError, match="'sex' \\(\\d+ nulls\\) hold nulls"):
+        check_data_matches(dataclasses.replace(dataset, path=tmp_path / "nulls.parquet"))

@@ -179,3 +179,23 @@ def test_truncation_and_a_verified_bound_protect_the_patient_alike(site: Site) -
                                                   plan.lazyframe, global_scale=10.0)
         losses.append(measurement.map(plan.d_in))
     assert losses[0] == pytest.approx(losses[1])
+
+
+def test_group_by_a_nullable_key_shows_the_null_group(site_config: Path, tmp_path: Path) -> None:
+    """Patients whose (nullable) sex is not recorded are a group of their own, not silently dropped."""
+    frame = pl.read_parquet(site_config.parent / "patients.parquet")
+    frame.with_columns(sex=pl.when(pl.col("patient_id") % 5 == 0).then(None).otherwise(pl.col("sex"))).write_parquet(
+        tmp_path / "patients.parquet")
+    (tmp_path / "encounters.parquet").symlink_to(site_config.parent / "encounters.parquet")
+    text = site_config.read_text()
+    (tmp_path / "site.toml").write_text(text.replace(
+        'description = "Sex recorded at birth"', 'description = "Sex recorded at birth"\nnullable = true'))
+    site = Site.open(tmp_path / "site.toml", f"sqlite:///{tmp_path / 'state.db'}")
+    assert site.catalog.dataset("patients").column("sex").nullable
+    _grant(site, "p1", "patients", 10.0)
+    release = site.query(Principal("alice", "researcher", "p1"),
+                         QueryRequest(sql="SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex", epsilon=1.0))
+    site.engine.dispose()
+    counts = {row["sex"]: row for row in release.rows}
+    unrecorded = frame.filter(pl.col("patient_id") % 5 == 0).height
+    assert None in counts and counts[None]["n_lower"] - 5 <= unrecorded <= counts[None]["n_upper"] + 5

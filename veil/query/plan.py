@@ -163,7 +163,8 @@ def _parts(dataset: Table, agg: Aggregate) -> list[tuple[Part, pl.Expr]]:
 
 
 def _public_keys(dataset: Table, group_by: list[str]) -> pl.LazyFrame | None:
-    """The cartesian product of the group columns' public values, or None if one is not public."""
+    """The cartesian product of the group columns' public values (with null for a nullable column), or None
+    if one is not public."""
     values = []
     for name in group_by:
         column = dataset.column(name)
@@ -175,6 +176,8 @@ def _public_keys(dataset: Table, group_by: list[str]) -> pl.LazyFrame | None:
             values.append(list(range(int(column.bounds[0]), int(column.bounds[1]) + 1)))
         else:
             return None
+        if column.nullable:  # rows whose key is null are a group of their own, shown as null
+            values[-1].append(None)
     size = 1
     for v in values:
         size *= len(v)
