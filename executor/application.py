@@ -36,6 +36,7 @@ from veil.query.accounting import epsilon_of, rho_for_epsilon
 from veil.wire import (
     ApplicationInfo,
     ApplicationRequest,
+    DirectGrantRequest,
     ExistingGrantChoice,
     LevelRule,
     Review,
@@ -257,6 +258,36 @@ def submit(engine: Engine, catalog: Catalog, who: Principal, request: Applicatio
                f"for {request.duration_days:g} days ({', '.join(request.uses)}): {request.purpose[:200]}")
         row = _decide_if_met(conn, catalog, row, who)
         return _info(conn, catalog, row)
+
+
+def grant_directly(engine: Engine, catalog: Catalog, who: Principal, body: DirectGrantRequest) -> ApplicationInfo:
+    """A steward's grant on a review made outside Veil: filed as an application for the project and approved by
+    the steward at once (the level's reviewer rule is the paper review's), audited as both, citing it."""
+    request = ApplicationRequest(purpose=f"granted directly on a review outside Veil: {body.reference}",
+                                 datasets=body.datasets, epsilon=body.epsilon, delta=body.delta,
+                                 duration_days=body.duration_days, uses=body.uses, ethics_ref=body.ethics_ref)
+    rule_for(catalog, request)
+    now = audit.now()
+    with write(engine) as conn:
+        new_id = conn.execute(insert(applications).values(
+            project=body.project, applicant=who.name, status="pending", version=1,
+            request=request.model_dump_json(), created_at=now, updated_at=now)).inserted_primary_key[0]
+        row = _row(conn, new_id)
+        _audit(conn, who, "submitted", row, f"direct grant: {', '.join(request.datasets)} epsilon={request.epsilon:g} "
+               f"for {request.duration_days:g} days ({', '.join(request.uses)}); review: {body.reference[:300]}")
+        try:
+            changed = _approve(conn, catalog, row, request, who, body.on_existing_grant)
+        except GovernanceError as exc:
+            if exc.code != "existing_grant":
+                raise
+            raise GovernanceError("existing_grant", exc.message.replace(f"application {new_id}", "this grant"),
+                                  hint="say what becomes of it: on_existing_grant add, replace or keep ('veil "
+                                       "steward grant create ... --existing add|replace|keep')") from None
+        conn.execute(update(applications).where(applications.c.id == new_id).values(status="approved", decided_at=now))
+        row = {**row, "status": "approved", "decided_at": now}
+        _audit(conn, who, "approved", row, f"granted directly on a review outside Veil ({body.reference[:300]})"
+               + (f" [on an existing grant: {body.on_existing_grant}]" if body.on_existing_grant else "") + changed)
+        return _info(conn, catalog, row, steward=True)
 
 
 def _own(row: dict, who: Principal) -> None:

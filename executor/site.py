@@ -33,6 +33,7 @@ from veil.wire import (
     Cancellation,
     DatasetBudget,
     DatasetInfo,
+    DirectGrantRequest,
     GrantInfo,
     JobInfo,
     MockInfo,
@@ -275,6 +276,12 @@ class Site:
         require(who, "researcher")
         self._convert(request.epsilon)
         return application.amend(self.engine, self.catalog, who, application_id, request)
+
+    def grant_directly(self, who: Principal, request: DirectGrantRequest) -> ApplicationInfo:
+        """A steward's grant on a review made outside Veil (recorded as an application they approved)."""
+        require(who, "steward")
+        self._convert(request.epsilon)
+        return application.grant_directly(self.engine, self.catalog, who, request)
 
     def withdraw(self, who: Principal, application_id: int) -> ApplicationInfo:
         require(who, "researcher")

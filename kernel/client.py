@@ -20,6 +20,7 @@ from veil.wire import (
     CatalogEntry,
     DatasetBudget,
     DatasetInfo,
+    DirectGrantRequest,
     GrantInfo,
     Health,
     JobInfo,
@@ -135,6 +136,10 @@ class SiteClient:
     def review(self, application_id: int, decision: ReviewRequest) -> ApplicationInfo:
         return ApplicationInfo.model_validate(
             self._call("POST", f"/applications/{application_id}/reviews", json=decision.model_dump()))
+
+    def grant_directly(self, request: DirectGrantRequest) -> ApplicationInfo:
+        """Give a project a grant on a review made outside Veil (recorded as an application you approved)."""
+        return ApplicationInfo.model_validate(self._call("POST", "/grants", json=request.model_dump()))
 
     def revoke_grant(self, grant_id: int, reason: str) -> GrantInfo:
         body = RevokeRequest(reason=reason).model_dump()

@@ -171,3 +171,36 @@ def test_the_cli_says_what_to_do_with_the_existing_grant(site: Deployment, capsy
     assert code == 0 and f"#{app['id']} v1 [approved]" in out, out
     assert row(site, name, "encounters")["rho_total"] == pytest.approx(
         rho_for_epsilon(4.0, DELTA) + rho_for_epsilon(1.0, DELTA))
+
+
+# ------------------------------------------------------------------ a steward's direct grant (issue 16)
+
+
+def test_a_steward_grants_directly_on_a_paper_review(site: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"p_{uuid.uuid4().hex[:8]}"
+    who = f"r_{name}"
+    site.tokens[who] = create_token(site.engine, who, "researcher", name)
+    (site.token_dir / f"{who}.token").write_text(site.tokens[who])  # type: ignore[attr-defined]
+    body = {"project": name, "datasets": ["encounters"], "epsilon": 3.0, "duration_days": 30,
+            "reference": "data committee minutes 2026-11-30, item 4"}
+    with site.http(who) as http:  # researchers cannot grant themselves budget
+        assert http.post("/grants", json=body).status_code == 403
+    code, out = steward_cli(site, "steward", "grant", "create", "--project", name, "--dataset", "encounters",
+                            "--epsilon", "3", "--days", "30", "--reference", body["reference"], capsys=capsys)
+    assert code == 0, out
+    assert "approved" in out and "encounters" in out
+    grant = row(site, name, "encounters")
+    assert grant["epsilon"] == 3.0 and grant["expires_at"] is not None and grant["created_by"] == "carol"
+    assert query(site, SQL_ENCOUNTERS, who=who, epsilon=0.5).status_code == 200
+    entries = [e for e in audit.entries(site.engine) if e.project == name and e.action in ("application", "grant")]
+    assert [(e.action, e.decision) for e in entries][:3] == [
+        ("application", "submitted"), ("grant", "granted"), ("application", "approved")]
+    assert all(body["reference"] in (e.reason or "") for e in (entries[0], entries[2]))
+    assert entries[0].principal == "carol"
+    before = state(site.engine)
+    with site.http("steward") as http:  # over the grant it now holds: add, replace or keep, never silently
+        assert_refused(site, http.post("/grants", json={**body, "epsilon": 1.0}), 409, "existing_grant", before)
+        added = http.post("/grants", json={**body, "epsilon": 1.0, "on_existing_grant": "add"})
+    assert added.status_code == 201, added.text
+    assert row(site, name, "encounters")["rho_total"] == pytest.approx(
+        rho_for_epsilon(3.0, DELTA) + rho_for_epsilon(1.0, DELTA))

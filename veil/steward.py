@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 
 from veil.kernel.client import SiteClient
-from veil.wire import ApplicationInfo, DatasetBudget, GrantInfo, MockRequest, ReviewRequest
+from veil.wire import (
+    ApplicationInfo,
+    DatasetBudget,
+    DirectGrantRequest,
+    GrantInfo,
+    MockRequest,
+    ReviewRequest,
+)
 
 
 def _client(args: argparse.Namespace) -> SiteClient:
@@ -85,6 +92,15 @@ def _grants(args: argparse.Namespace) -> int:
     for g in found:
         _print_grant(g)
     print(NEXT_RELEASE_NOTE if found else "no grants")
+    return 0
+
+
+def _grant_create(args: argparse.Namespace) -> int:
+    request = DirectGrantRequest(project=args.project, datasets=args.dataset, epsilon=args.epsilon, delta=args.delta,
+                                 duration_days=args.days, uses=args.uses.split(","), ethics_ref=args.ethics_ref,
+                                 reference=args.reference, on_existing_grant=args.existing)
+    with _client(args) as site:
+        _print_application(site.grant_directly(request), detail=True)
     return 0
 
 
@@ -165,6 +181,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     command("grants", "every project's grants: granted, spent, largest next release, status", _grants)
     grant = actions.add_parser("grant", help="change a grant").add_subparsers(dest="grant_action", required=True)
+    p = command("create", "give a project a grant on a review made outside Veil (on paper): recorded as an "
+                "application you filed and approved, citing --reference; audited", _grant_create, parent=grant)
+    p.add_argument("--project", required=True)
+    p.add_argument("--dataset", required=True, action="append", help="repeat for several datasets")
+    p.add_argument("--epsilon", type=float, required=True, help="budget per dataset, at the site's reporting delta")
+    p.add_argument("--delta", type=float, default=None, help="for thresholded GROUP BY and DP-SGD "
+                   "(default: the site's reporting delta)")
+    p.add_argument("--days", type=float, required=True, help="how long the grant lasts")
+    p.add_argument("--uses", default="query", help="query, training or both: query,training")
+    p.add_argument("--ethics-ref", default=None, help="the ethics approval (required for L3)")
+    p.add_argument("--reference", required=True, help="the paper review the grant rests on (file number, minutes)")
+    p.add_argument("--existing", choices=("add", "replace", "keep"), default=None,
+                   help="when the project already holds a grant on the dataset: as in 'veil steward review'")
     p = command("revoke", "revoke a grant (what it spent stays spent)", _revoke, parent=grant)
     p.add_argument("id", type=int)
     p.add_argument("--reason", required=True)

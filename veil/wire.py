@@ -444,6 +444,23 @@ class ReviewRequest(_Strict):
         "stays as it is; the application is approved without changing it). Required when there is one")
 
 
+class DirectGrantRequest(_Strict):
+    """A grant a steward gives without an application in Veil, for a site that reviews on paper: Veil records
+    it as an application filed and approved by the steward at once, citing `reference`, audited as any approval."""
+
+    project: Name
+    datasets: list[Name] = Field(min_length=1, max_length=20)
+    epsilon: float = Field(ge=limits.MIN_EPSILON, le=100, description="budget per dataset, at the site's reporting delta")
+    delta: float | None = Field(default=None, ge=0, lt=1e-3)
+    duration_days: float = Field(gt=0, le=3650)
+    uses: list[Use] = Field(default_factory=lambda: ["query"], min_length=1)
+    ethics_ref: str | None = Field(default=None, max_length=200, description="required for L3, as for an application")
+    reference: str = Field(min_length=3, max_length=1000, description="the paper review it rests on (a file number, "
+                           "a committee's minutes), recorded with the grant and in the audit log")
+    on_existing_grant: ExistingGrantChoice | None = Field(
+        default=None, description="as in a review: add, replace or keep a grant the project already holds")
+
+
 class RevokeRequest(_Strict):
     reason: str = Field(min_length=1, max_length=1000)
 

@@ -14,6 +14,7 @@ from veil.wire import (
     ApplicationRequest,
     CapRequest,
     DatasetBudget,
+    DirectGrantRequest,
     GrantInfo,
     ReviewRequest,
     RevokeRequest,
@@ -60,6 +61,14 @@ def review(application_id: Id, body: ReviewRequest, who: Principal = Depends(pri
            site: Site = Depends(site_of)) -> ApplicationInfo:
     """A steward approves or rejects the version they read, with a comment."""
     return site.review(who, application_id, body)
+
+
+@router.post("/grants", response_model=ApplicationInfo, status_code=201)
+def grant(body: DirectGrantRequest, who: Principal = Depends(principal), site: Site = Depends(site_of)
+          ) -> ApplicationInfo:
+    """Give a project a grant on a review made outside Veil (stewards): recorded and audited as an application
+    the steward filed and approved, citing the review's reference."""
+    return site.grant_directly(who, body)
 
 
 @router.post("/grants/{grant_id}/revoke", response_model=GrantInfo)
