@@ -54,6 +54,11 @@ class Dataset(Table):
     """What the site does when the file breaks max_rows_per_unit: "truncate" each patient's rows, or "refuse"."""
     source: DatabaseSource | None = None
 
+    def scan(self) -> pl.LazyFrame:
+        """The dataset's rows, each column in its declared dtype (a file column of a mapped dtype, say UInt32
+        declared Int64, is cast; a value that does not fit fails the query rather than wrapping)."""
+        return pl.scan_parquet(self.path).cast(dict(self.schema()), strict=True)
+
     def info(self, pricing: Pricing | None = None) -> DatasetInfo:
         return DatasetInfo(
             name=self.name,
@@ -253,6 +258,15 @@ def _source(raw: Any, where: str) -> DatabaseSource:
                           statement_seconds=_number(raw, "statement_seconds", where, 1, 86400, 600))
 
 
+def todos(raw: object, where: str = "") -> list[str]:
+    """The dotted keys where a parsed catalog still holds a "TODO..." string (`veil site init` writes them)."""
+    if isinstance(raw, dict):
+        return [t for key, value in raw.items() for t in todos(value, f"{where}.{key}" if where else key)]
+    if isinstance(raw, list):
+        return [t for i, value in enumerate(raw) for t in todos(value, f"{where}[{i}]")]
+    return [where] if isinstance(raw, str) and raw.startswith("TODO") else []
+
+
 def load_catalog(path: str | Path) -> Catalog:
     """Read and check a site catalog. Relative paths in it are relative to the file."""
     path = Path(path).resolve()
@@ -262,6 +276,11 @@ def load_catalog(path: str | Path) -> Catalog:
         raise CatalogError("bad_catalog", f"no site catalog at {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError("bad_catalog", f"{path} is not valid TOML: {exc}") from None
+    left = todos(raw)
+    if left:
+        raise CatalogError("bad_catalog", f"{path} still has {len(left)} TODO(s) to declare: {', '.join(left)}",
+                           hint="replace each TODO with the public fact it asks for (README, \"Set up your own "
+                                "site\"); the executor never takes them from the data")
     site = _require(raw, "site", str(path))
     base = path.parent
     database_url = site.get("database", "sqlite:///veil.db")
@@ -284,6 +303,28 @@ def load_catalog(path: str | Path) -> Catalog:
     )
 
 
+MAPPED: dict[pl.DataType, str] = {
+    pl.Int8(): "Int32", pl.Int16(): "Int32", pl.UInt8(): "Int32", pl.UInt16(): "Int32", pl.UInt32(): "Int64",
+    pl.UInt64(): "Int64", pl.Float32(): "Float64", pl.Categorical(): "String",
+}
+"""File dtypes the catalog declares as another (the site casts them on reading): dtype -> declared dtype."""
+
+
+def declared_dtype(found: pl.DataType) -> str | None:
+    """The catalog dtype for a file column's dtype: itself if the catalog has it, its mapping, or None."""
+    exact = next((name for name, dtype in DTYPES.items() if dtype == found), None)
+    return exact or MAPPED.get(found) or ("String" if isinstance(found, pl.Enum) else None)
+
+
+def _dtype_problem(name: str, declared: pl.DataType, found: pl.DataType) -> str | None:
+    """What is wrong with a file column of dtype `found` declared `declared` (None: it is read as declared)."""
+    mapped = declared_dtype(found)
+    if found == declared or (mapped is not None and DTYPES[mapped] == declared):
+        return None
+    fix = f"declare it {mapped}" if mapped else "not supported: cast it in the file or in a database view"
+    return f"column '{name}' is declared {declared} but the file's is {found} ({fix})"
+
+
 def check_data_matches(dataset: Dataset) -> None:
     """Refuse to serve a dataset whose file differs from the catalog: a column missing, undeclared or of
     another dtype, or nulls in a column the catalog says has none. Each problem names its column."""
@@ -291,8 +332,8 @@ def check_data_matches(dataset: Dataset) -> None:
         raise CatalogError("bad_catalog", f"dataset '{dataset.name}': no file at {dataset.path}")
     actual = pl.scan_parquet(dataset.path).collect_schema()
     expected = dataset.schema()
-    problems = [f"column '{name}' is declared {dtype} but the file's is {actual[name]}"
-                for name, dtype in expected.items() if name in actual and actual[name] != dtype]
+    problems = [p for name, dtype in expected.items() if name in actual
+                and (p := _dtype_problem(name, dtype, actual[name])) is not None]
     problems += [f"column '{name}' ({dtype}) is declared but not in the file"
                  for name, dtype in expected.items() if name not in actual]
     problems += [f"the file's column '{name}' ({dtype}) is not declared" for name, dtype in actual.items()
@@ -302,7 +343,7 @@ def check_data_matches(dataset: Dataset) -> None:
                            hint="declare each column of the file with its exact dtype (veil site init drafts "
                                 "them), or fix the file")
     required = [c.name for c in dataset.columns.values() if not c.nullable]
-    nulls = pl.scan_parquet(dataset.path).select(pl.col(required).null_count()).collect().row(0, named=True) \
+    nulls = dataset.scan().select(pl.col(required).null_count()).collect().row(0, named=True) \
         if required else {}
     if any(nulls.values()):
         found = ", ".join(f"'{name}' ({count} nulls)" for name, count in nulls.items() if count)

@@ -273,7 +273,7 @@ def synthesize_mock(
     if certified > rho:
         raise MockError("loss_not_certified", f"OpenDP certifies rho={certified}, more than the {rho} asked",
                         hint="nothing was released; report this to the site's maintainers")
-    table = measurement(pl.scan_parquet(dataset.path).select(list(dataset.columns)))
+    table = measurement(dataset.scan().select(list(dataset.columns)))
 
     n = rows or min(dataset.max_rows, max(MIN_ROWS, round(float(table.model.total))))
     codes = _sample(table.model, n, seed)

@@ -77,5 +77,5 @@ class QueryRunner:
         """Run the query on the data (the prepared measurement, re-checked by OpenDP's map)."""
         prepared = self._prepared(task)
         dataset = self.catalog.dataset(task.dataset)
-        return run(pl.scan_parquet(dataset.path), dataset, prepared.plan, prepared.certified, prepared.description,
+        return run(dataset.scan(), dataset, prepared.plan, prepared.certified, prepared.description,
                    prepared.streaming)

@@ -335,7 +335,7 @@ def split(dataset: Dataset, request: TrainRequest, seed: int,
           held_out: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The request's columns of `dataset`, shuffled by `seed` and cut into (training, held-out) rows: exactly
     `held_out` rows held out (a public size; all of them if the file has fewer), whatever the file holds."""
-    frame = pl.read_parquet(dataset.path, columns=[*request.features, request.label])
+    frame = dataset.scan().select(*request.features, request.label).collect()
     order = np.random.default_rng(seed).permutation(frame.height)
     return frame[order[held_out:]], frame[order[:held_out]]
 
@@ -343,7 +343,7 @@ def split(dataset: Dataset, request: TrainRequest, seed: int,
 def public_rows(dataset: Dataset, request: TrainRequest, rho: float) -> int:
     """The job's public count of training rows: post-processing of a DP count (zCDP `rho`) of the dataset's
     rows, from which the held-out size follows too (`veil.query.evaluation.split_sizes`)."""
-    n = int(pl.scan_parquet(dataset.path).select(pl.len()).collect().item())
+    n = int(dataset.scan().select(pl.len()).collect().item())
     return held_out_evaluation.split_sizes(dp_rows(n, rho, dataset.max_rows), request.holdout)[0]
 
 
