@@ -7,21 +7,19 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from veil.errors import CatalogError, VeilError
-from veil.executor import application, audit, checkpoints, custom_model, federated, ledger, mocks, snapshot
+from veil.executor import application, audit, checkpoints, ledger, mocks, snapshot
 from veil.executor.auth import Principal, require
 from veil.executor.cancellation import Ticket, Tickets
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
 from veil.executor.query_pool import QueryPool, QueryTask
-from veil.executor.rounds import Rounds
-from veil.executor.store import open_store, write
+from veil.executor.store import jobs, open_store, write
 from veil.executor.throttle import RateLimiter, RefusalCounter
-from veil.executor.training import Trainer
 from veil.executor.unit_bound import RowsPerUnit, rows_per_unit
-from veil.federation import codec
 from veil.query.accounting import rho_for_epsilon
 from veil.query.pricing import accuracy_within_level, requested_rho, unsigned_release
 from veil.sql import canonical_sql, parse_sql
@@ -44,6 +42,10 @@ from veil.wire import (
     ReviewRequest,
     TrainRequest,
 )
+
+if TYPE_CHECKING:  # the training stack loads on first use (`Site.trainer`)
+    from veil.executor.rounds import Rounds
+    from veil.executor.training import Trainer
 
 log = logging.getLogger("veil.executor")
 
@@ -69,8 +71,10 @@ class Site:
     queries: QueryPool = None  # type: ignore[assignment]  # made from the catalog's limits when not given
     _bounds: dict[str, _BoundCheck] = field(default_factory=dict)
     _bounds_lock: threading.Lock = field(default_factory=threading.Lock)
-    trainer: Trainer = field(init=False)
-    rounds: Rounds = field(init=False)
+    hidden: list[Path] = field(default_factory=list)
+    """What a custom model's sandbox must never see: the site's data, catalog, keys and state."""
+    _training: tuple[Trainer, Rounds] | None = None
+    _training_lock: threading.Lock = field(default_factory=threading.Lock)
     rates: RateLimiter = field(default_factory=RateLimiter)
     refusals: RefusalCounter = field(init=False)
     tickets: Tickets = field(default_factory=Tickets)
@@ -80,8 +84,6 @@ class Site:
         if self.queries is None:
             self.queries = QueryPool(self.catalog.path, self.catalog.limits.query_workers,
                                      self.catalog.limits.query_seconds)
-        self.trainer = Trainer(self.engine, self.catalog)
-        self.rounds = Rounds(self.trainer)
         self.refusals = RefusalCounter(self.catalog.limits.audit_window_seconds, self._log_refusals)
         self.snapshots = snapshot.Refresher(self.catalog, self._log_failed_snapshot)
 
@@ -101,18 +103,44 @@ class Site:
                 log.info("dataset %s: snapshot of %s taken (%d rows)", ds.name, taken.table, taken.rows)
             check_data_matches(ds)
         signer = checkpoints.Signer.load(catalog.site, catalog.audit_key)  # once per process; created if absent
-        custom_model.hide([catalog.path.parent, catalog.audit_key.parent,
-                           *(ds.path.parent for ds in catalog.datasets.values()),
-                           *_database_dir(database_url or catalog.database_url)])
-        site = cls(catalog, open_store(database_url or catalog.database_url))
+        hidden = [catalog.path.parent, catalog.audit_key.parent, *(ds.path.parent for ds in catalog.datasets.values()),
+                  *_database_dir(database_url or catalog.database_url)]
+        site = cls(catalog, open_store(database_url or catalog.database_url), hidden=hidden)
         checkpoints.register(site.engine, signer)  # before any write: every moved head gets signed
         ledger.sync_caps(site.engine, catalog)
-        site.trainer.recover()
-        site.rounds.recover()
+        with site.engine.connect() as conn:
+            left_running = conn.execute(select(jobs.c.id).where(jobs.c.state == "running").limit(1)).first()
+        if left_running is not None:  # jobs a stopped executor left running are settled now
+            site.trainer.recover()
+            site.rounds.recover()
         for ds in catalog.datasets.values():
             site.check_bound(ds)
         site.snapshots.start()
         return site
+
+    @property
+    def trainer(self) -> Trainer:
+        """DP-SGD jobs at this site (the training stack loads with the first training request)."""
+        return self._training_stack()[0]
+
+    @property
+    def rounds(self) -> Rounds:
+        """This site's parts of federated studies."""
+        return self._training_stack()[1]
+
+    def _training_stack(self) -> tuple[Trainer, Rounds]:
+        """PyTorch, Opacus and Flower load on first use, not at start: an executor that only answers queries
+        keeps about 300 MB less (which lets three fit in a Binder session)."""
+        with self._training_lock:
+            if self._training is None:
+                from veil.executor import custom_model
+                from veil.executor.rounds import Rounds
+                from veil.executor.training import Trainer
+
+                custom_model.hide(self.hidden)
+                trainer = Trainer(self.engine, self.catalog)
+                self._training = (trainer, Rounds(trainer))
+            return self._training
 
     @staticmethod
     def _log_failed_snapshot(dataset: Dataset, error: VeilError) -> None:
@@ -358,6 +386,9 @@ class Site:
         """One round of a federated study (a Flower message's content, protobuf) for the researcher's
         coordinator; the reply carries the DP weights and public numbers only."""
         require(who, "researcher")
+        from veil.executor import federated
+        from veil.federation import codec
+
         return codec.encode_content(federated.executor_reply(self.rounds, job_id, codec.decode_content(message), who))
 
     def finish_job(self, who: Principal, job_id: int, weights: bytes | None) -> JobInfo:

@@ -173,3 +173,18 @@ def test_a_job_past_the_time_limit_is_stopped_and_charged_for_its_steps(tmp_path
     finally:
         d.stop()
         drop()
+
+
+def test_the_training_stack_loads_with_the_first_training_request(site_config: Path, tmp_path: Path) -> None:
+    """An executor that only answers queries never imports PyTorch, Opacus or Flower (about 300 MB each: three
+    executors fit in a Binder session); the first training request loads them."""
+    import subprocess
+    import sys
+
+    code = (f"from veil.executor.site import Site\nimport sys\n"
+            f"site = Site.open({str(site_config)!r}, 'sqlite:///{tmp_path / 'state.db'}')\n"
+            "loaded = lambda: sorted(m for m in ('torch', 'opacus', 'flwr') if m in sys.modules)\n"
+            "print(loaded())\nsite.trainer\nprint(loaded())\nsite.close()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "['opacus', 'torch']"]
