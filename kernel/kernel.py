@@ -83,6 +83,7 @@ class VeilKernel(IPythonKernel):
         super().__init__(**kwargs)
         self._comms: dict[str, BaseComm] = {}
         self._comms_lock = threading.Lock()  # comm handlers run on another thread than cells (ipykernel 7)
+        self._announced_mode = "mock"  # every study starts in mock mode; what the comms were last told
         self._config = self._read_config()
         self._study: Study | MissingStudy | None = None  # until the SDK has loaded (`_load_sdk`)
         self._loading_lock = threading.Lock()  # cells, completions and subshells may each be first
@@ -96,6 +97,18 @@ class VeilKernel(IPythonKernel):
             self._load_sdk()
         assert self._study is not None
         return self._study
+
+    @property
+    def mode(self) -> str:
+        """The study's mode, 'mock' or 'live' ('mock' until the SDK has loaded: every study starts so)."""
+        study = self._study
+        if study is None or isinstance(study, MissingStudy):
+            return "mock"
+        try:
+            mode = study.mode
+        except Exception:  # a study without sites has no mode of its own
+            return "mock"
+        return mode if mode in ("mock", "live") else "mock"
 
     @property
     def _study_name(self) -> str | None:
@@ -126,8 +139,11 @@ class VeilKernel(IPythonKernel):
                 self._load_sdk()
             except (Exception, KeyboardInterrupt):
                 return self._error_reply(code, store_history)
-        return await super().do_execute(code, silent, store_history, user_expressions, allow_stdin,
-                                        cell_meta=cell_meta, cell_id=cell_id)
+        try:
+            return await super().do_execute(code, silent, store_history, user_expressions, allow_stdin,
+                                            cell_meta=cell_meta, cell_id=cell_id)
+        finally:  # a site's mode set directly (`study.sites['x'].mode = 'live'`) is announced too
+            self.send_mode_event(self.mode)
 
     def _read_config(self) -> StudyConfig | MissingStudy:
         """The study config (tomllib only), with the guard on its executors' folders; a stand-in if the
@@ -182,6 +198,7 @@ class VeilKernel(IPythonKernel):
 
                     study = Study.from_config(self._config)
                     study.mode = "mock"  # a notebook spends budget only after `%veil mode live`
+                    study.on_mode = self.send_mode_event
                 register = (importlib.import_module("veil.kernel.magics").register
                             if importlib.util.find_spec("veil.kernel.magics") is not None else None)
         except Exception as exc:  # said on first use: by the cell that loaded, then by `study`
@@ -213,7 +230,7 @@ class VeilKernel(IPythonKernel):
         with self._comms_lock:
             self._comms[comm.comm_id] = comm
         comm.on_close(lambda _msg: self._comm_closed(comm.comm_id))
-        comm.send({"type": "ready", "version": __version__, "study": self._study_name})
+        comm.send({"type": "ready", "version": __version__, "study": self._study_name, "mode": self.mode})
 
     def _comm_closed(self, comm_id: str) -> None:
         with self._comms_lock:
@@ -225,3 +242,14 @@ class VeilKernel(IPythonKernel):
             comms = list(self._comms.values())
         for comm in comms:
             comm.send({**payload, "type": "budget"})
+
+    def send_mode_event(self, mode: str) -> None:
+        """Send `{"type": "mode", "mode": mode}` on every open "veil" comm when the mode differs from the one
+        last announced (the lab shows MOCK or LIVE)."""
+        with self._comms_lock:
+            if mode == self._announced_mode:
+                return
+            self._announced_mode = mode
+            comms = list(self._comms.values())
+        for comm in comms:
+            comm.send({"type": "mode", "mode": mode})

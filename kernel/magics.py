@@ -151,12 +151,14 @@ class VeilMagics(Magics):
         the ledger turns it into epsilon with `%veil budget`), with the half-width each release's counts and
         sums would have live (OpenDP's accuracy of the same measurement: it does not depend on the rows).
         Nothing is spent."""
+        listener, self.study.on_mode = getattr(self.study, "on_mode", None), None  # the lab sees no flicker
         previous, self.study.mode, self._cost_run = self.study.mode, "mock", {}
         try:
             outcome = self.shell.run_cell(cell, store_history=False)
             spent = self._cost_run
         finally:
             self.study.mode, self._cost_run = previous, None
+            self.study.on_mode = listener
         outcome.raise_error()
         print("Veil cost: the cell ran in MOCK mode; this is what it would charge live. Nothing was spent.")
         totals = {site: sum(r.cost.rho for r in releases) for site, releases in spent.items()}

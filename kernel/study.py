@@ -6,7 +6,7 @@ which reads it with the standard library alone (the kernel does so at start, bef
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,8 @@ class Study:
         self.name, self.project, self.sites, self._guards = name, project, sites, guards
         self.default_site = default_site
         """Where `%%veil sql` without --site or --all releases (the config's `default_site`)."""
+        self.on_mode: Callable[[str], None] | None = None
+        """Called with the new mode when `mode` changes (the kernel announces it to the lab extension)."""
 
     @classmethod
     def from_config(cls, config: StudyConfig) -> Study:
@@ -47,8 +49,11 @@ class Study:
     def mode(self, mode: str) -> None:
         if mode not in ("live", "mock"):
             raise VeilUsageError(f"mode must be 'live' or 'mock', not '{mode}'")
+        changed = any(site.mode != mode for site in self.sites.values())
         for site in self.sites.values():
             site.mode = mode
+        if changed and self.on_mode is not None:
+            self.on_mode(mode)
 
     def guarded_paths(self) -> list[Path]:
         """Directories that executors on this machine serve: the kernel refuses to open files there."""

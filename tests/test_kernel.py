@@ -195,12 +195,18 @@ class TestVeilKernel:
         opened = kc.session.msg("comm_open", {"comm_id": comm_id, "target_name": "veil", "data": {}})
         kc.shell_channel.send(opened)
         ack = comm_msgs(iopub_until_idle(kc, opened["header"]["msg_id"]), comm_id)
-        assert ack == [{"type": "ready", "version": veil.__version__, "study": "rare_peds_test"}]
+        assert ack == [{"type": "ready", "version": veil.__version__, "study": "rare_peds_test", "mode": "mock"}]
 
         code = "get_ipython().kernel.send_budget_event({'site': 'north', 'remaining': 1.0})"
         reply, out = execute(kc, code)
         assert reply["status"] == "ok"
         assert comm_msgs(out, comm_id) == [{"type": "budget", "site": "north", "remaining": 1.0}]
+        for cell, events in [("%veil mode live", [{"type": "mode", "mode": "live"}]),
+                             ("%veil mode live", []),  # no change, no event
+                             ("study.mode = 'mock'", [{"type": "mode", "mode": "mock"}]),
+                             ("%%veil cost\n1 + 1", [])]:  # its rehearsal in mock mode does not flash in the lab
+            reply, out = execute(kc, cell)
+            assert reply["status"] == "ok" and comm_msgs(out, comm_id) == events, cell
 
         closed = kc.session.msg("comm_close", {"comm_id": comm_id, "data": {}})
         kc.shell_channel.send(closed)

@@ -118,6 +118,9 @@ def test_datasets_and_mock_rows(lab: Lab) -> None:
 
 def test_a_steward_approves_revokes_and_caps_from_the_desk(lab: Lab, sites: dict[str, Deployment]) -> None:
     assert lab.get("steward") == {"enabled": True, "sites": sorted(sites)}
+    signed_in = lab.get("steward/whoami")["sites"]  # who the desk acts as at each site
+    assert set(signed_in) == set(sites) and all(s["status"] == "ok" for s in signed_in.values())
+    assert signed_in["central"]["whoami"]["principal"] == "carol" and signed_in["central"]["whoami"]["role"] == "steward"
     applicant = ResearcherSite("central", sites["central"].url, sites["central"].tokens["outsider"])
     app = applicant.apply("Length of stay by department, for bed planning", ["encounters"], epsilon=1.5,
                           duration_days=30)
@@ -171,6 +174,7 @@ def test_an_unreachable_executor_and_no_steward_config(sites: dict[str, Deployme
         assert state["valley"]["status"] == "unreachable" and "could not be reached" in state["valley"]["error"]
         assert state["north"]["status"] == state["central"]["status"] == "ok"
         assert server.get("steward") == {"enabled": False, "sites": []}
+        assert server.get("steward/whoami", expect=503)["code"] == "no_config"
         off = server.get("steward/budgets", expect=503)
         assert off["code"] == "no_config" and "VEIL_STEWARD" in off["message"]
     finally:

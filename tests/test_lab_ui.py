@@ -56,12 +56,25 @@ def test_researcher_and_steward_paths_in_the_browser(lab_env: tuple[Path, dict[s
     applicant = ResearcherSite("central", sites["central"].url, sites["central"].tokens["outsider"])
     app = applicant.apply("Length of stay by department, for bed planning", ["encounters"], epsilon=1.5,
                           duration_days=30)
+    # study1 already holds a grant on central's encounters: approving this one asks add / replace / keep (the
+    # spec keeps it: adding would pass the dataset's lifetime cap)
+    researcher = ResearcherSite("central", sites["central"].url, sites["central"].tokens["researcher"])
+    more = researcher.apply("Readmissions follow-up: more budget on encounters", ["encounters"], epsilon=1.0,
+                            duration_days=30)
+    held = {g.dataset: g.epsilon for g in sites["central"].client().grants()}
     before = {g.dataset: g.rho_spent for g in sites["north"].client().grants()}
     galata(["tests/budget.spec.ts", "tests/steward.spec.ts"], env, root / "galata.log")
     after = {g.dataset: g.rho_spent for g in sites["north"].client().grants()}
     assert after["patients"] > before["patients"] and after["encounters"] == before["encounters"]
-    decided = sites["central"].client("steward").application(app.id)
+    steward = sites["central"].client("steward")
+    decided = steward.application(app.id)
     assert decided.status == "approved" and decided.reviews[0].comment == "bed planning: approved"
+    added = steward.application(more.id)
+    assert added.status == "approved" and added.reviews[0].comment == "follow-up: keep the grant"
+    kept = {g.dataset: g.epsilon for g in sites["central"].client().grants() if g.status == "active"}
+    assert kept["encounters"] == held["encounters"]  # "Keep": approved without changing the grant
+    revoked = [g for b in steward.budgets() for g in b.grants if g.project == "other_project"]
+    assert revoked and all(g.status == "revoked" for g in revoked)
 
 
 def test_an_unreachable_executor_in_the_browser(lab_env: tuple[Path, dict[str, str]],

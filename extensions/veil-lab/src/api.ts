@@ -15,6 +15,21 @@ export interface IReleaseCost {
   epsilon_delta?: number;
 }
 
+/**
+ * The project's grant on the release's dataset at its site just after the
+ * release, computed by the site in the same transaction as the charge.
+ */
+export interface IReleaseGrant {
+  epsilon_granted?: number;
+  epsilon_spent?: number;
+  largest_next_epsilon?: number;
+  rho_granted?: number;
+  /** rho left */
+  rho?: number;
+  /** delta left */
+  delta?: number;
+}
+
 /** One DP release recorded in a notebook output or pushed over the comm. */
 export interface IRelease {
   site: string;
@@ -23,7 +38,12 @@ export interface IRelease {
   cost: IReleaseCost;
   receipt: string;
   mock: boolean;
+  /** The grant after this release (absent in older notebooks). */
+  grant?: IReleaseGrant;
 }
+
+/** Mock (local, spends nothing) or live (DP releases charged at the sites). */
+export type VeilMode = 'mock' | 'live';
 
 /** Message sent by the kernel after every live release. */
 export interface IBudgetEvent extends IRelease {
@@ -36,9 +56,17 @@ export interface IReadyEvent {
   version: string;
   /** Name of the study loaded in the kernel, or null when none. */
   study: string | null;
+  /** The kernel's mode (older kernels do not say: then mock, how every study starts). */
+  mode?: VeilMode;
 }
 
-export type KernelEvent = IBudgetEvent | IReadyEvent;
+/** Message sent by the kernel whenever its mode changes. */
+export interface IModeEvent {
+  type: 'mode';
+  mode: VeilMode;
+}
+
+export type KernelEvent = IBudgetEvent | IReadyEvent | IModeEvent;
 
 /** A site that could not be reached by the server extension. */
 export interface IUnreachable {
@@ -133,6 +161,23 @@ export interface IVerifyResponse {
 export interface IStewardInfo {
   enabled: boolean;
   sites: string[];
+}
+
+/** The steward as a site knows them (from the steward config's token). */
+export interface IWhoAmI {
+  principal: string;
+  role: string;
+  project: string | null;
+  office?: string | null;
+}
+
+/** GET /veil/api/steward/whoami */
+export interface IWhoAmIResponse {
+  sites: {
+    [site: string]:
+      | { status: 'ok'; whoami: IWhoAmI }
+      | { status: 'unreachable' | 'refused'; error: string };
+  };
 }
 
 export interface IApplicationRequest {

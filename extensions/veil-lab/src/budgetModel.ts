@@ -12,6 +12,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 
 import type {
   IApplicationInfo,
+  IWhoAmI,
   IBudgetEvent,
   IBudgetResponse,
   IExistingGrant,
@@ -42,7 +43,7 @@ export interface ISiteBudget {
    * without an active grant. Each grant's own figure is in the tooltip.
    */
   largestNext: number;
-  /** True when an active grant's largest next release is under 20% of what it granted. */
+  /** True when an active grant's largest next release is under the warning threshold (default 20%) of what it granted. */
   low: boolean;
 }
 
@@ -73,7 +74,34 @@ export function formatEpsilon(value: number): string {
   return String(Number(v.toPrecision(2)));
 }
 
+/** A warning threshold from the settings: a fraction in [0, 1], else the default. */
+export function toLowFraction(value: unknown): number {
+  return typeof value === 'number' && Number.isFinite(value) && value >= 0
+    ? Math.min(value, 1)
+    : LOW_BUDGET_FRACTION;
+}
+
 export class BudgetModel {
+  /** The fraction of a grant under which its largest next release is shown as low. */
+  get lowFraction(): number {
+    return this._lowFraction;
+  }
+
+  /** Change the warning threshold (from the settings); applies at once. */
+  set lowFraction(value: number) {
+    const fraction = toLowFraction(value);
+    if (fraction === this._lowFraction) {
+      return;
+    }
+    this._lowFraction = fraction;
+    for (const s of this.sites) {
+      if (s.reachable) {
+        this._sites.set(s.site, this._summarize(s.site, s.grants));
+      }
+    }
+    this._changed.emit();
+  }
+
   /** Emitted whenever the state changes. */
   get changed(): ISignal<this, void> {
     return this._changed;
@@ -104,7 +132,7 @@ export class BudgetModel {
     return this._loaded;
   }
 
-  /** Any active grant at any reachable site below 20% of its epsilon. */
+  /** Any active grant at any reachable site below the warning threshold of its epsilon. */
   get low(): boolean {
     return this.sites.some(s => s.low);
   }
@@ -171,7 +199,7 @@ export class BudgetModel {
         lines.push(`${s.site}: no grants`);
       }
       for (const g of s.grants) {
-        const warn = isGrantLow(g) ? ' (low)' : '';
+        const warn = isGrantLow(g, this._lowFraction) ? ' (low)' : '';
         const status = g.status === 'active' ? '' : ` [${g.status}]`;
         lines.push(
           `${s.site}/${g.dataset}: ε granted ${formatEpsilon(g.epsilon)}, ` +
@@ -208,7 +236,7 @@ export class BudgetModel {
         continue;
       }
       const grants = (entry.grants ?? []).map(g => ({ ...g }));
-      this._sites.set(name, BudgetModel._summarize(name, grants));
+      this._sites.set(name, this._summarize(name, grants));
     }
     this._changed.emit();
   }
@@ -229,7 +257,8 @@ export class BudgetModel {
    * at 0, so the epsilon of `rho_remaining - rho` is at least both
    * `largest_next_epsilon - cost.epsilon` and `largest_next_epsilon` scaled by
    * the rho left, and the epsilon spent grows by at most `cost.epsilon`.
-   * Mock releases spend nothing.
+   * Mock releases spend nothing. When the event carries `grant` (the site's
+   * figures just after the release) those are taken as they are.
    *
    * @returns true when a grant was charged
    */
@@ -249,6 +278,31 @@ export class BudgetModel {
     if (!grant) {
       return false;
     }
+    const after = event.grant;
+    if (
+      after &&
+      typeof after.largest_next_epsilon === 'number' &&
+      typeof after.epsilon_spent === 'number'
+    ) {
+      // The site's own figures for the grant just after this release: exact.
+      grant.largest_next_epsilon = after.largest_next_epsilon;
+      grant.epsilon_spent = after.epsilon_spent;
+      if (typeof after.epsilon_granted === 'number') {
+        grant.epsilon = after.epsilon_granted;
+      }
+      if (typeof after.rho === 'number') {
+        grant.rho_remaining = after.rho;
+      }
+      if (typeof after.rho_granted === 'number') {
+        grant.rho_total = after.rho_granted;
+        if (typeof after.rho === 'number') {
+          grant.rho_spent = Math.max(0, after.rho_granted - after.rho);
+        }
+      }
+      this._sites.set(site.site, this._summarize(site.site, site.grants));
+      this._changed.emit();
+      return true;
+    }
     const before = grant.largest_next_epsilon;
     let next = Math.max(0, before - epsilon);
     const rhoLeft = grant.rho_remaining;
@@ -265,12 +319,12 @@ export class BudgetModel {
     }
     grant.largest_next_epsilon = next;
     grant.epsilon_spent += epsilon;
-    this._sites.set(site.site, BudgetModel._summarize(site.site, site.grants));
+    this._sites.set(site.site, this._summarize(site.site, site.grants));
     this._changed.emit();
     return true;
   }
 
-  private static _summarize(site: string, grants: IGrant[]): ISiteBudget {
+  private _summarize(site: string, grants: IGrant[]): ISiteBudget {
     const active = grants.filter(g => g.status === 'active');
     return {
       site,
@@ -281,11 +335,12 @@ export class BudgetModel {
         active.length === 0
           ? 0
           : Math.min(...active.map(g => g.largest_next_epsilon)),
-      low: active.some(g => isGrantLow(g))
+      low: active.some(g => isGrantLow(g, this._lowFraction))
     };
   }
 
   private _changed = new Signal<this, void>(this);
+  private _lowFraction = LOW_BUDGET_FRACTION;
   private _project: string | null = null;
   private _requestError: string | null = null;
   private _loaded = false;
@@ -311,4 +366,26 @@ export function grantsToDecide(app: IApplicationInfo): IExistingGrant[] {
       g.status === 'active' &&
       (g.application_id === null || String(g.application_id) !== String(app.id))
   );
+}
+
+/**
+ * Why this steward cannot review the application now (null: they can): it is
+ * decided, or they already reviewed this version of it.
+ */
+export function reviewBlocked(
+  app: IApplicationInfo,
+  me: IWhoAmI | null | undefined
+): string | null {
+  if (app.status !== 'pending') {
+    return `This application is ${app.status}.`;
+  }
+  if (
+    me &&
+    (app.reviews ?? []).some(
+      r => r.reviewer === me.principal && r.version === app.version
+    )
+  ) {
+    return `You (${me.principal}) already reviewed version ${app.version}; another steward must review it.`;
+  }
+  return null;
 }

@@ -12,7 +12,7 @@ import {
   VeilApiError
 } from './api';
 import { ErrorBox, formatValue, LevelBadge } from './components';
-import { veilIcon } from './icons';
+import { datasetsIcon } from './icons';
 
 /** The code cell inserted by "Insert %%veil sql cell". */
 export function sqlCellSource(site: string, dataset: string): string {
@@ -208,7 +208,7 @@ export class DatasetsPanel extends ReactWidget {
   constructor(private _insert: InsertCell) {
     super();
     this.id = 'veil-datasets';
-    this.title.icon = veilIcon;
+    this.title.icon = datasetsIcon;
     this.title.caption = 'Veil datasets';
     this.addClass('veil-panel');
   }

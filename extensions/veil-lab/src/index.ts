@@ -1,12 +1,14 @@
 import {
   ILabShell,
+  ILayoutRestorer,
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import {
   ICommandPalette,
   MainAreaWidget,
-  Notification
+  Notification,
+  WidgetTracker
 } from '@jupyterlab/apputils';
 import { ILauncher } from '@jupyterlab/launcher';
 import {
@@ -14,29 +16,35 @@ import {
   NotebookActions,
   NotebookPanel
 } from '@jupyterlab/notebook';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Poll } from '@lumino/polling';
 import { Signal } from '@lumino/signaling';
 
-import { IBudgetResponse, IStewardInfo, requestAPI, toApiError } from './api';
+import {
+  IBudgetEvent,
+  IBudgetResponse,
+  IStewardInfo,
+  requestAPI,
+  toApiError
+} from './api';
 import { BudgetModel } from './budgetModel';
 import { BudgetStatus } from './budgetStatus';
 import { DatasetsPanel } from './datasetsPanel';
 import { isVeilPanel, VeilKernelBridge } from './kernelBridge';
-import { ReleaseHistory } from './releaseHistory';
+import { ModeToolbarItem } from './modeToolbar';
+import { ReleaseHistory, withRelease } from './releaseHistory';
 import { ReleasesPanel } from './releasesPanel';
+import { readSettings } from './settings';
 import { StewardDesk } from './stewardDesk';
-import { veilIcon } from './icons';
+import { deskIcon } from './icons';
 import { IVeil } from './tokens';
 
 export { BudgetModel } from './budgetModel';
 export { ReleaseHistory } from './releaseHistory';
 export { IVeil } from './tokens';
 
-/** How often the budget is refetched while a Veil notebook is active... */
-const BUDGET_POLL_MS = 30_000;
-
-/** ...and the longest wait between tries while the server keeps failing (backoff). */
+/** The longest wait between tries while the server keeps failing (backoff). */
 const BUDGET_POLL_MAX_MS = 300_000;
 
 /** Debounce for re-reading a notebook's outputs after it changes. */
@@ -46,16 +54,27 @@ namespace CommandIDs {
   export const stewardDesk = 'veil:steward-desk';
   export const showDatasets = 'veil:show-datasets';
   export const showReleases = 'veil:show-releases';
+  export const refreshBudget = 'veil:refresh-budget';
 }
+
+/** The plugin whose settings (schema/plugin.json) this extension reads. */
+const PLUGIN_ID = 'veil-lab:plugin';
 
 /** Shared state: kernel comms, budget model, per-notebook release history. */
 const core: JupyterFrontEndPlugin<IVeil> = {
-  id: 'veil-lab:core',
-  description: 'Veil kernel comm, budget model and release histories.',
+  id: PLUGIN_ID,
+  description:
+    'Veil kernel comm, budget model, release histories and the notebook mode item.',
   autoStart: true,
   requires: [INotebookTracker],
+  optional: [ISettingRegistry, ICommandPalette],
   provides: IVeil,
-  activate: (app: JupyterFrontEnd, tracker: INotebookTracker): IVeil => {
+  activate: (
+    app: JupyterFrontEnd,
+    tracker: INotebookTracker,
+    settingRegistry: ISettingRegistry | null,
+    palette: ICommandPalette | null
+  ): IVeil => {
     const bridge = new VeilKernelBridge(tracker);
     const budget = new BudgetModel();
     const histories = new WeakMap<NotebookPanel, ReleaseHistory>();
@@ -122,13 +141,36 @@ const core: JupyterFrontEndPlugin<IVeil> = {
       }
     });
 
+    /** Keep every announced live release in the notebook's metadata (saved with it), displayed or not. */
+    const persist = (panel: NotebookPanel, event: IBudgetEvent) => {
+      const model = panel.model;
+      if (!model || panel.isDisposed) {
+        return;
+      }
+      const next = withRelease(model.getMetadata('veil'), event);
+      if (next) {
+        model.setMetadata('veil', next);
+      }
+    };
+
     bridge.budget.connect((_, { panel, event }) => {
       if (event.mock) {
         return;
       }
       budget.applyRelease(event);
       historyFor(panel).add(event);
+      persist(panel, event);
       void refreshBudget();
+    });
+
+    // MOCK or LIVE in each Veil notebook's toolbar, with a notice when live outputs meet a mock kernel.
+    app.docRegistry.addWidgetExtension('Notebook', {
+      createNew: (panel: NotebookPanel) => {
+        const item = new ModeToolbarItem(panel, bridge, historyFor(panel));
+        // first: a narrow main area moves the toolbar's last items into its "More commands" menu
+        panel.toolbar.insertItem(0, 'veil-mode', item);
+        return item;
+      }
     });
 
     const refreshIfVeil = () => {
@@ -156,7 +198,7 @@ const core: JupyterFrontEndPlugin<IVeil> = {
         }
       },
       frequency: {
-        interval: BUDGET_POLL_MS,
+        interval: readSettings(null).pollInterval,
         backoff: true,
         max: BUDGET_POLL_MAX_MS
       },
@@ -164,6 +206,36 @@ const core: JupyterFrontEndPlugin<IVeil> = {
       standby: 'when-hidden'
     });
     void app.restored.then(() => poll.start());
+
+    // Settings: the poll interval and the low-budget threshold, applied as they change.
+    const applySettings = (settings: ISettingRegistry.ISettings | null) => {
+      const { pollInterval, lowBudgetFraction } = readSettings(
+        settings?.composite ?? null
+      );
+      budget.lowFraction = lowBudgetFraction;
+      poll.frequency = {
+        interval: pollInterval > 0 ? pollInterval : Poll.NEVER,
+        backoff: true,
+        max: BUDGET_POLL_MAX_MS
+      };
+    };
+    if (settingRegistry) {
+      void Promise.all([settingRegistry.load(PLUGIN_ID), app.restored])
+        .then(([settings]) => {
+          applySettings(settings);
+          settings.changed.connect(applySettings);
+        })
+        .catch(reason =>
+          console.warn('Veil: could not load the settings', reason)
+        );
+    }
+
+    app.commands.addCommand(CommandIDs.refreshBudget, {
+      label: 'Veil: Refresh privacy budget',
+      caption: 'Fetch the budget of every site now',
+      execute: () => refreshBudget()
+    });
+    palette?.addItem({ command: CommandIDs.refreshBudget, category: 'Veil' });
 
     return { bridge, budget, refreshBudget, historyFor };
   }
@@ -182,11 +254,17 @@ const budgetStatus: JupyterFrontEndPlugin<void> = {
     tracker: INotebookTracker,
     statusBar: IStatusBar
   ) => {
-    const item = new BudgetStatus(veil.budget, () => {
-      if (app.commands.hasCommand(CommandIDs.showReleases)) {
-        void app.commands.execute(CommandIDs.showReleases);
-      }
-    });
+    const item = new BudgetStatus(
+      veil.budget,
+      () => {
+        if (app.commands.hasCommand(CommandIDs.showReleases)) {
+          void app.commands.execute(CommandIDs.showReleases);
+        }
+      },
+      () => veil.bridge.mode(tracker.currentWidget),
+      veil.bridge.modeChanged
+    );
+    tracker.currentChanged.connect(() => item.update());
     const activeChanged = new Signal<typeof item, void>(item);
     tracker.currentChanged.connect(() => activeChanged.emit());
     veil.bridge.kernelChanged.connect(() => activeChanged.emit());
@@ -206,11 +284,13 @@ const datasets: JupyterFrontEndPlugin<void> = {
   description: 'Veil datasets browser in the left sidebar.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ILabShell],
+  optional: [ILabShell, ICommandPalette, ILayoutRestorer],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
-    labShell: ILabShell | null
+    labShell: ILabShell | null,
+    palette: ICommandPalette | null,
+    restorer: ILayoutRestorer | null
   ) => {
     const insert = (source: string) => {
       const panel = tracker.currentWidget;
@@ -229,10 +309,13 @@ const datasets: JupyterFrontEndPlugin<void> = {
     };
     const panel = new DatasetsPanel(insert);
     app.shell.add(panel, 'left', { rank: 850 });
+    restorer?.add(panel, 'veil-datasets');
     app.commands.addCommand(CommandIDs.showDatasets, {
       label: 'Veil: Show datasets',
+      caption: "The study's sites and datasets, with mock previews",
       execute: () => app.shell.activateById(panel.id)
     });
+    palette?.addItem({ command: CommandIDs.showDatasets, category: 'Veil' });
   }
 };
 
@@ -242,9 +325,44 @@ const releases: JupyterFrontEndPlugin<void> = {
   description: 'Veil release history of the current notebook.',
   autoStart: true,
   requires: [IVeil, INotebookTracker],
-  activate: (app: JupyterFrontEnd, veil: IVeil, tracker: INotebookTracker) => {
-    const panel = new ReleasesPanel();
+  optional: [ICommandPalette, ILayoutRestorer],
+  activate: (
+    app: JupyterFrontEnd,
+    veil: IVeil,
+    tracker: INotebookTracker,
+    palette: ICommandPalette | null,
+    restorer: ILayoutRestorer | null
+  ) => {
+    /** Scroll to and select the cell whose output holds the release. */
+    const select = (receipt: string) => {
+      const current = tracker.currentWidget;
+      if (!current) {
+        return;
+      }
+      const where = veil.historyFor(current).cellOf(receipt);
+      if (!where) {
+        return;
+      }
+      const notebook = current.content;
+      let index = where.id
+        ? notebook.widgets.findIndex(c => c.model.id === where.id)
+        : -1;
+      if (index < 0) {
+        index = where.index;
+      }
+      const cell = notebook.widgets[index];
+      if (!cell) {
+        return;
+      }
+      app.shell.activateById(current.id);
+      notebook.deselectAll();
+      notebook.activeCellIndex = index;
+      notebook.mode = 'command';
+      void notebook.scrollToCell(cell, 'center');
+    };
+    const panel = new ReleasesPanel(select);
     app.shell.add(panel, 'right', { rank: 850 });
+    restorer?.add(panel, 'veil-releases');
     const follow = () => {
       const current = tracker.currentWidget;
       panel.setHistory(
@@ -253,11 +371,20 @@ const releases: JupyterFrontEndPlugin<void> = {
       );
     };
     tracker.currentChanged.connect(follow);
+    tracker.widgetAdded.connect((_, added) =>
+      added.context.pathChanged.connect(() => {
+        if (added === tracker.currentWidget) {
+          follow();
+        }
+      })
+    );
     follow();
     app.commands.addCommand(CommandIDs.showReleases, {
       label: 'Veil: Show release history',
+      caption: "The current notebook's live releases and their receipts",
       execute: () => app.shell.activateById(panel.id)
     });
+    palette?.addItem({ command: CommandIDs.showReleases, category: 'Veil' });
   }
 };
 
@@ -266,51 +393,25 @@ const steward: JupyterFrontEndPlugin<void> = {
   id: 'veil-lab:steward',
   description: 'Veil steward desk: applications, budgets and audit.',
   autoStart: true,
-  optional: [ICommandPalette, ILauncher],
+  optional: [ICommandPalette, ILauncher, ILayoutRestorer],
   activate: (
     app: JupyterFrontEnd,
     palette: ICommandPalette | null,
-    launcher: ILauncher | null
+    launcher: ILauncher | null,
+    restorer: ILayoutRestorer | null
   ) => {
     let info: IStewardInfo = { enabled: false, sites: [] };
     let desk: MainAreaWidget<StewardDesk> | null = null;
-
-    app.commands.addCommand(CommandIDs.stewardDesk, {
-      label: 'Veil: Steward desk',
-      caption: 'Review applications, manage budgets and read the audit log',
-      icon: args => (args['isPalette'] ? undefined : veilIcon),
-      isEnabled: () => info.enabled,
-      isVisible: () => info.enabled,
-      execute: () => {
-        if (!info.enabled) {
-          return;
-        }
-        if (!desk || desk.isDisposed) {
-          desk = new MainAreaWidget({ content: new StewardDesk(info.sites) });
-          desk.id = 'veil-steward-desk-main';
-          desk.title.label = 'Veil steward desk';
-          desk.title.icon = veilIcon;
-          app.shell.add(desk, 'main');
-        }
-        app.shell.activateById(desk.id);
-      }
+    const tracker = new WidgetTracker<MainAreaWidget<StewardDesk>>({
+      namespace: 'veil-steward-desk'
     });
-    palette?.addItem({ command: CommandIDs.stewardDesk, category: 'Veil' });
 
-    requestAPI<IStewardInfo>('steward')
+    const loaded = requestAPI<IStewardInfo>('steward')
       .then(response => {
         info = {
           enabled: response?.enabled === true,
           sites: Array.isArray(response?.sites) ? response.sites : []
         };
-        app.commands.notifyCommandChanged(CommandIDs.stewardDesk);
-        if (info.enabled && launcher) {
-          launcher.add({
-            command: CommandIDs.stewardDesk,
-            category: 'Veil',
-            rank: 1
-          });
-        }
       })
       .catch(error => {
         // Not a steward, or no server extension: keep the desk hidden.
@@ -319,6 +420,47 @@ const steward: JupyterFrontEndPlugin<void> = {
           toApiError(error).message
         );
       });
+
+    app.commands.addCommand(CommandIDs.stewardDesk, {
+      label: 'Veil: Open steward desk',
+      caption: 'Review applications, manage budgets and read the audit log',
+      icon: args => (args['isPalette'] ? undefined : deskIcon),
+      isEnabled: () => info.enabled,
+      isVisible: () => info.enabled,
+      execute: async () => {
+        await loaded; // the layout restorer may ask before the server said
+        if (!info.enabled) {
+          return;
+        }
+        if (!desk || desk.isDisposed) {
+          desk = new MainAreaWidget({ content: new StewardDesk(info.sites) });
+          desk.id = 'veil-steward-desk-main';
+          desk.title.label = 'Veil steward desk';
+          desk.title.icon = deskIcon;
+          app.shell.add(desk, 'main');
+          void tracker.add(desk);
+        }
+        app.shell.activateById(desk.id);
+        return desk;
+      }
+    });
+    palette?.addItem({ command: CommandIDs.stewardDesk, category: 'Veil' });
+    // The desk's tab comes back after a page reload.
+    void restorer?.restore(tracker, {
+      command: CommandIDs.stewardDesk,
+      name: () => 'veil-steward-desk'
+    });
+
+    void loaded.then(() => {
+      app.commands.notifyCommandChanged(CommandIDs.stewardDesk);
+      if (info.enabled && launcher) {
+        launcher.add({
+          command: CommandIDs.stewardDesk,
+          category: 'Veil',
+          rank: 1
+        });
+      }
+    });
   }
 };
 

@@ -6,7 +6,7 @@ import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import type { IBudgetEvent, IReadyEvent } from './api';
+import type { IBudgetEvent, IReadyEvent, VeilMode } from './api';
 
 /** Kernel spec name of the Veil kernel. */
 export const VEIL_KERNEL_NAME = 'veil';
@@ -22,6 +22,11 @@ export interface IBridgeEvent<T> {
 /** Is the panel's current kernel the Veil kernel? */
 export function isVeilPanel(panel: NotebookPanel | null | undefined): boolean {
   return panel?.sessionContext.session?.kernel?.name === VEIL_KERNEL_NAME;
+}
+
+/** 'mock' or 'live' from a message; null for anything else. */
+export function toMode(value: unknown): VeilMode | null {
+  return value === 'mock' || value === 'live' ? value : null;
 }
 
 export class VeilKernelBridge {
@@ -45,10 +50,24 @@ export class VeilKernelBridge {
     return this._kernelChanged;
   }
 
+  /** The mode of some notebook's kernel changed (or became known). */
+  get modeChanged(): ISignal<this, NotebookPanel> {
+    return this._modeChanged;
+  }
+
   /** The `ready` message of the panel's kernel, if received. */
   info(panel: NotebookPanel): IReadyEvent | undefined {
     const kernel = panel.sessionContext.session?.kernel;
     return kernel ? this._info.get(kernel.id) : undefined;
+  }
+
+  /** The mode of the panel's kernel as it last announced it; null before it did (or not Veil). */
+  mode(panel: NotebookPanel | null | undefined): VeilMode | null {
+    const kernel = panel?.sessionContext.session?.kernel;
+    if (!kernel || kernel.name !== VEIL_KERNEL_NAME) {
+      return null;
+    }
+    return this._modes.get(kernel.id) ?? null;
   }
 
   private _watch(panel: NotebookPanel): void {
@@ -64,6 +83,8 @@ export class VeilKernelBridge {
         if (kernel) {
           this._comms.delete(kernel.id);
           this._info.delete(kernel.id);
+          this._modes.delete(kernel.id);
+          this._modeChanged.emit(panel);
         }
       } else if (status === 'idle') {
         this._ensureComm(panel);
@@ -111,13 +132,29 @@ export class VeilKernelBridge {
     if (msg.type === 'ready') {
       const event = data as unknown as IReadyEvent;
       this._info.set(kernelId, event);
+      // a kernel that does not say is in mock mode: every study starts so
+      this._setMode(panel, kernelId, toMode(event.mode) ?? 'mock');
       this._ready.emit({ panel, event });
+    } else if (msg.type === 'mode') {
+      const mode = toMode((data as { mode?: unknown }).mode);
+      if (mode) {
+        this._setMode(panel, kernelId, mode);
+      }
     } else if (msg.type === 'budget') {
       this._budget.emit({ panel, event: data as unknown as IBudgetEvent });
     }
   }
 
+  private _setMode(panel: NotebookPanel, kernelId: string, mode: VeilMode) {
+    if (this._modes.get(kernelId) !== mode) {
+      this._modes.set(kernelId, mode);
+      this._modeChanged.emit(panel);
+    }
+  }
+
   private _comms = new Map<string, Kernel.IComm>();
+  private _modes = new Map<string, VeilMode>();
+  private _modeChanged = new Signal<this, NotebookPanel>(this);
   private _info = new Map<string, IReadyEvent>();
   private _ready = new Signal<this, IBridgeEvent<IReadyEvent>>(this);
   private _budget = new Signal<this, IBridgeEvent<IBudgetEvent>>(this);

@@ -1,12 +1,17 @@
-/** Right sidebar: the current notebook's live releases and their receipts. */
+/** Right sidebar: the current notebook's live releases, their costs, the grant after each, and receipts. */
 import { ReactWidget } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import { IVerifyResponse, postAPI, toApiError, VeilApiError } from './api';
-import { formatEpsilon } from './budgetModel';
 import { ErrorBox } from './components';
-import { veilIcon } from './icons';
-import { ReleaseHistory, shortReceipt } from './releaseHistory';
+import { historyIcon } from './icons';
+import {
+  describeCost,
+  describeGrantState,
+  ReleaseHistory,
+  shortReceipt,
+  ZCDP_NOTE
+} from './releaseHistory';
 
 /** Ask the server to check each release (its receipt, query, dataset and cost) against its site's audit log. */
 export async function verifyReceipts(history: ReleaseHistory): Promise<void> {
@@ -26,11 +31,14 @@ export async function verifyReceipts(history: ReleaseHistory): Promise<void> {
   history.setVerifications(response.results ?? []);
 }
 
+/** Show the cell whose output holds a release (by receipt). */
+export type SelectRelease = (receipt: string) => void;
+
 export class ReleasesPanel extends ReactWidget {
-  constructor() {
+  constructor(private _select: SelectRelease = () => undefined) {
     super();
     this.id = 'veil-releases';
-    this.title.icon = veilIcon;
+    this.title.icon = historyIcon;
     this.title.caption = 'Veil release history';
     this.addClass('veil-panel');
   }
@@ -73,7 +81,7 @@ export class ReleasesPanel extends ReactWidget {
   }
 
   private _renderHistory(history: ReleaseHistory): JSX.Element {
-    const totals = history.totals();
+    const states = history.grantStates();
     return (
       <>
         <div className="veil-caption">{this._label}</div>
@@ -84,18 +92,29 @@ export class ReleasesPanel extends ReactWidget {
           </p>
         ) : (
           <>
-            <div className="veil-totals">
-              {totals.map(t => (
-                <span
-                  className="veil-total"
-                  key={t.site}
-                  title="The epsilons of these releases, added up. The site's ledger adds up rho, so what the grant has spent (in epsilon) is less."
+            <ul className="veil-grant-states">
+              {states.map(s => (
+                <li
+                  className="veil-grant-state"
+                  key={`${s.site}/${s.dataset}`}
+                  data-site={s.site}
+                  data-dataset={s.dataset}
                 >
-                  {t.site}: {t.count} release{t.count === 1 ? '' : 's'}, ε{' '}
-                  {formatEpsilon(t.epsilon)}
-                </span>
+                  <strong>
+                    {s.site} / {s.dataset}
+                  </strong>{' '}
+                  <span className="veil-muted">
+                    {s.count} release{s.count === 1 ? '' : 's'}
+                  </span>
+                  <div className="veil-grant-figures">
+                    {s.grant
+                      ? `now: ${describeGrantState(s.grant)}`
+                      : describeGrantState(null)}
+                  </div>
+                </li>
               ))}
-            </div>
+            </ul>
+            <p className="veil-zcdp-note">{ZCDP_NOTE}</p>
             <ul className="veil-release-list">
               {history.releases
                 .slice()
@@ -103,19 +122,33 @@ export class ReleasesPanel extends ReactWidget {
                 .map(r => {
                   const v = history.verification(r.receipt);
                   const state = v ? (v.ok ? 'ok' : 'bad') : 'pending';
+                  const cell = history.cellOf(r.receipt);
                   return (
                     <li
-                      className="veil-release"
+                      className={`veil-release ${cell ? 'veil-release-shown' : 'veil-release-unshown'}`}
                       key={r.receipt}
                       data-receipt={r.receipt}
+                      title={
+                        cell
+                          ? 'Click to show the cell whose output holds this release'
+                          : 'Not shown in any output (kept in the notebook metadata)'
+                      }
+                      onClick={() => {
+                        if (cell) {
+                          this._select(r.receipt);
+                        }
+                      }}
                     >
                       <div className="veil-release-head">
                         <span className="veil-release-cost">
-                          ε {formatEpsilon(r.cost.epsilon)}
+                          {describeCost(r.cost)}
                         </span>
-                        <span>
+                        <span className="veil-release-where">
                           {r.site} / {r.dataset}
                         </span>
+                      </div>
+                      <div className="veil-release-grant">
+                        after it: {describeGrantState(r.grant)}
                       </div>
                       <pre className="veil-release-query">{r.query}</pre>
                       <div className="veil-release-receipt">
@@ -130,6 +163,11 @@ export class ReleasesPanel extends ReactWidget {
                               ? '✗ does not verify'
                               : '… unverified'}
                         </span>
+                        {cell ? null : (
+                          <span className="veil-muted veil-release-hidden">
+                            not displayed
+                          </span>
+                        )}
                       </div>
                     </li>
                   );

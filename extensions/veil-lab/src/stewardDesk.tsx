@@ -4,6 +4,7 @@
  */
 import { Dialog, InputDialog, showDialog } from '@jupyterlab/apputils';
 import { ReactWidget } from '@jupyterlab/ui-components';
+import { Widget } from '@lumino/widgets';
 import * as React from 'react';
 
 import {
@@ -19,6 +20,8 @@ import {
   IExistingGrant,
   IStewardBudgetsResponse,
   IStewardGrant,
+  IWhoAmI,
+  IWhoAmIResponse,
   postAPI,
   requestAPI,
   toApiError,
@@ -37,10 +40,11 @@ import {
   describeGrant,
   formatEpsilon,
   grantsToDecide,
-  NEXT_RELEASE_NOTE
+  NEXT_RELEASE_NOTE,
+  reviewBlocked
 } from './budgetModel';
 import { ErrorBox, formatTime, formatValue, LevelBadge } from './components';
-import { veilIcon } from './icons';
+import { deskIcon } from './icons';
 
 /** Load JSON from an endpoint into state, with loading and error. */
 function useResource<T>(endPoint: string | null) {
@@ -142,9 +146,11 @@ async function askExistingGrant(
 function ApplicationCard(props: {
   site: string;
   app: IApplicationInfo;
+  me: IWhoAmI | null;
   onReviewed: () => void;
 }): JSX.Element {
   const { site, app } = props;
+  const blocked = reviewBlocked(app, props.me);
   const [comment, setComment] = React.useState('');
   const [busy, setBusy] = React.useState(false);
   const [error, setError] = React.useState<VeilApiError | string | null>(null);
@@ -251,24 +257,27 @@ function ApplicationCard(props: {
           ))}
         </ul>
       ) : null}
+      {blocked ? <p className="veil-muted veil-blocked">{blocked}</p> : null}
       <textarea
         className="veil-comment"
         placeholder="Review comment (required)"
         value={comment}
         onChange={e => setComment(e.target.value)}
-        disabled={busy}
+        disabled={busy || blocked !== null}
       />
       <div className="veil-actions">
         <button
           className="jp-mod-styled jp-mod-accept veil-button"
-          disabled={busy}
+          disabled={busy || blocked !== null}
+          title={blocked ?? undefined}
           onClick={() => review('approve')}
         >
           Approve
         </button>
         <button
           className="jp-mod-styled jp-mod-warn veil-button"
-          disabled={busy}
+          disabled={busy || blocked !== null}
+          title={blocked ?? undefined}
           onClick={() => review('reject')}
         >
           Reject
@@ -279,7 +288,9 @@ function ApplicationCard(props: {
   );
 }
 
-function ApplicationsTab(): JSX.Element {
+function ApplicationsTab(props: {
+  whoami: IWhoAmIResponse | null;
+}): JSX.Element {
   const { data, error, loading, reload } = useResource<IApplicationsResponse>(
     'steward/applications?status=pending'
   );
@@ -306,6 +317,7 @@ function ApplicationsTab(): JSX.Element {
                   key={String(app.id)}
                   site={site}
                   app={app}
+                  me={signedIn(props.whoami, site)}
                   onReviewed={reload}
                 />
               ))
@@ -331,6 +343,92 @@ async function askReason(
   });
   const reason = result.value?.trim();
   return result.button.accept && reason ? reason : null;
+}
+
+/** The body of the revoke dialog: what is revoked, and a required reason. */
+class RevokeBody extends Widget implements Dialog.IBodyWidget<string> {
+  constructor(site: string, grant: IStewardGrant, required: boolean) {
+    super();
+    this.addClass('veil-revoke-body');
+    const text = document.createElement('p');
+    text.textContent =
+      `Revoke grant ${grant.id} at ${site}: project ${grant.project}, ` +
+      `dataset ${grant.dataset}. The project can make no more releases ` +
+      'under it; what it spent stays spent. This cannot be undone.';
+    const label = document.createElement('label');
+    label.textContent = 'Reason (required, recorded in the audit log)';
+    this._input = document.createElement('textarea');
+    this._input.className = 'veil-revoke-reason';
+    this._input.rows = 3;
+    label.appendChild(this._input);
+    this._note = document.createElement('p');
+    this._note.className = 'veil-revoke-required';
+    this._note.setAttribute('role', 'alert');
+    this._note.textContent = 'A reason is required to revoke a grant.';
+    this._note.hidden = !required;
+    this._input.addEventListener('input', () => this._sync());
+    this.node.append(text, label, this._note);
+  }
+
+  getValue(): string {
+    return this._input.value.trim();
+  }
+
+  protected onAfterAttach(): void {
+    this._sync();
+    this._input.focus();
+  }
+
+  /** The Revoke button is off while the reason is empty. */
+  private _sync(): void {
+    const empty = this.getValue() === '';
+    const dialog = this.node.closest('.jp-Dialog');
+    dialog
+      ?.querySelectorAll<HTMLButtonElement>('.jp-Dialog-button.jp-mod-warn')
+      .forEach(button => {
+        button.disabled = empty;
+      });
+    if (!empty) {
+      this._note.hidden = true;
+    }
+  }
+
+  private _input: HTMLTextAreaElement;
+  private _note: HTMLParagraphElement;
+}
+
+/**
+ * Ask for the reason to revoke a grant (destructive: a warn button naming the
+ * site, project and dataset); null when cancelled. An empty reason is
+ * refused: the dialog comes back saying a reason is required.
+ */
+async function askRevokeReason(
+  site: string,
+  grant: IStewardGrant
+): Promise<string | null> {
+  let required = false;
+  for (;;) {
+    const result = await showDialog<string>({
+      title: `Revoke grant ${grant.id} at ${site}?`,
+      body: new RevokeBody(site, grant, required),
+      buttons: [
+        Dialog.cancelButton(),
+        Dialog.warnButton({
+          label: 'Revoke',
+          caption: `revoke ${grant.project}'s grant on ${grant.dataset} at ${site}`
+        })
+      ],
+      focusNodeSelector: '.veil-revoke-reason'
+    });
+    if (!result.button.accept) {
+      return null;
+    }
+    const reason = (result.value ?? '').trim();
+    if (reason) {
+      return reason;
+    }
+    required = true;
+  }
 }
 
 /** A warning when the site's file breaks its catalog's rows-per-patient bound; nothing otherwise. */
@@ -373,10 +471,7 @@ function BudgetsTab(): JSX.Element {
   };
 
   const revoke = async (site: string, grant: IStewardGrant) => {
-    const reason = await askReason(
-      `Revoke grant ${grant.id} (${grant.project} on ${grant.dataset})`,
-      'Revoke'
-    );
+    const reason = await askRevokeReason(site, grant);
     if (reason !== null) {
       await act(() =>
         postAPI(`steward/grants/${apiPath(site, grant.id)}/revoke`, { reason })
@@ -729,8 +824,56 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
 
 type Tab = 'applications' | 'budgets' | 'audit';
 
+/** Who the desk is signed in as at a site; null when unknown. */
+function signedIn(
+  whoami: IWhoAmIResponse | null,
+  site: string
+): IWhoAmI | null {
+  const entry = whoami?.sites?.[site];
+  return entry && entry.status === 'ok' ? entry.whoami : null;
+}
+
+/** One line per site: who the steward config signs in as there. */
+function SignedIn(props: {
+  sites: string[];
+  whoami: IWhoAmIResponse | null;
+  error: VeilApiError | null;
+}): JSX.Element {
+  return (
+    <div className="veil-signed-in veil-muted" aria-label="Signed in">
+      {props.sites.map(site => {
+        const entry = props.whoami?.sites?.[site];
+        let text = '…';
+        let title = 'asking the site';
+        if (props.error) {
+          text = 'unknown';
+          title = props.error.message;
+        } else if (entry && entry.status === 'ok') {
+          const w = entry.whoami;
+          text = `${w.principal} (${w.role}${w.office ? `, ${w.office}` : ''})`;
+          title = `signed in at ${site} as ${text}`;
+        } else if (entry) {
+          text = entry.status;
+          title = entry.error;
+        }
+        return (
+          <span
+            key={site}
+            className="veil-signed-in-site"
+            data-site={site}
+            title={title}
+          >
+            {site}: {text}
+          </span>
+        );
+      })}
+    </div>
+  );
+}
+
 function Desk(props: { sites: string[] }): JSX.Element {
   const [tab, setTab] = React.useState<Tab>('applications');
+  const whoami = useResource<IWhoAmIResponse>('steward/whoami');
   const tabs: [Tab, string][] = [
     ['applications', 'Applications'],
     ['budgets', 'Budgets'],
@@ -750,10 +893,16 @@ function Desk(props: { sites: string[] }): JSX.Element {
             {label}
           </button>
         ))}
-        <span className="veil-muted">Sites: {props.sites.join(', ')}</span>
+        <SignedIn
+          sites={props.sites}
+          whoami={whoami.data}
+          error={whoami.error}
+        />
       </div>
       <div className="veil-tab-body" role="tabpanel">
-        {tab === 'applications' ? <ApplicationsTab /> : null}
+        {tab === 'applications' ? (
+          <ApplicationsTab whoami={whoami.data} />
+        ) : null}
         {tab === 'budgets' ? <BudgetsTab /> : null}
         {tab === 'audit' ? <AuditTab sites={props.sites} /> : null}
       </div>
@@ -766,7 +915,7 @@ export class StewardDesk extends ReactWidget {
     super();
     this.id = 'veil-steward-desk';
     this.title.label = 'Veil steward desk';
-    this.title.icon = veilIcon;
+    this.title.icon = deskIcon;
     this.title.closable = true;
     this.addClass('veil-steward');
   }

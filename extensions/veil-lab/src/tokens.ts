@@ -5,7 +5,7 @@ import { BudgetModel } from './budgetModel';
 import { VeilKernelBridge } from './kernelBridge';
 import { ReleaseHistory } from './releaseHistory';
 
-/** Shared Veil state, provided by the `veil-lab:core` plugin. */
+/** Shared Veil state, provided by the `veil-lab:plugin` plugin. */
 export interface IVeil {
   /** Comm connections to Veil kernels. */
   readonly bridge: VeilKernelBridge;

@@ -44,7 +44,7 @@ class VeilLabApp(ExtensionApp):
         routes: list[tuple[str, type[tornado.web.RequestHandler]]] = [
             ("budget", BudgetHandler), ("datasets", DatasetsHandler),
             (r"datasets/([^/]+)/([^/]+)/mock", MockHandler), ("receipts/verify", ReceiptsHandler),
-            ("steward", StewardHandler), ("steward/applications", ApplicationsHandler),
+            ("steward", StewardHandler), ("steward/whoami", WhoAmIHandler), ("steward/applications", ApplicationsHandler),
             (r"steward/applications/([^/]+)/(\d+)/reviews", ReviewHandler), ("steward/budgets", BudgetsHandler),
             (r"steward/grants/([^/]+)/(\d+)/revoke", RevokeHandler),
             (r"steward/budgets/([^/]+)/([^/]+)/cap", CapHandler), ("steward/audit", AuditHandler),
@@ -215,6 +215,13 @@ class StewardHandler(_Handler):
             self._clients += list((clients or {}).values())
             return {"enabled": clients is not None, "sites": sorted(clients or {})}
         await self.run(work)
+
+
+class WhoAmIHandler(_Handler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        """Who the steward config's token signs in as at each site (the site's /whoami), or why not."""
+        await self.run(lambda: {"sites": _per_site(self.steward(), "whoami", lambda c: c.whoami())})
 
 
 class ApplicationsHandler(_Handler):

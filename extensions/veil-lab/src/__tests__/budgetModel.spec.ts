@@ -10,7 +10,8 @@ import {
   formatEpsilon,
   grantsToDecide,
   isGrantLow,
-  NEXT_RELEASE_NOTE
+  NEXT_RELEASE_NOTE,
+  reviewBlocked
 } from '../budgetModel';
 
 /**
@@ -236,6 +237,30 @@ describe('BudgetModel', () => {
     );
   });
 
+  it("takes the site's own figures when the release carries its grant", () => {
+    const model = new BudgetModel();
+    model.update(healthy);
+    const after = {
+      epsilon_granted: 4,
+      epsilon_spent: 1.37,
+      largest_next_epsilon: NEXT_AFTER,
+      rho_granted: 0.31,
+      rho: RHO_LEFT - RELEASE_RHO,
+      delta: 1e-6
+    };
+    expect(
+      model.applyRelease(
+        release({ cost: { epsilon: 0.5, rho: RELEASE_RHO }, grant: after })
+      )
+    ).toBe(true);
+    const g = model.site('north')!.grants[0];
+    expect(g.largest_next_epsilon).toBe(NEXT_AFTER);
+    expect(g.epsilon_spent).toBe(1.37);
+    expect(g.rho_remaining).toBe(RHO_LEFT - RELEASE_RHO);
+    expect(g.rho_spent).toBeCloseTo(0.31 - RHO_LEFT + RELEASE_RHO, 12);
+    expect(model.site('north')!.largestNext).toBe(NEXT_AFTER);
+  });
+
   it('ignores mock releases and unknown sites or datasets', () => {
     const model = new BudgetModel();
     model.update(healthy);
@@ -329,5 +354,44 @@ describe('existing grants on an application card', () => {
     ).toEqual([3, 4]);
     expect(grantsToDecide(app([held(5, 7)]))).toEqual([]);
     expect(grantsToDecide(app([]))).toEqual([]);
+  });
+});
+
+describe('reviewBlocked', () => {
+  const me = { principal: 'carol', role: 'steward', project: null };
+  const app = (status: string, reviews: [string, number][], version = 1) =>
+    ({
+      id: 7,
+      project: 'p',
+      applicant: 'bob',
+      status,
+      version,
+      request: {} as any,
+      rule: { level: 'L3', reviewers: 2, offices: [] },
+      reviews: reviews.map(([reviewer, v]) => ({
+        reviewer,
+        office: 'data center',
+        decision: 'approve' as const,
+        comment: 'ok',
+        version: v,
+        ts: 0
+      })),
+      needs: null
+    }) as IApplicationInfo;
+
+  it('lets a steward review a pending application once per version', () => {
+    expect(reviewBlocked(app('pending', []), me)).toBeNull();
+    expect(reviewBlocked(app('pending', [['dan', 1]]), me)).toBeNull();
+    expect(reviewBlocked(app('pending', [['carol', 1]]), me)).toContain(
+      'already reviewed'
+    );
+    // a changed application needs a new review, also from carol
+    expect(reviewBlocked(app('pending', [['carol', 1]], 2), me)).toBeNull();
+  });
+
+  it('blocks a decided application, whoever is signed in', () => {
+    expect(reviewBlocked(app('approved', []), me)).toContain('approved');
+    expect(reviewBlocked(app('rejected', []), null)).toContain('rejected');
+    expect(reviewBlocked(app('pending', [['carol', 1]]), null)).toBeNull();
   });
 });

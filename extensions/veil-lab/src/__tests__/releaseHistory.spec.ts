@@ -1,8 +1,13 @@
 import type { IRelease } from '../api';
 import {
+  describeCost,
+  describeGrantState,
+  needsLiveNotice,
+  parseGrant,
   ReleaseHistory,
   releasesFromNotebook,
-  shortReceipt
+  shortReceipt,
+  withRelease
 } from '../releaseHistory';
 
 function rel(receipt: string, overrides: Partial<IRelease> = {}): IRelease {
@@ -14,6 +19,17 @@ function rel(receipt: string, overrides: Partial<IRelease> = {}): IRelease {
     receipt,
     mock: false,
     ...overrides
+  };
+}
+
+function grant(spent: number, next: number) {
+  return {
+    epsilon_granted: 4,
+    epsilon_spent: spent,
+    largest_next_epsilon: next,
+    rho_granted: 0.2,
+    rho: 0.15,
+    delta: 1e-6
   };
 }
 
@@ -152,14 +168,24 @@ describe('ReleaseHistory', () => {
     ]);
   });
 
-  it('totals epsilon per site', () => {
+  it('gives the grant after the latest release per site and dataset, never a sum of epsilons', () => {
     const history = new ReleaseHistory();
-    history.loadNotebook(notebook);
-    const totals = history.totals();
-    expect(totals.map(t => t.site)).toEqual(['north', 'central']);
-    expect(totals[0].count).toBe(2);
-    expect(totals[0].epsilon).toBeCloseTo(0.5);
-    expect(totals[1]).toEqual({ site: 'central', count: 1, epsilon: 0.25 });
+    history.add(rel('a', { grant: grant(0.9, 3) }));
+    history.add(rel('b', { grant: grant(1.2, 2.7) }));
+    history.add(rel('c', { dataset: 'patients' })); // an older kernel: no grant
+    const states = history.grantStates();
+    expect(states.map(s => [s.site, s.dataset, s.count])).toEqual([
+      ['north', 'encounters', 2],
+      ['north', 'patients', 1]
+    ]);
+    expect(states[0].grant).toEqual(grant(1.2, 2.7));
+    expect(states[0].receipt).toBe('b');
+    expect(states[1].grant).toBeNull();
+    // epsilon spent is the site's figure (1.2), not 0.1 + 0.1
+    expect(describeGrantState(states[0].grant)).toBe(
+      'granted ε 4.00 · spent 1.20 · largest next release 2.70'
+    );
+    expect(describeGrantState(null)).toContain('not recorded');
   });
 
   it('records receipt verifications', () => {
@@ -185,5 +211,128 @@ describe('shortReceipt', () => {
   it('shortens long hashes only', () => {
     expect(shortReceipt('abc')).toBe('abc');
     expect(shortReceipt('0123456789abcdef')).toBe('0123456789ab…');
+  });
+});
+
+describe('notebook metadata (releases never displayed)', () => {
+  it('appends each live release once, keeping other Veil metadata', () => {
+    const first = withRelease({ other: 1 }, rel('r1', { grant: grant(1, 3) }));
+    expect(first).not.toBeNull();
+    expect(first!.other).toBe(1);
+    expect(first!.releases).toHaveLength(1);
+    // the comm event's `type` is not kept
+    const event = { ...rel('r2'), type: 'budget' } as IRelease;
+    const second = withRelease(first, event)!;
+    expect((second.releases as any[]).map(r => r.receipt)).toEqual([
+      'r1',
+      'r2'
+    ]);
+    expect((second.releases as any[])[1].type).toBeUndefined();
+    expect((second.releases as any[])[0].grant).toEqual(grant(1, 3));
+    expect(withRelease(second, rel('r1'))).toBeNull();
+    expect(withRelease(undefined, rel('m', { mock: true }))).toBeNull();
+    expect(withRelease(undefined, { site: 'x' } as any)).toBeNull();
+  });
+
+  it('builds the history from notebook metadata and outputs, de-duplicated by receipt', () => {
+    const nb = {
+      ...notebook,
+      metadata: {
+        veil: {
+          releases: [
+            rel('hidden', { grant: grant(0.5, 3.3) }),
+            rel('r1', { grant: grant(0.8, 3) })
+          ]
+        }
+      }
+    };
+    const history = new ReleaseHistory();
+    expect(history.loadNotebook(nb)).toBe(4);
+    expect(history.releases.map(r => r.receipt)).toEqual([
+      'hidden',
+      'r1',
+      'r2',
+      'r3'
+    ]);
+    expect(history.releases[1].grant).toEqual(grant(0.8, 3));
+    expect(history.loadNotebook(nb)).toBe(0);
+    // shown releases know their cell; the undisplayed one does not
+    expect(history.cellOf('r1')).toEqual({ index: 2, id: null });
+    expect(history.cellOf('r3')).toEqual({ index: 3, id: null });
+    expect(history.cellOf('hidden')).toBeUndefined();
+    expect(history.inOutputs).toBe(3);
+  });
+
+  it('finds cells by id and follows them when they move', () => {
+    const cells = (order: string[]) =>
+      order.map(id => ({
+        id,
+        cell_type: 'code',
+        outputs: id === 'q' ? [output([rel('r9')])] : []
+      }));
+    const history = new ReleaseHistory();
+    history.loadNotebook({ cells: cells(['a', 'q']) });
+    expect(history.cellOf('r9')).toEqual({ index: 1, id: 'q' });
+    let changed = 0;
+    history.changed.connect(() => changed++);
+    history.loadNotebook({ cells: cells(['q', 'a']) });
+    expect(history.cellOf('r9')).toEqual({ index: 0, id: 'q' });
+    expect(changed).toBe(1);
+    // the output cleared: the release stays (in the metadata), without a cell
+    history.loadNotebook({
+      cells: [{ id: 'q', cell_type: 'code', outputs: [] }]
+    });
+    expect(history.size).toBe(1);
+    expect(history.cellOf('r9')).toBeUndefined();
+  });
+
+  it('fills in the grant of a release first seen without it', () => {
+    const history = new ReleaseHistory();
+    history.add(rel('r1'));
+    history.loadNotebook({
+      metadata: { veil: { releases: [rel('r1', { grant: grant(1, 2) })] } }
+    });
+    expect(history.releases[0].grant).toEqual(grant(1, 2));
+  });
+});
+
+describe('grant and cost figures', () => {
+  it('keeps only the numeric figures of a grant', () => {
+    expect(
+      parseGrant({ epsilon_spent: 1, rho: 0.1, bogus: 2, delta: 'x' })
+    ).toEqual({
+      epsilon_spent: 1,
+      rho: 0.1
+    });
+    expect(parseGrant({})).toBeNull();
+    expect(parseGrant(null)).toBeNull();
+  });
+
+  it("describes a release's cost at the reporting delta, with its rho", () => {
+    expect(describeCost({ epsilon: 0.5, delta: 1e-6, rho: 0.0125 })).toBe(
+      'ε 0.5 at δ 0.000001, ρ 0.0125'
+    );
+    // a zCDP release spends no delta: its epsilon is read at the reporting delta
+    expect(
+      describeCost({
+        epsilon: 0.5,
+        delta: 0,
+        epsilon_delta: 1e-6,
+        rho: 0.00664
+      })
+    ).toBe('ε 0.5 at δ 0.000001, ρ 0.00664');
+    expect(
+      describeCost({ epsilon: 0.8, delta: 1e-7, epsilon_delta: 1e-6 })
+    ).toBe('ε 0.8 at δ 0.000001, δ spent 1e-7');
+    expect(describeCost({ epsilon: 1.234 })).toBe('ε 1.23');
+  });
+});
+
+describe('needsLiveNotice', () => {
+  it('warns only when live outputs meet a kernel in mock mode', () => {
+    expect(needsLiveNotice('mock', 2)).toBe(true);
+    expect(needsLiveNotice('live', 2)).toBe(false);
+    expect(needsLiveNotice('mock', 0)).toBe(false);
+    expect(needsLiveNotice(null, 2)).toBe(false); // the kernel has not said yet
   });
 });
