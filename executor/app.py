@@ -24,8 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from veil import __version__
 from veil.errors import AuthError, VeilError, validation_problems
 from veil.executor.auth import Principal, authenticate
+from veil.executor.observability import AccessLog, configure_logging, refused
 from veil.executor.query_pool import MAX_IN_FLIGHT
-from veil.executor.routes import access, audit, catalog, datasets, governance, jobs, mocks, queries
+from veil.executor.routes import access, audit, catalog, datasets, governance, jobs, metrics, mocks, queries
 from veil.executor.site import Site
 from veil.wire import Refusal
 
@@ -68,6 +69,7 @@ class Gate:
                               f"{'this token' if known else 'this address without a valid token'}",
                               hint="slow down and retry in a few seconds", status=429)
             site.refusals.count(address, error.code)
+            refused(scope["state"], error.code)
             return await _refusal_response(error, None)(scope, _no_receive, send)
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
@@ -82,6 +84,7 @@ class Gate:
                               hint="send one query per request (a few hundred bytes), or a smaller model"
                               if known else "send a valid bearer token", status=413)
             receipt = await _audit_refusal(site, identity, address, _action(scope["path"]), error)
+            refused(scope["state"], error.code)
             return await _refusal_response(error, receipt)(scope, _no_receive, send)
         replayed = False
 
@@ -137,7 +140,7 @@ def _action(path: str) -> str:
 
 
 ACTIONS = {"query", "datasets", "whoami", "grants", "jobs", "catalog", "levels", "applications", "budgets",
-           "audit", "receipts", "health", "openapi.json", "docs"}
+           "audit", "receipts", "health", "metrics", "openapi.json", "docs"}
 
 
 async def _audit_refusal(site: Site, identity: Principal | AuthError, address: str, action: str,
@@ -184,6 +187,7 @@ def create_app(site: Site) -> FastAPI:
     )
     app.state.site = site
     app.add_middleware(Gate)
+    app.add_middleware(AccessLog)  # outermost: it times and logs what the Gate refuses too
 
     async def audited_refusal(request: Request, error: VeilError) -> JSONResponse:
         context: dict[str, Any] = getattr(request.state, "context", {})
@@ -191,6 +195,7 @@ def create_app(site: Site) -> FastAPI:
         identity = getattr(request.state, "identity", ANONYMOUS_CALLER)
         receipt = await _audit_refusal(site, identity, address, _action(request.url.path), error,
                                        context.get("dataset"), context.get("query"))
+        refused(request.state, error.code)
         return _refusal_response(error, receipt)
 
     @app.exception_handler(VeilError)
@@ -218,11 +223,12 @@ def create_app(site: Site) -> FastAPI:
         return await audited_refusal(request, error)
 
     # in this order, the routes (and the OpenAPI document's paths) keep the order they always had
-    for routes in (datasets, queries, access, mocks, jobs, catalog, governance, audit):
+    for routes in (datasets, queries, access, mocks, jobs, catalog, governance, audit, metrics):
         app.include_router(routes.router)
     return app
 
 
 def app_from_environment() -> FastAPI:
     """The app for a worker process of `veil executor serve --workers N` (site named by the environment)."""
+    configure_logging()
     return create_app(Site.open(os.environ[SITE_CONFIG_ENV], os.environ.get(DATABASE_URL_ENV)))

@@ -9,9 +9,13 @@ executor/checkpoints.py), so the signed checkpoint commits with the entries it c
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import (
@@ -33,10 +37,14 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from veil.errors import CatalogError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 metadata = MetaData()
 
@@ -210,12 +218,12 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def open_store(url: str) -> Engine:
-    """Connect to the site database, creating its tables on first use."""
+    """Connect to the site database: create its tables on first use, or migrate it to this Veil's schema."""
     if url.startswith("sqlite"):
         engine = _sqlite_engine(url)
     else:
         engine = create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True)
-    metadata.create_all(engine)
+    migrate(engine)
     _check_columns(engine)
     try:
         with write(engine) as conn:
@@ -226,17 +234,107 @@ def open_store(url: str) -> Engine:
     return engine
 
 
-def _check_columns(engine: Engine) -> None:
-    """Refuse a database created by an older Veil (there are no migrations yet) with what to do."""
-    found = inspect(engine)
+def reachable(engine: Engine) -> bool:
+    """Whether the state database answers now (one row read: cheap enough for every health check). SQLite
+    is read through a new read-only connection, so a file moved or deleted (a volume unmounted) since the
+    pool's connections opened it counts as unreachable."""
+    head = select(audit_head.c.seq).where(audit_head.c.id == 1)
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    try:
+        if path and path != ":memory:" and not path.startswith("file:"):
+            with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as raw:
+                raw.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
+            return True
+        with engine.connect() as conn:
+            conn.execute(head).first()
+        return True
+    except (SQLAlchemyError, sqlite3.Error):
+        return False
+
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+BASELINE = "0001"
+"""The revision of a database that a Veil made before migrations were kept (it has no alembic_version)."""
+AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed"}}
+"""What the revisions after the baseline add (a table, or some of a table's columns): a database made
+without migrations may lack these, and no more, to be migrated from the baseline."""
+_MIGRATION_LOCK = 0x7665696C  # PostgreSQL advisory lock key: replicas starting together migrate one at a time
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the state database to this Veil's schema (Alembic, `executor/migrations`): a new database gets
+    the tables and is stamped, an older one runs the revisions it lacks. One transaction, under a lock."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util.exc import CommandError
+
+    with _migration_transaction(engine) as conn:
+        config = _alembic_config(conn)
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current == _head():
+            return
+        if current is None:
+            if not inspect(conn).has_table("audit"):  # a new database
+                metadata.create_all(conn)
+                command.stamp(config, "head")
+                return
+            _check_columns(conn, ignore=AFTER_BASELINE)  # made before migrations: from the baseline, if it is one
+            command.stamp(config, BASELINE)
+        try:
+            command.upgrade(config, "head")
+        except CommandError as exc:  # a revision this Veil does not know: a newer Veil migrated it
+            raise CatalogError(
+                "newer_database", f"the state database {engine.url.render_as_string(hide_password=True)} is at "
+                f"schema revision {current}, which this Veil does not know: a newer Veil migrated it ({exc})",
+                hint="run the Veil version that migrated it (there are no downgrades), or restore a backup") from exc
+
+
+@contextmanager
+def _migration_transaction(engine: Engine) -> Iterator[Connection]:
+    if engine.dialect.name == "sqlite":  # BEGIN IMMEDIATE: the database's write lock
+        with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
+            yield conn
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        yield conn
+
+
+def _alembic_config(conn: Connection) -> Config:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+@functools.cache
+def _head() -> str | None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def _check_columns(bind: Engine | Connection, ignore: dict[str, set[str] | None] | None = None) -> None:
+    """Refuse a database this Veil cannot migrate (made before the baseline) with what to do."""
+    found = inspect(bind)
+    ignore = ignore or {}
     for table in metadata.sorted_tables:
-        have = {c["name"] for c in found.get_columns(table.name)}
-        lacking = [c.name for c in table.columns if c.name not in have]
+        if table.name in ignore and ignore[table.name] is None:
+            continue
+        have = {c["name"] for c in found.get_columns(table.name)} if found.has_table(table.name) else set()
+        lacking = [c.name for c in table.columns if c.name not in have and c.name not in (ignore.get(table.name) or ())]
         if lacking:
+            url = bind.engine.url if isinstance(bind, Connection) else bind.url
             raise CatalogError(
                 "stale_database",
-                f"the state database {engine.url.render_as_string(hide_password=True)} was created by an "
-                f"older Veil: table '{table.name}' lacks {', '.join(lacking)}",
+                f"the state database {url.render_as_string(hide_password=True)} was created by an older Veil "
+                f"than its migrations can upgrade: table '{table.name}' lacks {', '.join(lacking)}",
                 hint="keep it for its audit log and start the site on a new database (for the demo: "
                      "'veil demo --reset')",
             )

@@ -103,6 +103,9 @@ def describe(case: schemathesis.Case, response: requests.Response | schemathesis
     return f"request: {sent}\nresponse: {response.status_code} {response.text[:2000]}"
 
 
+MAX_URL_BYTES = 65_535
+"""uvicorn's URL parser (httptools) takes at most this: a longer URL gets its plain-text 400 before the
+executor sees the request, so that answer cannot be a Refusal (and nothing reaches the site)."""
 HUNG: set[tuple[str | None, str]] = set()
 """Requests that got no answer in time: Hypothesis replays a failing case, and they are not sent again."""
 
@@ -120,6 +123,10 @@ def check(d: Deployment, case: schemathesis.Case, who: str | None, session: requ
     except requests.Timeout:
         HUNG.add(key)
         raise AssertionError(hung) from None
+    if len(response.request.url or "") > MAX_URL_BYTES:  # the HTTP server's parser refuses it, before the executor
+        assert (response.status_code, response.text) == (400, "Invalid HTTP request received."), \
+            describe(case, response, headers)
+        return
     judge(d, who, response.status_code, response.text, time.monotonic() - start, describe(case, response, headers))
     if 200 <= response.status_code < 300:
         case.validate_response(response, checks=[response_schema_conformance], headers=headers)

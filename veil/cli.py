@@ -5,39 +5,111 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 from veil.steward import add_commands as add_steward_commands
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from veil.executor.synth import synthesize
+    if args.format == "omop":
+        from veil.executor.omop import synthesize_omop
 
-    for path in synthesize(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed):
+        if args.sites != 3:
+            raise SystemExit("veil data synth --format omop writes three hospitals (north, central, valley)")
+        paths = synthesize_omop(Path(args.out), persons=args.patients, seed=args.seed, database_url=args.database_url)
+    else:
+        from veil.executor.synth import synthesize
+
+        if args.database_url:
+            raise SystemExit("--database-url goes with --format omop")
+        paths = synthesize(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
 
+def _site_init(args: argparse.Namespace) -> int:
+    """Draft a site catalog for the steward to complete (README, "Set up your own site")."""
+    from veil.executor import draft
+    from veil.executor.omop import draft_catalog
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SystemExit(f"{out} exists: choose another --out, or --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    url = args.database_url or (os.environ.get(args.url_env) if args.url_env else None)
+    if args.omop:
+        if args.persons_bound is None:
+            raise SystemExit("--omop needs --persons-bound N: a public upper bound on the site's persons")
+        draft_catalog(out, args.site, args.title or args.site, args.persons_bound, parquet=args.schema is None,
+                      url_env=args.url_env or "VEIL_OMOP_URL", schema=args.schema)
+        where = f"in schema {args.schema}" if args.schema else "as Parquet files beside it"
+        print(f"wrote {out}: the OMOP CDM tables ({where}); check the levels, rows per person and bounds it proposes")
+        return 0
+    source = args.source
+    if source.endswith(".parquet"):
+        found = Path(source).resolve()
+        name = args.name or found.stem
+        text = draft.draft(name, draft.file_schema(found), path=os.path.relpath(found, out.parent.resolve()),
+                           site=args.site)
+    else:
+        if not url:
+            raise SystemExit(f"reading table {source}'s schema needs --database-url or ${args.url_env or 'VEIL_SOURCE_URL'}")
+        name = args.name or source.split(".")[-1]
+        text = draft.draft(name, draft.table_schema(url, source), source_table=source,
+                           url_env=args.url_env or "VEIL_SOURCE_URL", site=args.site)
+    out.write_text(text)
+    from veil.executor.catalog import todos
+
+    print(f"wrote {out}: dataset '{name}' with {len(todos(tomllib.loads(text)))} TODO(s) for the data steward; the "
+          "executor refuses to start until each is declared")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     import uvicorn
 
     from veil.executor.app import DATABASE_URL_ENV, SHUTDOWN_SECONDS, SITE_CONFIG_ENV, create_app
+    from veil.executor.observability import (
+        LOG_FORMAT_ENV,
+        METRICS_TOKEN_ENV,
+        MULTIPROCESS_ENV,
+        configure_logging,
+        uvicorn_log_config,
+    )
     from veil.executor.site import Site
 
+    if 0 < len(os.environ.get(METRICS_TOKEN_ENV, "")) < 16:
+        print(f"error: {METRICS_TOKEN_ENV} is set but shorter than 16 characters; use a long random secret",
+              file=sys.stderr)
+        return 2
+    os.environ[LOG_FORMAT_ENV] = args.log_format  # the worker processes log alike
+    configure_logging(args.log_format)
     site = Site.open(args.site_config, args.database_url)  # fails early, with a clear message
     print(f"veil executor for site '{site.catalog.site}' on http://{args.host}:{args.port}"
           f" ({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
+              "log_config": uvicorn_log_config(args.log_format), "timeout_graceful_shutdown": SHUTDOWN_SECONDS}
     if args.workers == 1:
-        uvicorn.run(create_app(site), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+        uvicorn.run(create_app(site), **common)
         return 0
     site.close()
     site.engine.dispose()
     os.environ[SITE_CONFIG_ENV] = str(Path(args.site_config).resolve())
     if args.database_url:
         os.environ[DATABASE_URL_ENV] = args.database_url
-    uvicorn.run("veil.executor.app:app_from_environment", factory=True, workers=args.workers,
-                host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+    metrics_dir = None
+    if not os.environ.get(MULTIPROCESS_ENV):  # /metrics then adds up every worker's counters
+        metrics_dir = os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="veil-metrics-")
+    try:
+        uvicorn.run("veil.executor.app:app_from_environment", factory=True, workers=args.workers, **common)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -212,10 +284,31 @@ def _receipts_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    """An option's default from the environment (twelve-factor): the command line still wins."""
+    return os.environ.get(name) or default
+
+
 def _site_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--site-config", required=True, help="the site's catalog (site.toml)")
-    p.add_argument("--database-url", default=None,
-                   help="state database (default: the catalog's; e.g. postgresql+psycopg://host/db)")
+    config = _env("VEIL_SITE_CONFIG")
+    p.add_argument("--site-config", "--config", dest="site_config", required=config is None, default=config,
+                   help="the site's catalog (site.toml) [env VEIL_SITE_CONFIG]")
+    p.add_argument("--database-url", default=_env("VEIL_DATABASE_URL"),
+                   help="state database (default: the catalog's; e.g. postgresql+psycopg://host/db) "
+                        "[env VEIL_DATABASE_URL]")
+
+
+SERVE_ENVIRONMENT = """environment (an option on the command line wins over its variable):
+  VEIL_SITE_CONFIG     the site's catalog, as --site-config/--config
+  VEIL_DATABASE_URL    the state database, as --database-url
+  VEIL_HOST, VEIL_PORT, VEIL_WORKERS, VEIL_LOG_LEVEL
+                       as --host, --port, --workers, --log-level
+  VEIL_LOG_FORMAT      json (default: one JSON object a line per request) or text, as --log-format
+  VEIL_METRICS_TOKEN   a secret (16+ characters) that lets a scraper read /metrics and nothing else;
+                       stewards' and admins' tokens read /metrics too, researchers' do not
+  PROMETHEUS_MULTIPROC_DIR
+                       where several workers keep their counters (default: a temporary folder)
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -228,16 +321,47 @@ def parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=10_000, help="patients per site")
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--format", choices=("veil", "omop"), default="veil",
+                       help="veil: the pediatric rare-disease cohort; omop: an OMOP CDM v5.4 subset per hospital")
+    synth.add_argument("--database-url", default=None,
+                       help="with --format omop: write the tables into PostgreSQL (schema cdm_<site>), not Parquet")
     synth.set_defaults(func=_synth)
 
+    site = sub.add_parser("site", help="set up a site").add_subparsers(dest="action", required=True)
+    init = site.add_parser("init", help="draft a site.toml for the data steward to complete (from a schema, "
+                                        "never from rows)")
+    what = init.add_mutually_exclusive_group(required=True)
+    what.add_argument("--from", dest="source", help="a Parquet file, or a PostgreSQL table or view (schema.table)")
+    what.add_argument("--omop", action="store_true", help="an OMOP CDM: every table Veil serves, with public "
+                      "bounds and categories from the CDM's conventions and vocabulary")
+    init.add_argument("--out", required=True, help="the site.toml to write")
+    init.add_argument("--site", default="TODO_site_name", help="the site's name (letters, digits, _)")
+    init.add_argument("--title", default=None)
+    init.add_argument("--name", default=None, help="the dataset's name (default: the file's or table's)")
+    init.add_argument("--database-url", default=None, help="PostgreSQL URL to read a table's schema (not written "
+                      "to the catalog)")
+    init.add_argument("--url-env", default=None, help="the environment variable the catalog names for the "
+                      "database URL (default VEIL_SOURCE_URL, or VEIL_OMOP_URL with --omop)")
+    init.add_argument("--schema", default=None, help="with --omop: the database schema holding the CDM "
+                      "(default: Parquet files beside the catalog)")
+    init.add_argument("--persons-bound", type=int, default=None, help="with --omop: a public upper bound on persons")
+    init.add_argument("--force", action="store_true", help="overwrite --out")
+    init.set_defaults(func=_site_init)
+
     executor = sub.add_parser("executor", help="the site executor").add_subparsers(dest="action", required=True)
-    serve = executor.add_parser("serve", help="serve a site's DP query API")
+    serve = executor.add_parser("serve", help="serve a site's DP query API", epilog=SERVE_ENVIRONMENT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _site_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8700)
-    serve.add_argument("--log-level", default="warning")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes; they share the state database, so budgets stay exact")
+    serve.add_argument("--host", default=_env("VEIL_HOST", "127.0.0.1"), help="[env VEIL_HOST] (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=_env("VEIL_PORT", "8700"), help="[env VEIL_PORT] (default: %(default)s)")
+    serve.add_argument("--log-level", default=_env("VEIL_LOG_LEVEL", "warning"),
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="uvicorn's own messages [env VEIL_LOG_LEVEL] (default: %(default)s)")
+    serve.add_argument("--log-format", default=_env("VEIL_LOG_FORMAT", "json"), choices=["json", "text"],
+                       help="the executor's log, one line per request [env VEIL_LOG_FORMAT] (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=_env("VEIL_WORKERS", "1"),
+                       help="worker processes; they share the state database, so budgets stay exact "
+                            "[env VEIL_WORKERS] (default: %(default)s)")
     serve.set_defaults(func=_serve)
 
     supernode = executor.add_parser("supernode", help="join federated studies: Flower's SuperNode beside the executor")

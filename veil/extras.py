@@ -13,7 +13,8 @@ from veil.errors import VeilError
 EXTRA_OF = {
     "torch": "train", "safetensors": "train", "flwr": "train",
     "fastapi": "site", "starlette": "site", "uvicorn": "site", "sqlalchemy": "site", "opacus": "site",
-    "cryptography": "site", "mbi": "site", "sklearn": "site", "scipy": "site",
+    "cryptography": "site", "mbi": "site", "sklearn": "site", "scipy": "site", "prometheus_client": "site",
+    "alembic": "site",
     "jupyterlab": "lab", "jupyter_server": "lab", "matplotlib": "lab",
     "psycopg": "postgres", "ray": "simulation",
 }

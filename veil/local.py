@@ -38,7 +38,7 @@ class LocalExecutor:
             cmd += ["--database-url", self.database_url]
         with open(self.log, "ab") as log:
             # its own process group, so that stop() and kill() reach every worker process too
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_environment(),
                                             start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -73,3 +73,13 @@ class LocalExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+SERVE_SETTINGS = ("VEIL_SITE_CONFIG", "VEIL_DATABASE_URL", "VEIL_HOST", "VEIL_PORT", "VEIL_WORKERS")
+"""`veil executor serve`'s settings from the environment: a LocalExecutor names its own on the command line,
+and without a database URL means the catalog's, not one the environment happens to hold."""
+
+
+def _child_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in SERVE_SETTINGS}
+

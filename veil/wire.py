@@ -370,6 +370,11 @@ class CatalogEntry(_Strict):
     level: str
 
 
+def _each_once(datasets: list[str], uses: list[str]) -> None:
+    if len(set(datasets)) != len(datasets) or len(set(uses)) != len(uses):
+        raise ValueError("list each dataset and each use once")
+
+
 class ApplicationRequest(_Strict):
     """A project's request for access: what for, which datasets, how much budget (per dataset), how long."""
 
@@ -388,8 +393,7 @@ class ApplicationRequest(_Strict):
 
     @model_validator(mode="after")
     def _distinct(self) -> ApplicationRequest:
-        if len(set(self.datasets)) != len(self.datasets) or len(set(self.uses)) != len(self.uses):
-            raise ValueError("list each dataset and each use once")
+        _each_once(self.datasets, self.uses)
         if self.model_source is not None and "training" not in self.uses:
             raise ValueError("a model source is for training: add 'training' to uses")
         return self
@@ -459,6 +463,11 @@ class DirectGrantRequest(_Strict):
                            "a committee's minutes), recorded with the grant and in the audit log")
     on_existing_grant: ExistingGrantChoice | None = Field(
         default=None, description="as in a review: add, replace or keep a grant the project already holds")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> DirectGrantRequest:
+        _each_once(self.datasets, self.uses)
+        return self
 
 
 class RevokeRequest(_Strict):
@@ -644,6 +653,8 @@ class Health(_Strict):
     site: str
     version: str
     datasets: int
+    database: Literal["ok"] = Field(default="ok", description="the state database answered; when it does not, "
+                                    "/health is refused with 503 database_unreachable")
 
 
 Comparison.model_rebuild()

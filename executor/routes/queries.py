@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from veil.executor.auth import Principal
 from veil.executor.cancellation import Ticket
+from veil.executor.observability import released
 from veil.executor.routes.deps import RequestId, principal, site_of
 from veil.executor.site import Site
 from veil.wire import Cancellation, QueryRequest, Release
@@ -29,10 +30,14 @@ async def query(body: QueryRequest, request: Request, who: Principal = Depends(p
     }
     ticket = await run_in_threadpool(site.begin_query, who, body)
     watch = asyncio.create_task(_cancel_when_gone(request, ticket))
+    retry = ticket.release is not None  # the same release again, charged once: counted once
     try:
-        return await run_in_threadpool(site.query, who, body, ticket)
+        release = await run_in_threadpool(site.query, who, body, ticket)
     finally:
         watch.cancel()
+    if not retry:
+        released(release.dataset, release.cost.rho)
+    return release
 
 
 @router.post("/query/{request_id}/cancel", response_model=Cancellation)
