@@ -57,7 +57,8 @@ class Dataset(Table):
     def scan(self) -> pl.LazyFrame:
         """The dataset's rows, each column in its declared dtype (a file column of a mapped dtype, say UInt32
         declared Int64, is cast; a value that does not fit fails the query rather than wrapping)."""
-        return pl.scan_parquet(self.path).cast(dict(self.schema()), strict=True)
+        declared: dict[str, pl.DataType] = dict(self.schema())
+        return pl.scan_parquet(self.path).cast(declared, strict=True)  # type: ignore[arg-type]  # (Mapping invariance)
 
     def info(self, pricing: Pricing | None = None) -> DatasetInfo:
         return DatasetInfo(
@@ -125,6 +126,76 @@ class Catalog:
                 hint="list the datasets you may use with GET /datasets",
                 status=404,
             ) from None
+
+
+KEYS: dict[str, dict[str, tuple[str, str]]] = {
+    "[site]": {
+        "name": ("required", "the site's name (letters, digits, _), as researchers' study configs name it"),
+        "title": ("the name", "the hospital's name, as researchers read it"),
+        "database": ('"sqlite:///veil.db"', "the state database (grants, ledger, applications, audit log): SQLite "
+                     "relative to this file, or PostgreSQL; `--database-url` overrides it"),
+        "reporting_delta": ("1e-6", "the delta at which every epsilon is stated (at most 1e-3)"),
+        "default_l1_epsilon": ("1.0", "the budget every project gets on each L1 dataset without applying"),
+        "max_training_seconds": ("3600", "a training job is stopped here (charged for its steps, weights kept)"),
+        "audit_key": ('"audit-signing.key"', "the Ed25519 key that signs the audit log, relative to this file "
+                      "(made at first start; keep it outside the state database)"),
+    },
+    "[limits]": {  # defaults (""): SiteLimits()
+        "query_seconds": ("", "a query's planning and run time; past it the query is stopped, refused and "
+                          "charged nothing"),
+        "query_workers": ("", "processes that plan and run queries (one that overruns is killed and replaced)"),
+        "requests_per_minute": ("", "requests per token (and per address for tokens' requests), refused "
+                                "beyond with `rate_limited`"),
+        "anonymous_per_minute": ("", "requests without a valid token, per client address"),
+        "audit_window_seconds": ("", "anonymous and rate-limited refusals are counted into one audit entry "
+                                 "per window"),
+    },
+    "[levels.L1], [levels.L2], [levels.L3]": {  # defaults (""): policy.DEFAULT_RULES, LevelRule's
+        "reviewers": ("", "distinct approving reviewers an application needs"),
+        "offices": ("", "offices that must each be among the approving reviewers"),
+        "ethics_required": ("", "an application must name its ethics approval"),
+        "max_epsilon_per_release": ("", "the most one release may spend"),
+        "min_group_threshold": ("", "the least count a thresholded group may be released at"),
+        "training": ("", "whether DP-SGD training is allowed on datasets of the level"),
+        "max_epsilon_per_model": ("", "the most a training job may spend"),
+        "default_grant_epsilon": ("", "a budget every project gets without applying"),
+        "max_project_share": ("", "the most of a dataset's lifetime cap one project may hold without a "
+                              "steward's review"),
+    },
+    "[datasets.NAME]": {
+        "title": ("NAME", "the dataset's title in the catalog researchers read"),
+        "description": ('""', "one sentence a researcher reads in the catalog"),
+        "path": ("required, or snapshots/NAME.parquet with source", "the Parquet file, relative to this file "
+                 "(with `source`: the site's snapshot of the table)"),
+        "source": ("none", "a PostgreSQL table or view to serve instead of a file (keys below)"),
+        "level": ("required", "L1 open aggregates, L2 controlled, L3 restricted (ethics approval, two reviewers)"),
+        "privacy_unit": ("required", "the column that identifies a patient"),
+        "max_rows_per_unit": ("required", "public: the most rows one patient has; the site checks it"),
+        "on_excess_rows": ('"truncate"', 'if the file has more rows per patient: "truncate" them or "refuse" '
+                           "requests on the dataset"),
+        "max_rows": ("required", "a public upper bound on the number of rows"),
+        "lifetime_epsilon": ("required", "the budget all projects together may spend on the dataset"),
+        "lifetime_delta": ("1e-4", "the delta all projects together may spend (thresholded GROUP BY, DP-SGD)"),
+        "columns": ("required", "one `[datasets.NAME.columns.COLUMN]` table per column of the file"),
+    },
+    "[datasets.NAME.columns.COLUMN]": {
+        "dtype": ("required", "one of " + ", ".join(DTYPES) + ": the file's dtype, or one the site casts it to"),
+        "description": ("none", "what the column holds, with its unit"),
+        "bounds": ("none", "public [lower, upper] (a clinical or physical range); values outside are clamped; "
+                   "sums and means need it"),
+        "categories": ("none", "the public list of values (a code list); GROUP BY shows every one of them"),
+        "nullable": ("false", "whether the column may be empty (checked at start)"),
+    },
+    "[datasets.NAME] source = { ... }": {
+        "table": ("required", "the table or view, optionally schema-qualified (`cdm.person`)"),
+        "url": ("one of url, url_env", "the PostgreSQL URL, best of a role that may only SELECT"),
+        "url_env": ("one of url, url_env", "the environment variable holding the URL (no password in the file)"),
+        "refresh_minutes": ("1440", "how often the snapshot is retaken"),
+        "statement_seconds": ("600", "the longest a copy may run (its statement_timeout)"),
+    },
+}
+"""Every key of site.toml, per table: (required or default, meaning). The README's reference table is
+generated from it (scripts/catalog_reference.py), and that script checks it against the keys this module reads."""
 
 
 def _require(table: dict[str, Any], key: str, where: str) -> Any:

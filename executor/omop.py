@@ -185,9 +185,9 @@ def _site_frames(persons: int, risk: float, rng: np.random.Generator) -> dict[st
     kind = rng.choice(list(VISITS), visits, p=[0.15, 0.7, 0.15]).astype(np.int32)
     stay = np.where(kind == 9201, rng.integers(1, 12, visits), 0)
     visit = pl.DataFrame({"visit_occurrence_id": np.arange(1, visits + 1, dtype=np.int64), "person_id": visit_person,
-                          "visit_concept_id": kind, "visit_start_date": day(visits)}).with_columns(
-        visit_end_date=pl.col("visit_start_date") + pl.duration(days=pl.Series(stay)),
-        visit_type_concept_id=pl.lit(EHR, pl.Int32))
+                          "visit_concept_id": kind, "visit_start_date": day(visits), "stay": stay}).with_columns(
+        visit_end_date=pl.col("visit_start_date") + pl.duration(days=pl.col("stay")),
+        visit_type_concept_id=pl.lit(EHR, pl.Int32)).drop("stay")
     first_visit = visit.group_by("person_id").agg(pl.col("visit_occurrence_id").min())
     onsets = []
     for concept, has, lo, hi in ((T2DM, dm, 0.0, 0.9), (HYPERTENSION, ht, 0.0, 0.9), (432867, lipid, 0.0, 0.9),

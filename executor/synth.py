@@ -87,7 +87,8 @@ class ColumnSpec:
     dtype: str
     description: str
     bounds: tuple[int, int] | tuple[float, float] | None = None
-    categories: list[str] | None = None
+    categories: list[Any] | None = None
+    """Public values: strings, or integers (concept ids) for an integer column."""
     nullable: bool = False
 
 

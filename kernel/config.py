@@ -26,6 +26,23 @@ from veil.kernel.errors import VeilConfigError
 STUDY_ENV = "VEIL_STUDY"
 
 
+KEYS: dict[str, dict[str, tuple[str, str]]] = {
+    "[study]": {
+        "name": ("the project", "the study's name, shown in the kernel's banner"),
+        "project": ("required", "the project the sites granted budget to (the tokens' project)"),
+        "default_epsilon": ("0.1", "a release's epsilon when a query names none"),
+        "default_site": ("none", "where `%%veil sql` without --site or --all releases"),
+    },
+    "[sites.NAME]": {
+        "url": ("required", "the site's executor"),
+        "token_file": ("required", "the researcher's token, relative to this file; it never enters the notebook"),
+        "guard_paths": ("[]", "directories that executor serves on this machine: the kernel refuses to open them"),
+    },
+}
+"""Every key of study.toml, per table: (required or default, meaning); the README's reference table is generated
+from it (scripts/catalog_reference.py)."""
+
+
 def study_path() -> Path:
     """Where the study config is read from: $VEIL_STUDY, else ~/.veil/study.toml."""
     return Path(os.environ.get(STUDY_ENV) or Path.home() / ".veil" / "study.toml")

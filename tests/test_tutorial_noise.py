@@ -239,6 +239,39 @@ def test_tutorial_4_reads_any_release() -> None:
               {"patients": patients, "study": SimpleNamespace(mode="live")})
 
 
+def test_tutorial_5_reads_any_release() -> None:
+    """Condition counts moved up to 0 at a site (a concept at [0, 0]) and a concept one site did not report, a
+    case count whose interval reaches 0, persons near 0, no one with the label; an evaluation too small to
+    release a number."""
+    by_condition = {"north": counts("north", "condition_concept_id", {201826: 300, 4329847: -40, 313217: 0}, 90.0, "n"),
+                    "central": counts("central", "condition_concept_id", {201826: -5, 4329847: -300}, 90.0, "n"),
+                    "valley": counts("valley", "condition_concept_id", {201826: 12, 320128: 5000}, 90.0, "n")}
+    cases = {s: single(s, noisy, 60.0, "cases") for s, noisy in (("north", 30), ("central", -50), ("valley", 2))}
+    persons = {s: single(s, noisy, 20.0, "persons") for s, noisy in (("north", 1), ("central", -9), ("valley", 0))}
+    by_mi = {"north": counts("north", "mi", {0: 1500, 1: -8}, 12.0, "persons"),
+             "central": counts("central", "mi", {0: -3, 1: -20}, 12.0, "persons"),
+             "valley": counts("valley", "mi", {0: 900, 1: 0}, 12.0, "persons")}
+
+    def combined(results: dict[str, Result], name: str) -> Result:
+        rows, raws, notes = combine({s: r.release for s, r in results.items()}, [Aggregate(fn="count", alias=name)],
+                                    [], {}, 0.975)
+        return Result.combined(results, rows, raws, [], [name], 0.975, notes)
+
+    datasets = {"condition_occurrence": Releases(study_wide(by_condition, "condition_concept_id", "n"),
+                                                 combined(cases, "cases")),
+                "person": Releases(combined(persons, "persons")),
+                "cohort_features": Releases(study_wide(by_mi, "mi", "persons"))}
+    model = SimpleNamespace(epsilon={"north": 1.5, "central": 1.49, "valley": 1.2},
+                            evaluation={"north": evaluation("north", 1.0, 0.93, 1.0),
+                                        "valley": evaluation("valley", None, None, None)})
+    tutorial = "05-omop-multicenter-study.ipynb"
+    run_cells([cell_with(tutorial, "CONDITIONS = {"), cell_with(tutorial, "by_condition = study.dataset"),
+               cell_with(tutorial, "per_site = pl.concat"), cell_with(tutorial, "ax.barh"),
+               cell_with(tutorial, "cases = study.dataset"), cell_with(tutorial, "def rate("),
+               cell_with(tutorial, "by_mi = study.dataset"), cell_with(tutorial, "model.epsilon.items()")],
+              {"study": SimpleNamespace(dataset=lambda name: datasets[name]), "model": model})
+
+
 # ---------------------------------------------------------------- many draws on the real kernel
 
 

@@ -6,7 +6,11 @@ data stewards get tokens, kept in files; the study and steward configs are writt
 queries shows each site answering. Then JupyterLab opens on the tutorials (`--no-browser` prints its
 URL), or the tutorials run headless and their outcome is printed (`--headless`), or the demo stops there
 (`--no-lab`, or `--serve` to keep only the executors up). Ctrl-C stops everything. A second run reuses
-the state; `--reset` starts afresh.
+the state; `--reset` starts afresh. Each site also serves an OMOP CDM (tutorial 5), beside its own data.
+
+`VEIL_DEMO_QUERY_WORKERS=N` sets each site's `[limits] query_workers` (in its site.toml, kept for later
+runs) before the executors start: binder/start sets 1, so that three executors, JupyterLab and a kernel
+fit in Binder's memory. Unset, the site configs are left as they are (two workers per site by default).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from veil.wire import Release
 PROJECT, CLASS_PROJECT = "rare_peds", "privacy_class"
 STEWARDS = {"ana": "data_center", "ben": "data_committee"}
 """The demo's two stewards and their offices (an L3 application needs one approval from each)."""
-GRANTS = {PROJECT: {"encounters": (4.0, ("query",)), "presentations": (8.0, ("query", "training"))},
+GRANTS = {PROJECT: {"encounters": (4.0, ("query",)), "presentations": (8.0, ("query", "training")),
+                   "condition_occurrence": (3.0, ("query",)), "cohort_features": (6.0, ("query", "training"))},
           CLASS_PROJECT: {"encounters": (1.0, ("query",))}}
+"""project -> dataset -> (epsilon, uses). The OMOP tables (tutorial 5): `person` is L1 (the default grant)."""
 TRAINING_DELTA = 1e-4
 """The delta budget of a grant that allows training (DP-SGD's (epsilon, delta), 1e-5 by default per model)."""
 QUERIES = [
@@ -46,6 +52,8 @@ QUERIES = [
      "WHERE encounter_date >= DATE '2020-01-01' GROUP BY department", 0.2),
 ]
 """The probe a demo run makes at each site: small, so that many runs leave the tutorials their budget."""
+QUERY_WORKERS_ENV = "VEIL_DEMO_QUERY_WORKERS"
+"""Query worker processes per executor, when set (see the module's docstring)."""
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 """The tutorials, in a source checkout (Binder and `pip install -e .` have one)."""
 
@@ -75,10 +83,30 @@ def prepare(root: Path, patients: int, reset: bool) -> list[Path]:
     if not configs:
         print(f"synthesizing 3 hospitals x ~{patients:,} patients into {root}/ ...", flush=True)
         configs = synthesize(root, sites=3, patients=patients, seed=7, tutorial=True)
+        _add_omop(root, configs, max(500, patients // 2))
         for config in configs:
             _tokens_and_grants(config)
         _configs(root, [c.parent.name for c in configs])
     return configs
+
+
+def _add_omop(root: Path, configs: list[Path], persons: int) -> None:
+    """Each demo site also serves an OMOP CDM (tutorial 5): the same three hospitals' CDM tables are
+    synthesized, their Parquet files moved beside the site's catalog and their datasets added to it."""
+    from veil.executor.omop import synthesize_omop
+
+    staging = root / ".omop"
+    synthesize_omop(staging, persons=persons, seed=7)
+    for config in configs:
+        cdm = staging / config.parent.name
+        data = tomllib.loads(config.read_text())
+        for name, dataset in tomllib.loads((cdm / "site.toml").read_text())["datasets"].items():
+            if name in data["datasets"]:
+                raise DemoError(f"the OMOP table {name} clashes with a demo dataset of the same name")
+            shutil.move(cdm / dataset["path"], config.parent / dataset["path"])  # paths relative to site.toml
+            data["datasets"][name] = dataset
+        _write_toml(config, data)
+    shutil.rmtree(staging)
 
 
 def _tokens_and_grants(config: Path) -> None:
@@ -118,6 +146,24 @@ def _configs(root: Path, sites: list[str]) -> None:
         })
     _write_toml(root / "steward.toml", {"sites": {
         site: {"url": "http://127.0.0.1:0", "token_file": f"{site}/steward_ana.token"} for site in sites}})
+
+
+def set_query_workers(configs: list[Path], workers: str | None) -> None:
+    """Write `[limits] query_workers = workers` into each site.toml (`workers` from the environment:
+    None leaves them as they are)."""
+    if workers is None or not workers.strip():
+        return
+    try:
+        count = int(workers)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise DemoError(f"{QUERY_WORKERS_ENV}={workers!r}: give a number of query workers per site, 1 to 64")
+    for config in configs:
+        data = tomllib.loads(config.read_text())
+        if data.get("limits", {}).get("query_workers") != count:
+            data.setdefault("limits", {})["query_workers"] = count
+            _write_toml(config, data)
 
 
 def _point_configs(root: Path, urls: dict[str, str]) -> None:
@@ -243,6 +289,7 @@ def run_demo(root: Path, patients: int = 20_000, reset: bool = False, lab: str =
         _free(port)
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo stops its executors as Ctrl-C does
     configs = prepare(root, patients, reset)
+    set_query_workers(configs, os.environ.get(QUERY_WORKERS_ENV))
     with ExitStack() as stack:
         sites = []
         for config in configs:
