@@ -245,17 +245,23 @@ def _decide_if_met(conn: Connection, catalog: Catalog, row: dict, by: Principal,
     return row
 
 
+def _file(conn: Connection, project: str, applicant: Principal, request: ApplicationRequest, note: str) -> dict:
+    """Insert version 1 of an application and audit its submission (`note` says what it asks); its row."""
+    now = audit.now()
+    new_id = conn.execute(insert(applications).values(
+        project=project, applicant=applicant.name, status="pending", version=1,
+        request=request.model_dump_json(), created_at=now, updated_at=now)).inserted_primary_key[0]
+    row = _row(conn, new_id)
+    _audit(conn, applicant, "submitted", row, f"{', '.join(request.datasets)} epsilon={request.epsilon:g} for "
+           f"{request.duration_days:g} days ({', '.join(request.uses)}){note}")
+    return row
+
+
 def submit(engine: Engine, catalog: Catalog, who: Principal, request: ApplicationRequest) -> ApplicationInfo:
     """File an application for the caller's project; a rule that needs no reviewer approves it at once."""
     rule_for(catalog, request)
-    now = audit.now()
     with write(engine) as conn:
-        new_id = conn.execute(insert(applications).values(
-            project=who.project, applicant=who.name, status="pending", version=1,
-            request=request.model_dump_json(), created_at=now, updated_at=now)).inserted_primary_key[0]
-        row = _row(conn, new_id)
-        _audit(conn, who, "submitted", row, f"{', '.join(request.datasets)} epsilon={request.epsilon:g} "
-               f"for {request.duration_days:g} days ({', '.join(request.uses)}): {request.purpose[:200]}")
+        row = _file(conn, who.project or "", who, request, f": {request.purpose[:200]}")
         row = _decide_if_met(conn, catalog, row, who)
         return _info(conn, catalog, row)
 
@@ -267,14 +273,9 @@ def grant_directly(engine: Engine, catalog: Catalog, who: Principal, body: Direc
                                  datasets=body.datasets, epsilon=body.epsilon, delta=body.delta,
                                  duration_days=body.duration_days, uses=body.uses, ethics_ref=body.ethics_ref)
     rule_for(catalog, request)
-    now = audit.now()
     with write(engine) as conn:
-        new_id = conn.execute(insert(applications).values(
-            project=body.project, applicant=who.name, status="pending", version=1,
-            request=request.model_dump_json(), created_at=now, updated_at=now)).inserted_primary_key[0]
-        row = _row(conn, new_id)
-        _audit(conn, who, "submitted", row, f"direct grant: {', '.join(request.datasets)} epsilon={request.epsilon:g} "
-               f"for {request.duration_days:g} days ({', '.join(request.uses)}); review: {body.reference[:300]}")
+        row = _file(conn, body.project, who, request, f", a direct grant on a review outside Veil: {body.reference[:300]}")
+        new_id, now = row["id"], audit.now()
         try:
             changed = _approve(conn, catalog, row, request, who, body.on_existing_grant)
         except GovernanceError as exc:
