@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from test_lab_server import write_steward
 
 from conftest import Deployment, write_study
+from veil.executor import audit
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.local import free_port
 
@@ -84,3 +87,24 @@ def test_an_unreachable_executor_in_the_browser(lab_env: tuple[Path, dict[str, s
     offline.mkdir()
     study = write_study(offline, sites, {"valley": f"http://127.0.0.1:{free_port()}"})
     galata(["tests/offline.spec.ts"], {**env, "VEIL_STUDY": str(study)}, root / "galata-offline.log")
+
+
+def test_interrupt_in_the_browser(lab_env: tuple[Path, dict[str, str]], sites: dict[str, Deployment]) -> None:
+    """A three-site release while valley's executor is stopped (SIGSTOP, sent by the spec) is interrupted from
+    JupyterLab: the completed releases are shown above a one-line VeilInterrupted, and valley, once woken,
+    has charged nothing (tests/test_interrupt.py checks the same over the Jupyter protocol). Specs share the
+    Jupyter server's port, so they all run from this module, one after another."""
+    root, env = lab_env
+    before = {name: d.spent("patients")["rho"] for name, d in sites.items()}
+    process = sites["valley"].executor.process
+    assert process is not None
+    try:
+        galata(["tests/interrupt.spec.ts"], {**env, "VEIL_FREEZE_PID": str(process.pid)}, root / "interrupt.log")
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    time.sleep(3)  # the woken site finds the request's client gone, and charges nothing
+    assert sites["valley"].spent("patients")["rho"] == before["valley"]
+    for name in ("north", "central"):
+        assert sites[name].spent("patients")["rho"] > before[name]
+    for d in sites.values():
+        assert audit.verify(d.engine).ok

@@ -1,6 +1,6 @@
 /**
  * Interrupt that works: a three-site release while one site hangs (its executor is stopped with SIGSTOP
- * by this spec, the pid from tests/test_lab_interrupt.py). Interrupting the kernel ends the cell at once:
+ * by this spec, the pid from tests/test_lab_ui.py). Interrupting the kernel ends the cell at once:
  * the two sites' releases that completed are shown above a one-line VeilInterrupted, which says the hung
  * site's request was cut off. The Python side checks that the hung site charged nothing once it woke.
  */
