@@ -55,7 +55,9 @@ export class ModeToolbarItem extends ReactWidget {
             role="status"
             title={LIVE_OUTPUTS_IN_MOCK}
           >
-            outputs hold live releases; MOCK will not reproduce them
+            {/* short: the item comes first, and a long text would push the notebook's own buttons into
+                the toolbar's "More commands" menu; the title says it in full */}
+            ⚠ live outputs
           </span>
         ) : null}
       </span>

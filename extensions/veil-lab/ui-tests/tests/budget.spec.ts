@@ -179,9 +179,13 @@ test('mode, budget, history and desk agree on a live release', async ({
   await page.notebook.runCell(4, true);
   await expect(toolbarMode).toHaveText('MOCK', { timeout: 60000 });
   await expect(barMode).toHaveText('MOCK');
+  const notice = page.locator('.jp-NotebookPanel .veil-live-notice');
+  await expect(notice).toContainText('live outputs');
+  await expect(notice).toHaveAttribute('title', /outputs hold live releases/);
+  // the notice is short: the notebook's own buttons stay in its toolbar, not in "More commands"
   await expect(
-    page.locator('.jp-NotebookPanel .veil-live-notice')
-  ).toContainText('outputs hold live releases');
+    page.locator('.jp-NotebookPanel-toolbar [data-jp-item-name="insert"]')
+  ).toBeVisible();
 });
 
 test('the datasets panel lists each site, fits the sidebar and inserts a query cell', async ({
