@@ -210,16 +210,22 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+def _declared(raw: dict[str, Any], key: str) -> Any:
+    """A column's optional public fact, None while it is a TODO (only a draft catalog may still hold one)."""
+    value = raw.get(key)
+    return None if isinstance(value, str) and value.startswith("TODO") else value
+
+
 def _column(name: str, raw: dict[str, Any], where: str) -> Column:
     dtype = _require(raw, "dtype", where)
     if dtype not in DTYPES:
         raise CatalogError("bad_catalog", f"{where}: dtype '{dtype}' is not one of {sorted(DTYPES)}")
-    bounds = raw.get("bounds")
+    bounds = _declared(raw, "bounds")
     if bounds is not None:
         if len(bounds) != 2 or not bounds[0] < bounds[1]:
             raise CatalogError("bad_catalog", f"{where}: bounds must be [lower, upper] with lower < upper")
         bounds = (bounds[0], bounds[1])
-    categories = raw.get("categories")
+    categories = _declared(raw, "categories")
     return Column(
         name=_check_name(name, where),
         dtype=dtype,
@@ -338,8 +344,11 @@ def todos(raw: object, where: str = "") -> list[str]:
     return [where] if isinstance(raw, str) and raw.startswith("TODO") else []
 
 
-def load_catalog(path: str | Path) -> Catalog:
-    """Read and check a site catalog. Relative paths in it are relative to the file."""
+def load_catalog(path: str | Path, allow_todos: re.Pattern[str] | None = None) -> Catalog:
+    """Read and check a site catalog. Relative paths in it are relative to the file.
+
+    A TODO left by `veil site init` is refused, except where its dotted key matches `allow_todos` (the
+    steward's tools that complete a draft: a column's TODO bounds or categories then read as undeclared)."""
     path = Path(path).resolve()
     try:
         raw = tomllib.loads(path.read_text())
@@ -347,7 +356,7 @@ def load_catalog(path: str | Path) -> Catalog:
         raise CatalogError("bad_catalog", f"no site catalog at {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError("bad_catalog", f"{path} is not valid TOML: {exc}") from None
-    left = todos(raw)
+    left = [key for key in todos(raw) if allow_todos is None or not allow_todos.match(key)]
     if left:
         raise CatalogError("bad_catalog", f"{path} still has {len(left)} TODO(s) to declare: {', '.join(left)}",
                            hint="replace each TODO with the public fact it asks for (README, \"Set up your own "

@@ -44,7 +44,7 @@ STUDY_READERS: list[tuple[Callable[..., Any], str, str]] = [
 ]
 TOP = {catalog.load_catalog: {"site", "limits", "levels", "datasets"}, config.read_study_config: {"study", "sites"}}
 """The top-level tables each reader reads (from its variable `raw`)."""
-ACCESSORS = {"_require", "_number", "_budget"}
+ACCESSORS = {"_require", "_number", "_budget", "_declared"}
 
 
 def keys_read(function: Callable[..., Any], variable: str) -> set[str]:

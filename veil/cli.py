@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
 import tomllib
@@ -64,6 +65,31 @@ def _site_init(args: argparse.Namespace) -> int:
 
     print(f"wrote {out}: dataset '{name}' with {len(todos(tomllib.loads(text)))} TODO(s) for the data steward; the "
           "executor refuses to start until each is declared")
+    return 0
+
+
+def _site_bounds(args: argparse.Namespace) -> int:
+    """DP estimates of numeric columns' bounds, charged to the dataset's lifetime cap and audited."""
+    from veil.executor import bounds
+    from veil.executor.catalog import load_catalog
+
+    ranges = {name: (float(lo), float(hi)) for name, lo, hi in args.column}
+    result = bounds.estimate(args.site_config, args.dataset, ranges, args.epsilon, args.by,
+                             quantiles=(args.quantiles[0], args.quantiles[1]), database_url=args.database_url)
+    print(f"dataset {result.dataset}: quantiles {result.quantiles[0]:g} and {result.quantiles[1]:g}, epsilon "
+          f"{result.epsilon:.3g} charged to its lifetime cap (audit #{result.receipt.seq}, receipt "
+          f"{result.receipt.hash[:16]})")
+    for e in result.estimates:
+        print(f"  {e.column}: [{e.lower:g}, {e.upper:g}]  (searched [{e.search[0]:g}, {e.search[1]:g}])")
+    if args.write:
+        dataset = load_catalog(args.site_config, allow_todos=bounds.DRAFT_TODOS).dataset(args.dataset)
+        untouched = bounds.write_into(args.site_config, result,
+                                      {name: dataset.columns[name].is_integer for name in ranges})
+        print(f"wrote the estimates into {args.site_config}"
+              + (f"; left alone (their bounds were not a TODO): {', '.join(untouched)}" if untouched else ""))
+    else:
+        print("review them, then declare them as the columns' bounds in site.toml (or rerun with --write: "
+              "that spends the budget again)")
     return 0
 
 
@@ -347,6 +373,20 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--persons-bound", type=int, default=None, help="with --omop: a public upper bound on persons")
     init.add_argument("--force", action="store_true", help="overwrite --out")
     init.set_defaults(func=_site_init)
+    estimate = site.add_parser("bounds", help="DP estimates of numeric columns' bounds where no public range is "
+                               "known: charged to the dataset's lifetime cap and audited")
+    _site_args(estimate)
+    estimate.add_argument("--dataset", required=True)
+    estimate.add_argument("--column", nargs=3, action="append", required=True, metavar=("NAME", "LOW", "HIGH"),
+                          help="a column and a coarse public range its values surely lie in (the estimate is "
+                               "picked from a grid over it); repeat for more columns")
+    estimate.add_argument("--epsilon", type=float, required=True, help="the privacy loss of all the estimates")
+    estimate.add_argument("--quantiles", type=float, nargs=2, default=(0.02, 0.98), metavar=("LOW", "HIGH"),
+                          help="the quantiles taken as bounds (default: %(default)s); more extreme ones need more "
+                               "patients in the tails or a larger epsilon to be found")
+    estimate.add_argument("--by", default=getpass.getuser(), help="who asks, for the audit log (default: %(default)s)")
+    estimate.add_argument("--write", action="store_true", help="replace the columns' TODO bounds in site.toml")
+    estimate.set_defaults(func=_site_bounds)
 
     executor = sub.add_parser("executor", help="the site executor").add_subparsers(dest="action", required=True)
     serve = executor.add_parser("serve", help="serve a site's DP query API", epilog=SERVE_ENVIRONMENT,
