@@ -56,7 +56,8 @@ def draft(name: str, schema: pl.Schema, *, path: str | None = None, source_table
     lines = [
         "# Drafted by `veil site init` from the schema alone (no row was read). Every TODO is a public fact for",
         "# the data steward to declare from knowledge, never from the data; the executor refuses to start",
-        "# while one is left. See README, \"Set up your own site\".",
+        "# while one is left. See README, \"Set up your own site\". Where nobody knows a number's range, `veil site",
+        "# bounds` estimates it with DP once the privacy unit and row bounds are declared (charged to the budget).",
         "[site]", f"name = {_toml(site)}", 'database = "sqlite:///veil.db"  # the state database (ledger, audit)',
         "reporting_delta = 1e-6", "default_l1_epsilon = 2.0", "",
         f"[datasets.{name}]",
