@@ -192,6 +192,44 @@ checkpoints = Table(  # the audit head signed with the site's key (executor/chec
     Column("signature", String(128), nullable=False),
 )
 
+dataset_states = Table(  # a dataset's lifecycle (executor/lifecycle.py); a dataset without a row is active
+    "dataset_states", metadata,
+    Column("dataset", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),  # draft, active, suspended, retired, destroyed
+    Column("reason", Text, nullable=False),
+    Column("changed_by", String(128), nullable=False),
+    Column("changed_at", String(40), nullable=False),
+    Column("receipt", String(64)),  # the audit entry that recorded the change
+)
+
+dataset_transitions = Table(  # a steward's request to change a dataset's state, and its second office's review
+    "dataset_transitions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dataset", String(64), nullable=False),
+    Column("to_state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("requested_by", String(128), nullable=False),
+    Column("requested_office", String(64)),
+    Column("requested_at", String(40), nullable=False),
+    Column("status", String(16), nullable=False),  # pending, done, rejected
+    Column("reviewed_by", String(128)),
+    Column("reviewed_office", String(64)),
+    Column("reviewed_at", String(40)),
+    Column("digests", Text),  # destruction: JSON [{path, sha256, bytes}] of the copies deleted
+)
+
+witnessed_heads = Table(  # peers' signed audit heads this site witnessed (executor/witness.py)
+    "witnessed_heads", metadata,
+    Column("site", String(64), primary_key=True),  # the peer whose head it is
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+    Column("ts", String(40), nullable=False),  # when the peer signed it
+    Column("key_id", String(16), nullable=False),
+    Column("public_key", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),
+    Column("received_at", String(40), nullable=False),
+)
+
 GENESIS = "0" * 64
 
 
@@ -255,7 +293,8 @@ def reachable(engine: Engine) -> bool:
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 """The revision of a database that a Veil made before migrations were kept (it has no alembic_version)."""
-AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed"}}
+AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed"}, "dataset_states": None,
+                  "dataset_transitions": None, "witnessed_heads": None}
 """What the revisions after the baseline add (a table, or some of a table's columns): a database made
 without migrations may lack these, and no more, to be migrated from the baseline."""
 _MIGRATION_LOCK = 0x7665696C  # PostgreSQL advisory lock key: replicas starting together migrate one at a time

@@ -36,10 +36,12 @@ from veil.executor.store import GENESIS, open_store, write
 
 def _old_schema() -> MetaData:
     """The tables as Veil made them before migrations were kept (git: executor/store.py at bd9595a): no
-    `checkpoints` table, and `jobs` without the federated columns (round, history, split_seed)."""
+    table added since (`store.AFTER_BASELINE`: checkpoints, the datasets' lifecycle, witnessed heads), and `jobs`
+    without the federated columns (round, history, split_seed)."""
     old = MetaData()
+    added = {name for name, columns in store.AFTER_BASELINE.items() if columns is None}
     for table in store.metadata.sorted_tables:
-        if table.name not in ("jobs", "checkpoints"):
+        if table.name != "jobs" and table.name not in added:
             table.to_metadata(old)
     Table(
         "jobs", old,
