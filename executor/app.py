@@ -26,7 +26,18 @@ from veil.errors import AuthError, VeilError, validation_problems
 from veil.executor.auth import Principal, authenticate
 from veil.executor.observability import AccessLog, configure_logging, refused
 from veil.executor.query_pool import MAX_IN_FLIGHT
-from veil.executor.routes import access, audit, catalog, datasets, governance, jobs, metrics, mocks, queries
+from veil.executor.routes import (
+    access,
+    audit,
+    catalog,
+    datasets,
+    governance,
+    jobs,
+    lifecycle,
+    metrics,
+    mocks,
+    queries,
+)
 from veil.executor.site import Site
 from veil.wire import Refusal
 
@@ -223,7 +234,7 @@ def create_app(site: Site) -> FastAPI:
         return await audited_refusal(request, error)
 
     # in this order, the routes (and the OpenAPI document's paths) keep the order they always had
-    for routes in (datasets, queries, access, mocks, jobs, catalog, governance, audit, metrics):
+    for routes in (datasets, queries, access, mocks, jobs, catalog, governance, lifecycle, audit, metrics):
         app.include_router(routes.router)
     return app
 

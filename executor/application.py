@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from veil.errors import CatalogError, GovernanceError
-from veil.executor import audit, ledger
+from veil.executor import audit, ledger, lifecycle
 from veil.executor.auth import Principal
 from veil.executor.catalog import Catalog
 from veil.executor.policy import combined, may_review, missing
@@ -175,6 +175,8 @@ def _approve(conn: Connection, catalog: Catalog, row: dict, request: Application
 
     A steward approving is told what the cap has left; the researcher whose application the site's rule
     approves is not (it would tell them what other projects spent)."""
+    for name in request.datasets:
+        lifecycle.require_active(conn, catalog.datasets[name], "be granted a budget on")
     existing = _existing(conn, row, request)
     if by is SITE_POLICY:
         choice = "add"  # `_above_share` held it unless the sum stays within the project's share
@@ -259,8 +261,11 @@ def _file(conn: Connection, project: str, applicant: Principal, request: Applica
 
 def submit(engine: Engine, catalog: Catalog, who: Principal, request: ApplicationRequest) -> ApplicationInfo:
     """File an application for the caller's project; a rule that needs no reviewer approves it at once."""
-    rule_for(catalog, request)
     with write(engine) as conn:
+        for name in request.datasets:  # a dataset's state first: an ethics reference would not help a retired one
+            if name in catalog.datasets:
+                lifecycle.require_active(conn, catalog.datasets[name], "apply for")
+        rule_for(catalog, request)
         row = _file(conn, who.project or "", who, request, f": {request.purpose[:200]}")
         row = _decide_if_met(conn, catalog, row, who)
         return _info(conn, catalog, row)

@@ -53,6 +53,8 @@ class Dataset(Table):
     on_excess_rows: Literal["truncate", "refuse"] = "truncate"
     """What the site does when the file breaks max_rows_per_unit: "truncate" each patient's rows, or "refuse"."""
     source: DatabaseSource | None = None
+    initial_state: Literal["draft", "active"] = "active"
+    """Where the dataset's lifecycle starts (executor/lifecycle.py); the state database keeps where it is now."""
 
     def scan(self) -> pl.LazyFrame:
         """The dataset's rows, each column in its declared dtype (a file column of a mapped dtype, say UInt32
@@ -174,6 +176,8 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "on_excess_rows": ('"truncate"', 'if the file has more rows per patient: "truncate" them or "refuse" '
                            "requests on the dataset"),
         "max_rows": ("required", "a public upper bound on the number of rows"),
+        "state": ('"active"', 'where its lifecycle starts: "draft" (serves nothing until a steward activates it) '
+                  'or "active"; stewards move it on (veil steward dataset ...)'),
         "lifetime_epsilon": ("required", "the budget all projects together may spend on the dataset"),
         "lifetime_delta": ("1e-4", "the delta all projects together may spend (thresholded GROUP BY, DP-SGD)"),
         "columns": ("required", "one `[datasets.NAME.columns.COLUMN]` table per column of the file"),
@@ -290,6 +294,10 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         raise CatalogError("bad_catalog", f"{where}: on_excess_rows must be one of {', '.join(EXCESS_ROWS)}, "
                            f"not {on_excess_rows!r}", hint='"truncate" (the default) or "refuse"')
     source = _source(raw["source"], where) if "source" in raw else None
+    initial_state = raw.get("state", "active")
+    if initial_state not in ("draft", "active"):
+        raise CatalogError("bad_catalog", f"{where}: state must be \"draft\" or \"active\", not {initial_state!r}",
+                           hint="stewards move a dataset on from there: veil steward dataset suspend|retire|destroy")
     return Dataset(
         name=_check_name(name, where),
         title=raw.get("title", name),
@@ -305,6 +313,7 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         lifetime_delta=_number(raw, "lifetime_delta", where, limits.MIN_DELTA, 0.1, 1e-4),
         columns=columns,
         on_excess_rows=on_excess_rows,
+        initial_state=initial_state,
     )
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, select
 
 from veil.errors import CatalogError, VeilError
-from veil.executor import application, audit, checkpoints, ledger, mocks, snapshot
+from veil.executor import application, audit, checkpoints, ledger, lifecycle, mocks, snapshot
 from veil.executor.auth import Principal, require
 from veil.executor.cancellation import Ticket, Tickets
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
@@ -31,6 +31,7 @@ from veil.wire import (
     Cancellation,
     DatasetBudget,
     DatasetInfo,
+    DatasetState,
     DirectGrantRequest,
     GrantInfo,
     JobInfo,
@@ -41,6 +42,9 @@ from veil.wire import (
     Release,
     ReviewRequest,
     TrainRequest,
+    TransitionInfo,
+    TransitionRequest,
+    TransitionReview,
 )
 
 if TYPE_CHECKING:  # the training stack loads on first use (`Site.trainer`)
@@ -85,7 +89,7 @@ class Site:
             self.queries = QueryPool(self.catalog.path, self.catalog.limits.query_workers,
                                      self.catalog.limits.query_seconds)
         self.refusals = RefusalCounter(self.catalog.limits.audit_window_seconds, self._log_refusals)
-        self.snapshots = snapshot.Refresher(self.catalog, self._log_failed_snapshot)
+        self.snapshots = snapshot.Refresher(self.catalog, self._log_failed_snapshot, self._refreshing)
 
     def close(self) -> None:
         """Write the last window of counted refusals and stop the query workers (the executor stops)."""
@@ -97,7 +101,12 @@ class Site:
     def open(cls, catalog_path: str | Path, database_url: str | None = None) -> Site:
         """Load the catalog, check every dataset file against it, connect the state database."""
         catalog = load_catalog(catalog_path)
-        for ds in catalog.datasets.values():
+        engine = open_store(database_url or catalog.database_url)
+        lifecycle.finish_destruction(engine, catalog)
+        with engine.connect() as conn:
+            present = [catalog.datasets[n] for n, state in lifecycle.states(conn, catalog).items()
+                       if state != "destroyed"]
+        for ds in present:
             if snapshot.due(ds):  # a dataset in PostgreSQL: its snapshot is taken before anything reads it
                 taken = snapshot.take(ds)
                 log.info("dataset %s: snapshot of %s taken (%d rows)", ds.name, taken.table, taken.rows)
@@ -105,7 +114,7 @@ class Site:
         signer = checkpoints.Signer.load(catalog.site, catalog.audit_key)  # once per process; created if absent
         hidden = [catalog.path.parent, catalog.audit_key.parent, *(ds.path.parent for ds in catalog.datasets.values()),
                   *_database_dir(database_url or catalog.database_url)]
-        site = cls(catalog, open_store(database_url or catalog.database_url), hidden=hidden)
+        site = cls(catalog, engine, hidden=hidden)
         checkpoints.register(site.engine, signer)  # before any write: every moved head gets signed
         ledger.sync_caps(site.engine, catalog)
         with site.engine.connect() as conn:
@@ -113,7 +122,7 @@ class Site:
         if left_running is not None:  # jobs a stopped executor left running are settled now
             site.trainer.recover()
             site.rounds.recover()
-        for ds in catalog.datasets.values():
+        for ds in present:
             site.check_bound(ds)
         site.snapshots.start()
         return site
@@ -198,23 +207,36 @@ class Site:
 
     # ------------------------------------------------------------ views
 
+    def _refreshing(self, dataset: Dataset) -> bool:
+        """Whether the dataset's snapshot is kept fresh: not once it is suspended, retired or destroyed."""
+        with self.engine.connect() as conn:
+            return lifecycle.states(conn, self.catalog)[dataset.name] in ("draft", "active")
+
     def visible(self, principal: Principal) -> list[Dataset]:
-        """Stewards see every dataset; a researcher those their project holds a grant on, and L1 ones."""
+        """Stewards see every dataset; a researcher those their project holds a grant on, and L1 ones, unless
+        they are drafts or destroyed (a suspended or retired one is still named, so that its refusal says why)."""
         if principal.role in ("steward", "admin"):
             return list(self.catalog.datasets.values())
         granted = ledger.granted_datasets(self.engine, principal.project) if principal.project else set()
-        return [ds for ds in self.catalog.datasets.values()
-                if principal.project and (self.catalog.rule(ds).default_grant_epsilon is not None or ds.name in granted)]
+        with self.engine.connect() as conn:
+            hidden = {n for n, state in lifecycle.states(conn, self.catalog).items() if state in ("draft", "destroyed")}
+        return [ds for ds in self.catalog.datasets.values() if principal.project and ds.name not in hidden
+                and (self.catalog.rule(ds).default_grant_epsilon is not None or ds.name in granted)]
 
     def datasets(self, principal: Principal) -> list[DatasetInfo]:
         return [ds.info(self.catalog.pricing(ds)) for ds in self.visible(principal)]
 
-    def dataset_for(self, principal: Principal, name: str) -> Dataset:
-        """The dataset if the caller may see it; an unseen one is 'unknown', not 'forbidden'."""
+    def dataset_for(self, principal: Principal, name: str, use: str | None = None) -> Dataset:
+        """The dataset if the caller may see it; an unseen one is 'unknown', not 'forbidden'. With `use` (what
+        the caller does with it), a dataset that is not active is refused, saying since when and why."""
         if name not in {ds.name for ds in self.visible(principal)}:
             raise CatalogError("unknown_dataset", f"site '{self.catalog.site}' has no dataset '{name}' you may use",
                                hint="list the datasets you may use with GET /datasets", status=404)
-        return self.catalog.datasets[name]
+        dataset = self.catalog.datasets[name]
+        if use is not None:
+            with self.engine.connect() as conn:
+                lifecycle.require_active(conn, dataset, use)
+        return dataset
 
     def grants(self, principal: Principal) -> list[GrantInfo]:
         project = None if principal.role in ("steward", "admin") else principal.project
@@ -254,7 +276,7 @@ class Site:
             raise VeilError("wrong_project", f"your token acts for project '{project}', not '{request.project}'",
                             hint="use a token issued for that project", status=403)
         spec: QuerySpec = parse_sql(request.sql) if request.sql is not None else request.spec  # type: ignore[assignment]
-        dataset = self.dataset_for(principal, spec.dataset)
+        dataset = self.dataset_for(principal, spec.dataset, use="query")
         text = canonical_sql(spec)
         pricing = self.catalog.pricing(dataset)
         rho = requested_rho(request, dataset.level, pricing)
@@ -331,6 +353,19 @@ class Site:
             ledger.revoke_grant(conn, grant_id, by=who.name, reason=reason)
         return next(g for g in self.grants(who) if g.id == grant_id)
 
+    def dataset_state(self, who: Principal, dataset: str) -> DatasetState:
+        """Where a dataset is in its lifecycle (stewards: any dataset; researchers: those they may see)."""
+        return lifecycle.state(self.engine, self.dataset_for(who, dataset))
+
+    def request_transition(self, who: Principal, dataset: str, body: TransitionRequest) -> TransitionInfo:
+        return lifecycle.request(self.engine, self.catalog, who, dataset, body)
+
+    def review_transition(self, who: Principal, transition_id: int, body: TransitionReview) -> TransitionInfo:
+        return lifecycle.review(self.engine, self.catalog, who, transition_id, body)
+
+    def transitions(self, who: Principal, status: str | None) -> list[TransitionInfo]:
+        return lifecycle.transitions(self.engine, who, status)
+
     def budgets(self, who: Principal) -> list[DatasetBudget]:
         """Caps and grants, and how each file keeps its rows-per-patient bound (stewards only)."""
         require(who, "steward", "admin")
@@ -353,17 +388,19 @@ class Site:
     def set_mock(self, who: Principal, dataset: str, request: MockRequest) -> MockInfo:
         require(who, "steward")
         ds = self.catalog.dataset(dataset)
+        with self.engine.connect() as conn:
+            lifecycle.require_active(conn, ds, "set a mock for")
         synthetic = request.kind == "synthetic"  # a schema-only mock reads no data: never refused for it
         return mocks.set_mock(self.engine, self.catalog, ds, request, who.name, synthetic and self.bound_holds(ds))
 
     def mock(self, who: Principal, dataset: str) -> MockInfo:
         """The dataset's mock for mock mode (to anyone who may see the dataset): it is public or DP already."""
-        return mocks.get_mock(self.engine, self.dataset_for(who, dataset).name)
+        return mocks.get_mock(self.engine, self.dataset_for(who, dataset, use="fetch the mock of").name)
 
     def train(self, who: Principal, request: TrainRequest) -> JobInfo:
         """Start a DP-SGD job (budget reserved now, settled when it ends); poll it with `job`."""
         require(who, "researcher")
-        dataset = self.dataset_for(who, request.dataset)
+        dataset = self.dataset_for(who, request.dataset, use="train on")
         if not self.bound_holds(dataset):  # DP-SGD takes each row as a patient: it never truncates
             raise VeilError("data_breaks_bound", f"the site's file for '{dataset.name}' has more rows per patient "
                             f"than its catalog's bound of {dataset.max_rows_per_unit}, so training on it would not "
@@ -389,6 +426,7 @@ class Site:
         from veil.executor import federated
         from veil.federation import codec
 
+        self.dataset_for(who, self.job(who, job_id).dataset, use="train on")
         return codec.encode_content(federated.executor_reply(self.rounds, job_id, codec.decode_content(message), who))
 
     def finish_job(self, who: Principal, job_id: int, weights: bytes | None) -> JobInfo:

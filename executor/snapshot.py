@@ -127,10 +127,12 @@ def due(dataset: Dataset, now: float | None = None) -> bool:
 
 
 class Refresher:
-    """Retakes due snapshots in a daemon thread; a failed refresh keeps the previous snapshot (and logs)."""
+    """Retakes the due snapshots of the datasets it `wanted` in a daemon thread; a failed refresh keeps the previous
+    snapshot (and logs)."""
 
-    def __init__(self, catalog: Catalog, on_error: Callable[[Dataset, CatalogError], None]) -> None:
-        self.catalog, self.on_error = catalog, on_error
+    def __init__(self, catalog: Catalog, on_error: Callable[[Dataset, CatalogError], None],
+                 wanted: Callable[[Dataset], bool] = lambda _: True) -> None:
+        self.catalog, self.on_error, self.wanted = catalog, on_error, wanted
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="veil-snapshots", daemon=True)
 
@@ -144,7 +146,7 @@ class Refresher:
     def _run(self) -> None:
         while not self._stop.wait(REFRESH_CHECK_SECONDS):
             for dataset in self.catalog.datasets.values():
-                if due(dataset):
+                if due(dataset) and self.wanted(dataset):
                     try:
                         take(dataset)
                     except CatalogError as exc:

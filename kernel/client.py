@@ -20,6 +20,7 @@ from veil.wire import (
     CatalogEntry,
     DatasetBudget,
     DatasetInfo,
+    DatasetState,
     DirectGrantRequest,
     GrantInfo,
     Health,
@@ -33,6 +34,9 @@ from veil.wire import (
     ReviewRequest,
     RevokeRequest,
     TrainRequest,
+    TransitionInfo,
+    TransitionRequest,
+    TransitionReview,
     WhoAmI,
 )
 
@@ -151,6 +155,23 @@ class SiteClient:
     def set_cap(self, dataset: str, epsilon: float, reason: str = "") -> DatasetBudget:
         body = CapRequest(epsilon=epsilon, reason=reason).model_dump()
         return DatasetBudget.model_validate(self._call("PUT", f"/budgets/{dataset}/cap", json=body))
+
+    def dataset_state(self, dataset: str) -> DatasetState:
+        return DatasetState.model_validate(self._call("GET", f"/datasets/{dataset}/state"))
+
+    def request_transition(self, dataset: str, to: str, reason: str) -> TransitionInfo:
+        body = TransitionRequest(to=to, reason=reason).model_dump()  # type: ignore[arg-type]
+        return TransitionInfo.model_validate(self._call("POST", f"/datasets/{dataset}/transitions", json=body))
+
+    def transitions(self, status: str = "pending") -> list[TransitionInfo]:
+        """Dataset requests: "pending", "done", "rejected" or "all"."""
+        return [TransitionInfo.model_validate(t)
+                for t in self._call("GET", "/dataset-transitions", params={"status": status})]
+
+    def review_transition(self, transition_id: int, decision: str, comment: str) -> TransitionInfo:
+        body = TransitionReview(decision=decision, comment=comment).model_dump()  # type: ignore[arg-type]
+        return TransitionInfo.model_validate(
+            self._call("POST", f"/dataset-transitions/{transition_id}/reviews", json=body))
 
     def set_mock(self, dataset: str, request: MockRequest) -> MockInfo:
         return MockInfo.model_validate(

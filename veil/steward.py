@@ -18,6 +18,7 @@ from veil.wire import (
     GrantInfo,
     MockRequest,
     ReviewRequest,
+    TransitionInfo,
 )
 
 
@@ -149,6 +150,51 @@ def _mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_transition(t: TransitionInfo) -> None:
+    by = f"; {t.status} by {t.reviewed_by} ({t.reviewed_office or 'no office'})" if t.reviewed_by else ""
+    print(f"request {t.id}: make '{t.dataset}' {t.to} [{t.status}] asked by {t.requested_by} "
+          f"({t.requested_office or 'no office'}) at {t.requested_at[:19]}{by}: {t.reason}"
+          + (f"; needs {t.needs}" if t.needs else ""))
+    for copy in t.deleted:
+        print(f"    deleted {copy.what}: {copy.bytes} bytes, sha256 {copy.sha256}")
+
+
+def _dataset_move(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        _print_transition(site.request_transition(args.dataset, DATASET_MOVES[args.dataset_action], args.reason))
+    return 0
+
+
+def _dataset_state(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        s = site.dataset_state(args.dataset)
+    since = f" since {s.changed_at[:19]} by {s.changed_by}" if s.changed_at else ""
+    print(f"{s.dataset}: {s.state}{since} ({s.reason})")
+    for t in s.pending:
+        _print_transition(t)
+    return 0
+
+
+def _dataset_requests(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        found = site.transitions("all" if args.all else "pending")
+    for t in found:
+        _print_transition(t)
+    if not found:
+        print("no dataset request awaits review" if not args.all else "no dataset request yet")
+    return 0
+
+
+def _dataset_review(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        _print_transition(site.review_transition(args.id, args.dataset_action, args.comment))
+    return 0
+
+
+DATASET_MOVES = {"activate": "active", "suspend": "suspended", "resume": "active", "retire": "retired",
+                 "destroy": "destroyed"}
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `veil steward ...` to the `veil` command."""
     steward = sub.add_parser("steward", help="review applications, grants and budgets (a steward's token)")
@@ -202,6 +248,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset")
     p.add_argument("--cap", type=float, default=None, help="new lifetime cap, epsilon at the reporting delta")
     p.add_argument("--reason", default="")
+
+    dataset = actions.add_parser("dataset", help="a dataset's lifecycle: draft, active, suspended, retired, "
+                                 "destroyed").add_subparsers(dest="dataset_action", required=True)
+    moves = {"activate": "open a draft dataset (reviewed as its level's applications are)",
+             "suspend": "stop serving it at once (running jobs are cancelled); resume reopens it",
+             "resume": "serve a suspended dataset again (reviewed as its level's applications are)",
+             "retire": "end its use for good: every grant revoked, every job cancelled (reviewed)",
+             "destroy": "delete the site's copies of a retired dataset (file or snapshot, mock, model weights), "
+                        "recording their SHA-256 in the audit log (reviewed; L3: both offices)"}
+    for verb, help_text in moves.items():
+        p = command(verb, help_text, _dataset_move, parent=dataset)
+        p.add_argument("dataset")
+        p.add_argument("--reason", required=True, help="why: recorded in the audit log and told to researchers")
+    p = command("state", "where a dataset is in its lifecycle, and requests awaiting review", _dataset_state,
+                parent=dataset)
+    p.add_argument("dataset")
+    p = command("requests", "dataset requests awaiting review", _dataset_requests, parent=dataset)
+    p.add_argument("--all", action="store_true", help="also those done or rejected")
+    for verb in ("approve", "reject"):
+        p = command(verb, f"{verb} another steward's dataset request", _dataset_review, parent=dataset)
+        p.add_argument("id", type=int)
+        p.add_argument("--comment", required=True)
 
     p = command("mock", "choose the dataset's mock for researchers' mock mode", _mock)
     p.add_argument("dataset")

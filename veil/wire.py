@@ -662,3 +662,56 @@ And.model_rebuild()
 Or.model_rebuild()
 Not.model_rebuild()
 QuerySpec.model_rebuild()
+
+
+DatasetStateName = Literal["draft", "active", "suspended", "retired", "destroyed"]
+
+
+class TransitionRequest(_Strict):
+    """A steward asks to move a dataset to another state of its lifecycle."""
+
+    to: Literal["active", "suspended", "retired", "destroyed"]
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class TransitionReview(_Strict):
+    """Another steward's decision on a pending transition (the dataset's level may need a second office)."""
+
+    decision: Literal["approve", "reject"]
+    comment: str = Field(min_length=1, max_length=2000)
+
+
+class DeletedCopy(_Strict):
+    """A copy of a dataset the site deleted when destroying it, with its digest before deletion."""
+
+    what: str = Field(description="a file's path, or a stored blob such as 'mock' or 'job 12 weights'")
+    sha256: str
+    bytes: int
+
+
+class TransitionInfo(_Strict):
+    id: int
+    dataset: str
+    to: str
+    reason: str
+    requested_by: str
+    requested_office: str | None = None
+    requested_at: str
+    status: Literal["pending", "done", "rejected"]
+    reviewed_by: str | None = None
+    reviewed_office: str | None = None
+    reviewed_at: str | None = None
+    needs: str | None = Field(default=None, description="what approval it still lacks, while pending")
+    deleted: list[DeletedCopy] = Field(default_factory=list, description="destruction: the copies deleted")
+
+
+class DatasetState(_Strict):
+    """Where a dataset is in its lifecycle, since when, why, and the changes awaiting review."""
+
+    dataset: str
+    state: DatasetStateName
+    reason: str
+    changed_by: str
+    changed_at: str | None = None
+    receipt: str | None = None
+    pending: list[TransitionInfo] = Field(default_factory=list)
