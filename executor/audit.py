@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
+from veil import spreadsheet
 from veil.executor import checkpoints
 from veil.executor.checkpoints import SiteKey
 from veil.executor.store import GENESIS, audit, audit_head, caps, grants, head_moved
@@ -251,7 +252,8 @@ EXPORT_COLUMNS = (*FIELDS, "hash", "epsilon_at_reporting_delta")
 
 
 def export_text(found: Iterable[AuditEntry], fmt: str) -> str:
-    """The entries as JSON lines (`jsonl`) or CSV (`csv`, a header row first)."""
+    """The entries as JSON lines (`jsonl`) or CSV (`csv`, a header row first; text that a spreadsheet would run
+    as a formula is quoted)."""
     import csv
     import io
 
@@ -263,7 +265,7 @@ def export_text(found: Iterable[AuditEntry], fmt: str) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: spreadsheet.cell(value) for key, value in row.items()} for row in rows)
     return out.getvalue()
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PROJECT, Deployment, deploy, make_database
 from veil.executor import audit
-from veil.executor.store import write
+from veil.executor.store import open_store, write
 from veil.query.accounting import epsilon_of
 
 BULK = 260
@@ -146,3 +146,17 @@ def test_steward_client_pages_and_exports(site: Deployment) -> None:
     assert client.audit_export("csv", decision="changed").startswith("seq,ts,principal")
     with site.http("steward") as http:
         assert http.get("/audit/verify").json()["ok"]
+
+
+def test_csv_export_quotes_what_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    """A name or a reason written by someone outside the site opens as text, not as a formula."""
+    engine = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        with write(engine) as conn:
+            audit.append(conn, principal='=HYPERLINK("http://evil.example","x")', role="researcher",
+                         action="application", decision="submitted", reason="+1 more budget", rho=0.0)
+        [row] = list(csv.DictReader(io.StringIO(audit.export_text(audit.entries(engine), "csv"))))
+    finally:
+        engine.dispose()
+    assert row["principal"] == '\'=HYPERLINK("http://evil.example","x")' and row["reason"] == "'+1 more budget"
+    assert row["rho"] == "0.0" and row["decision"] == "submitted"
