@@ -37,6 +37,8 @@ from veil.executor.routes import (
     metrics,
     mocks,
     queries,
+    reports,
+    sheets,
 )
 from veil.executor.site import Site
 from veil.wire import Refusal
@@ -151,7 +153,7 @@ def _action(path: str) -> str:
 
 
 ACTIONS = {"query", "datasets", "whoami", "grants", "jobs", "catalog", "levels", "applications", "budgets",
-           "audit", "receipts", "health", "metrics", "openapi.json", "docs"}
+           "audit", "receipts", "health", "metrics", "openapi.json", "docs", "report"}
 
 
 async def _audit_refusal(site: Site, identity: Principal | AuthError, address: str, action: str,
@@ -234,7 +236,8 @@ def create_app(site: Site) -> FastAPI:
         return await audited_refusal(request, error)
 
     # in this order, the routes (and the OpenAPI document's paths) keep the order they always had
-    for routes in (datasets, queries, access, mocks, jobs, catalog, governance, lifecycle, audit, metrics):
+    for routes in (datasets, queries, access, mocks, jobs, catalog, governance, lifecycle, audit, metrics, sheets,
+                   reports):
         app.include_router(routes.router)
     return app
 

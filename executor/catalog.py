@@ -19,8 +19,9 @@ import polars as pl
 from veil import limits
 from veil.errors import CatalogError
 from veil.executor.policy import DEFAULT_RULES, level_rules
+from veil.query.sharing import SHARING_MODELS
 from veil.query.table import DTYPES, Column, Table
-from veil.wire import NAME_PATTERN, DatasetInfo, LevelRule, Pricing
+from veil.wire import DEFAULT_SHARING, NAME_PATTERN, DatasetInfo, LevelRule, Pricing, Sharing
 
 TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
 """A database table or view, optionally schema-qualified (`cdm.person`)."""
@@ -55,6 +56,8 @@ class Dataset(Table):
     source: DatabaseSource | None = None
     initial_state: Literal["draft", "active"] = "active"
     """Where the dataset's lifecycle starts (executor/lifecycle.py); the state database keeps where it is now."""
+    sharing: Sharing = DEFAULT_SHARING
+    """Its sharing model (veil/query/sharing.py): "open" (L1 only), "controlled" or "enclave"."""
 
     def scan(self) -> pl.LazyFrame:
         """The dataset's rows, each column in its declared dtype (a file column of a mapped dtype, say UInt32
@@ -73,6 +76,7 @@ class Dataset(Table):
             max_rows=self.max_rows,
             columns=[c.info() for c in self.columns.values()],
             pricing=pricing,
+            sharing=self.sharing,
         )
 
 
@@ -176,6 +180,9 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "on_excess_rows": ('"truncate"', 'if the file has more rows per patient: "truncate" them or "refuse" '
                            "requests on the dataset"),
         "max_rows": ("required", "a public upper bound on the number of rows"),
+        "sharing": ('"controlled"', '"open" (L1 only: any project queries it, and the steward may publish a '
+                    'DP statistics sheet), "controlled" (its level\'s rules) or "enclave" (no query releases: '
+                    'approved training jobs and their DP evaluations only)'),
         "state": ('"active"', 'where its lifecycle starts: "draft" (serves nothing until a steward activates it) '
                   'or "active"; stewards move it on (veil steward dataset ...)'),
         "lifetime_epsilon": ("required", "the budget all projects together may spend on the dataset"),
@@ -294,6 +301,7 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         raise CatalogError("bad_catalog", f"{where}: on_excess_rows must be one of {', '.join(EXCESS_ROWS)}, "
                            f"not {on_excess_rows!r}", hint='"truncate" (the default) or "refuse"')
     source = _source(raw["source"], where) if "source" in raw else None
+    sharing = _sharing(raw.get("sharing", DEFAULT_SHARING), level, where)
     initial_state = raw.get("state", "active")
     if initial_state not in ("draft", "active"):
         raise CatalogError("bad_catalog", f"{where}: state must be \"draft\" or \"active\", not {initial_state!r}",
@@ -314,7 +322,20 @@ def _dataset(name: str, raw: dict[str, Any], base: Path) -> Dataset:
         columns=columns,
         on_excess_rows=on_excess_rows,
         initial_state=initial_state,
+        sharing=sharing,
     )
+
+
+def _sharing(value: Any, level: str, where: str) -> Sharing:
+    """A dataset's sharing model, checked against its level: only an L1 dataset may be open."""
+    if value not in SHARING_MODELS:
+        raise CatalogError("bad_catalog", f"{where}: sharing must be one of {', '.join(SHARING_MODELS)}, not "
+                           f"{value!r}", hint='leave it out for "controlled", the default')
+    if value == "open" and level != "L1":
+        raise CatalogError("bad_catalog", f"{where}: an {level} dataset cannot be open: open datasets give DP "
+                           "statistics to every project without review, which only L1 allows",
+                           hint='declare it sharing = "controlled" (or leave sharing out), or classify it L1')
+    return value  # type: ignore[no-any-return]
 
 
 SOURCE_KEYS = {"url", "url_env", "table", "refresh_minutes", "statement_seconds"}

@@ -78,6 +78,8 @@ def draft(name: str, schema: pl.Schema, *, path: str | None = None, source_table
         'max_rows = "TODO: a public upper bound on the number of rows (e.g. the hospital\'s size times rows per '
         'patient)"',
         "lifetime_epsilon = 10.0  # the budget all projects together may spend on this dataset (a steward's choice)",
+        '# sharing = "controlled"  # the default; "open" (L1 only: any project, a published statistics sheet) or '
+        '"enclave" (no query releases, training only)',
     ]
     for column, dtype in schema.items():
         declared = declared_dtype(dtype)

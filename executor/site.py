@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, select
 
 from veil.errors import CatalogError, VeilError
-from veil.executor import application, audit, checkpoints, ledger, lifecycle, mocks, snapshot
+from veil.executor import application, audit, checkpoints, ledger, lifecycle, mocks, report, sheets, snapshot
 from veil.executor.auth import Principal, require
 from veil.executor.cancellation import Ticket, Tickets
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
@@ -22,7 +22,9 @@ from veil.executor.throttle import RateLimiter, RefusalCounter
 from veil.executor.unit_bound import RowsPerUnit, rows_per_unit
 from veil.query.accounting import rho_for_epsilon
 from veil.query.pricing import accuracy_within_level, requested_rho, unsigned_release
+from veil.query.sharing import refuse_query
 from veil.sql import canonical_sql, parse_sql
+from veil.usage import UsageReport
 from veil.wire import (
     ApplicationInfo,
     ApplicationRequest,
@@ -37,10 +39,12 @@ from veil.wire import (
     JobInfo,
     MockInfo,
     MockRequest,
+    PublishRequest,
     QueryRequest,
     QuerySpec,
     Release,
     ReviewRequest,
+    StatisticsSheet,
     TrainRequest,
     TransitionInfo,
     TransitionRequest,
@@ -277,6 +281,7 @@ class Site:
                             hint="use a token issued for that project", status=403)
         spec: QuerySpec = parse_sql(request.sql) if request.sql is not None else request.spec  # type: ignore[assignment]
         dataset = self.dataset_for(principal, spec.dataset, use="query")
+        refuse_query(dataset.name, dataset.sharing)
         text = canonical_sql(spec)
         pricing = self.catalog.pricing(dataset)
         rho = requested_rho(request, dataset.level, pricing)
@@ -397,6 +402,21 @@ class Site:
         """The dataset's mock for mock mode (to anyone who may see the dataset): it is public or DP already."""
         return mocks.get_mock(self.engine, self.dataset_for(who, dataset, use="fetch the mock of").name)
 
+    def publish_sheet(self, who: Principal, dataset: str, request: PublishRequest) -> StatisticsSheet:
+        """Release an open dataset's DP statistics sheet (stewards), charged to its lifetime cap and audited."""
+        require(who, "steward")
+        ds = self.catalog.dataset(dataset)
+        with self.engine.connect() as conn:
+            lifecycle.require_active(conn, ds, "publish the statistics sheet of")
+        return sheets.publish(self.engine, self.catalog, ds, request.epsilon, who.name, self.bound_holds(ds))
+
+    def sheet(self, dataset: str) -> StatisticsSheet:
+        """An open dataset's published sheet, for any token on the site: it is DP and public already."""
+        ds = self.catalog.dataset(dataset)
+        with self.engine.connect() as conn:
+            lifecycle.require_active(conn, ds, "download the statistics sheet of")
+        return sheets.get_sheet(self.engine, ds)
+
     def train(self, who: Principal, request: TrainRequest) -> JobInfo:
         """Start a DP-SGD job (budget reserved now, settled when it ends); poll it with `job`."""
         require(who, "researcher")
@@ -437,6 +457,13 @@ class Site:
     def job_weights(self, who: Principal, job_id: int) -> bytes:
         require(who, "researcher")
         return self.trainer.weights(who, job_id)
+
+    def report(self, who: Principal, since: str | None = None, until: str | None = None,
+               dataset: str | None = None, project: str | None = None) -> UsageReport:
+        """Usage and value over [since, until) from the audit log and ledger (executor/report.py): stewards and
+        admins of any project, a researcher of their own (another project's is refused, 403)."""
+        within = report.scope(who, since, until, self.dataset_for(who, dataset).name if dataset else None, project)
+        return report.build(self.engine, self.catalog, who, within)
 
     def audit_log(self, who: Principal, since: int = 0, limit: int = 100, before: int | None = None,
                   **filters: str | None) -> list[AuditEntry]:

@@ -230,6 +230,16 @@ witnessed_heads = Table(  # peers' signed audit heads this site witnessed (execu
     Column("received_at", String(40), nullable=False),
 )
 
+published_sheets = Table(  # an open dataset's DP statistics sheet, public once released (executor/sheets.py)
+    "published_sheets", metadata,
+    Column("dataset", String(64), primary_key=True),  # the latest publication; the audit log keeps every one
+    Column("epsilon", Float(53), nullable=False),
+    Column("sheet", Text, nullable=False),  # wire.StatisticsSheet as JSON
+    Column("published_by", String(128), nullable=False),
+    Column("published_at", String(40), nullable=False),
+    Column("receipt", String(64), nullable=False),
+)
+
 GENESIS = "0" * 64
 
 
@@ -294,7 +304,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 """The revision of a database that a Veil made before migrations were kept (it has no alembic_version)."""
 AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed"}, "dataset_states": None,
-                  "dataset_transitions": None, "witnessed_heads": None}
+                  "dataset_transitions": None, "witnessed_heads": None, "published_sheets": None}
 """What the revisions after the baseline add (a table, or some of a table's columns): a database made
 without migrations may lack these, and no more, to be migrated from the baseline."""
 _MIGRATION_LOCK = 0x7665696C  # PostgreSQL advisory lock key: replicas starting together migrate one at a time

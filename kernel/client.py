@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from veil.kernel.errors import VeilSiteUnavailable, refusal_error
+from veil.usage import UsageReport
 from veil.wire import (
     ApplicationInfo,
     ApplicationRequest,
@@ -27,12 +28,14 @@ from veil.wire import (
     JobInfo,
     MockInfo,
     MockRequest,
+    PublishRequest,
     QueryRequest,
     QuerySpec,
     Refusal,
     Release,
     ReviewRequest,
     RevokeRequest,
+    StatisticsSheet,
     TrainRequest,
     TransitionInfo,
     TransitionRequest,
@@ -177,6 +180,19 @@ class SiteClient:
         return MockInfo.model_validate(
             self._call("PUT", f"/datasets/{dataset}/mock", json=request.model_dump(exclude_none=True)))
 
+    def publish_sheet(self, dataset: str, epsilon: float) -> StatisticsSheet:
+        """Publish an open dataset's DP statistics sheet (stewards; charged to its lifetime cap)."""
+        body = PublishRequest(epsilon=epsilon).model_dump()
+        return StatisticsSheet.model_validate(self._call("POST", f"/datasets/{dataset}/sheet", json=body))
+
+    def sheet(self, dataset: str) -> StatisticsSheet:
+        """An open dataset's published DP statistics sheet (any token)."""
+        return StatisticsSheet.model_validate(self._call("GET", f"/datasets/{dataset}/sheet"))
+
+    def sheet_markdown(self, dataset: str) -> str:
+        """The same sheet as a Markdown document."""
+        return self._send("GET", f"/datasets/{dataset}/sheet", params={"format": "markdown"}).text
+
 
 
     def audit(self, since: int = 0, limit: int = 100, before: int | None = None, *, project: str | None = None,
@@ -201,6 +217,14 @@ class SiteClient:
         params = {"format": fmt, "since": since, "project": project, "dataset": dataset, "action": action,
                   "decision": decision}
         return self._send("GET", "/audit/export", params={k: v for k, v in params.items() if v is not None}).text
+
+    def report(self, since: str | None = None, until: str | None = None, *, dataset: str | None = None,
+               project: str | None = None) -> UsageReport:
+        """Usage and value over [since, until) (dates YYYY-MM-DD, until excluded): a researcher's own project,
+        or any project for stewards."""
+        params = {"since": since, "until": until, "dataset": dataset, "project": project}
+        return UsageReport.model_validate(self._call("GET", "/report", params={k: v for k, v in params.items()
+                                                                              if v is not None}))
 
     def verify_audit(self) -> AuditVerification:
         """The site's check of its audit chain against its ledger (stewards)."""

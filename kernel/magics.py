@@ -109,7 +109,7 @@ class VeilMagics(Magics):
         return self._cost(cell)
 
     def _datasets(self) -> pl.DataFrame:
-        rows = [{"site": s.name, "dataset": d.name, "level": d.level, "title": d.info.title,
+        rows = [{"site": s.name, "dataset": d.name, "level": d.level, "sharing": d.info.sharing, "title": d.info.title,
                  "columns": len(d.info.columns)} for s in self.study.sites.values() for d in s.datasets.values()]
         return pl.DataFrame(rows)
 

@@ -19,6 +19,7 @@ from veil.errors import CatalogError
 from veil.query.prepared import Prepared, PreparedQueries, prepare
 from veil.query.pricing import accuracy_within_level, requested_rho, unsigned_release
 from veil.query.release import run
+from veil.query.sharing import refuse_query
 from veil.query.table import DTYPES, Table
 from veil.sql import canonical_sql
 from veil.wire import ColumnInfo, DatasetInfo, MockInfo, QueryRequest, QuerySpec, Release
@@ -100,6 +101,7 @@ class MockSite:
         if info is None or info.pricing is None:
             raise CatalogError("unknown_dataset", f"site '{self.name}' publishes no dataset '{spec.dataset}' you may "
                                "query", hint="list the datasets you may use with `%veil datasets`", status=404)
+        refuse_query(info.name, info.sharing)  # as the site refuses it: an enclave releases no query results
         rho = requested_rho(request, info.level, info.pricing)
         verified = self._bound_holds(info)
         delta = request.delta if spec.group_by else None

@@ -17,6 +17,7 @@ from veil.kernel.config import study_path as study_path
 from veil.kernel.errors import VeilUsageError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.models.spec import ModelSpec
+from veil.usage import StudyUsage
 from veil.wire import EVALUATION_EPSILON, Federation
 
 if TYPE_CHECKING:
@@ -93,6 +94,14 @@ class Study:
             from veil.kernel.federation import train_federated
 
         return train_federated([self.sites[s].client for s in names], request, progress)
+
+    def report(self, since: str | None = None, until: str | None = None) -> StudyUsage:
+        """The project's usage and value report from every site of the study over [since, until) (dates as
+        YYYY-MM-DD, until excluded; by default everything until now): per site and dataset what it released to
+        the project, at what cost, with the receipts to cite, the applications and approvals, models trained and
+        federated rounds. Shows as Markdown in Jupyter; `.markdown()` and `.csv()` give the text."""
+        return StudyUsage(study=self.name, project=self.project,
+                          reports={name: site.client.report(since, until) for name, site in self.sites.items()})
 
     def datasets(self) -> dict[str, list[str]]:
         """Which sites offer which datasets."""

@@ -33,7 +33,9 @@ ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/query/{request
           "/grants/{grant_id}/revoke", "/budgets", "/budgets/{dataset}/cap", "/audit", "/audit/verify",
           "/audit/export",
           "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
-          "/jobs/{job_id}/finish"}
+          "/jobs/{job_id}/finish",
+          "/datasets/{name}/state", "/datasets/{name}/transitions", "/dataset-transitions",
+          "/dataset-transitions/{transition_id}/reviews", "/datasets/{name}/sheet", "/report"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 EPSILON = 0.5
 """The privacy loss of requests in this module: small, so the shared grants last."""

@@ -85,6 +85,7 @@ def prepare(root: Path, patients: int, reset: bool) -> list[Path]:
         configs = synthesize(root, sites=3, patients=patients, seed=7, tutorial=True)
         _add_omop(root, configs, max(500, patients // 2))
         for config in configs:
+            _declare_sharing(config)
             _tokens_and_grants(config)
         _configs(root, [c.parent.name for c in configs])
     return configs
@@ -107,6 +108,19 @@ def _add_omop(root: Path, configs: list[Path], persons: int) -> None:
             data["datasets"][name] = dataset
         _write_toml(config, data)
     shutil.rmtree(staging)
+
+
+DEMO_SHARING = {"patients": "open"}
+"""The demo's sharing models (README, "Sharing models"): its L1 patients are open, so that a steward can publish
+their statistics sheet; every other dataset stays controlled (the tutorials query them all)."""
+
+
+def _declare_sharing(config: Path) -> None:
+    """Write DEMO_SHARING into a site's catalog."""
+    data = tomllib.loads(config.read_text())
+    for name, sharing in DEMO_SHARING.items():
+        data["datasets"][name]["sharing"] = sharing
+    _write_toml(config, data)
 
 
 def _tokens_and_grants(config: Path) -> None:

@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from veil import usage
 from veil.kernel.client import SiteClient
 from veil.wire import (
     ApplicationInfo,
@@ -150,6 +151,17 @@ def _mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        sheet = site.publish_sheet(args.dataset, args.epsilon)
+        text = site.sheet_markdown(args.dataset)
+    print(f"{sheet.dataset}: published its DP statistics sheet, charged epsilon {sheet.epsilon:g} to the lifetime "
+          f"cap (receipt {sheet.receipt}); any token on the site downloads it from GET /datasets/{sheet.dataset}/sheet"
+          " (?format=markdown)\n")
+    print(text)
+    return 0
+
+
 def _print_transition(t: TransitionInfo) -> None:
     by = f"; {t.status} by {t.reviewed_by} ({t.reviewed_office or 'no office'})" if t.reviewed_by else ""
     print(f"request {t.id}: make '{t.dataset}' {t.to} [{t.status}] asked by {t.requested_by} "
@@ -188,6 +200,18 @@ def _dataset_requests(args: argparse.Namespace) -> int:
 def _dataset_review(args: argparse.Namespace) -> int:
     with _client(args) as site:
         _print_transition(site.review_transition(args.id, args.dataset_action, args.comment))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        found = site.report(args.since, args.until, dataset=args.dataset, project=args.project)
+    text = usage.render(found, args.format)
+    if args.out is None:
+        print(text, end="")
+    else:
+        Path(args.out).write_text(text)
+        print(f"wrote the {args.format} report of site {found.site} to {args.out}")
     return 0
 
 
@@ -270,6 +294,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p = command(verb, f"{verb} another steward's dataset request", _dataset_review, parent=dataset)
         p.add_argument("id", type=int)
         p.add_argument("--comment", required=True)
+
+    p = command("report", "usage and value over a period: applications, releases and their cost, models, "
+                "federated rounds, refusals, budgets left, with receipts", _report)
+    p.add_argument("--since", default=None, help="YYYY-MM-DD, included (default: the log's start)")
+    p.add_argument("--until", default=None, help="YYYY-MM-DD, excluded (default: now)")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--project", default=None)
+    p.add_argument("--format", choices=usage.FORMATS, default="md")
+    p.add_argument("--out", default=None, help="write it to this file (default: print it)")
+
+    p = command("publish", "publish an open dataset's DP statistics sheet for every token on the site (charged "
+                "to its lifetime cap, audited)", _publish)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--epsilon", type=float, required=True, help="the whole sheet's epsilon, at the reporting delta")
 
     p = command("mock", "choose the dataset's mock for researchers' mock mode", _mock)
     p.add_argument("dataset")

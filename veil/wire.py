@@ -296,6 +296,13 @@ class Pricing(_Strict):
     min_group_threshold: int = Field(ge=0, description="least count a thresholded group may be released at")
 
 
+Sharing = Literal["open", "controlled", "enclave"]
+"""A dataset's sharing model (veil/query/sharing.py): open DP statistics (L1), controlled releases under its level's
+rules, or an enclave that releases no query results, only approved training jobs and their DP evaluations."""
+DEFAULT_SHARING: Sharing = "controlled"
+"""A dataset whose catalog entry names no sharing model (and what an older site's datasets are): as before."""
+
+
 class DatasetInfo(_Strict):
     """What a caller may see of a dataset: schema and public metadata, never rows."""
 
@@ -308,6 +315,7 @@ class DatasetInfo(_Strict):
     max_rows: int = Field(description="public upper bound on the number of rows")
     columns: list[ColumnInfo]
     pricing: Pricing | None = Field(default=None, description="set where the caller may query the dataset")
+    sharing: Sharing = Field(default=DEFAULT_SHARING, description="open, controlled or enclave (no query releases)")
 
 
 Use = Literal["query", "training"]
@@ -531,6 +539,35 @@ class MockInfo(_Strict):
     created_at: str
     receipt: str | None
     data: dict[str, list[Any]] | None = Field(default=None, description="synthetic columns; dates as ISO text")
+
+
+class PublishRequest(_Strict):
+    """A steward's publication of an open dataset's DP statistics sheet, charged to its lifetime cap."""
+
+    epsilon: float = Field(ge=limits.MIN_EPSILON, le=10, description="the whole sheet's epsilon")
+
+
+class SheetPart(_Strict):
+    """One query of a statistics sheet: the whole dataset's row count, or one column's statistics."""
+
+    column: str | None = Field(description="None: the dataset's rows")
+    statistics: list[str] = Field(description="what each row holds: count, count_COLUMN or mean_COLUMN")
+    rows: list[dict[str, Any]] = Field(description="per category when grouped: each statistic with its interval "
+                                                   "(NAME, NAME_lower, NAME_upper)")
+
+
+class StatisticsSheet(_Strict):
+    """An open dataset's DP statistics sheet: released once, charged to the dataset's lifetime cap, public."""
+
+    site: str
+    dataset: str
+    title: str
+    epsilon: float
+    confidence: float
+    parts: list[SheetPart]
+    published_by: str
+    published_at: str
+    receipt: str = Field(description="the audit entry that charged and recorded it")
 
 
 # ---------------------------------------------------------------- training

@@ -130,6 +130,8 @@ export interface IDatasetInfo {
   max_rows_per_unit: number | null;
   max_rows: number | null;
   columns: IColumnInfo[];
+  /** open, controlled or enclave; absent from a site older than sharing models (then: controlled). */
+  sharing?: string;
 }
 
 /** GET /veil/api/datasets */

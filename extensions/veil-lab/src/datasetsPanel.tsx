@@ -13,6 +13,7 @@ import {
 } from './api';
 import { ErrorBox, formatValue, LevelBadge } from './components';
 import { datasetsIcon } from './icons';
+import { sharingBadge } from './sharing';
 
 /** The code cell inserted by "Insert %%veil sql cell". */
 export function sqlCellSource(site: string, dataset: string): string {
@@ -83,6 +84,15 @@ function MockPreview(props: { site: string; dataset: string }): JSX.Element {
   );
 }
 
+function SharingBadge(props: { sharing?: string }): JSX.Element {
+  const badge = sharingBadge(props.sharing);
+  return (
+    <span className={badge.className} title={badge.title}>
+      {badge.label}
+    </span>
+  );
+}
+
 function DatasetCard(props: {
   site: string;
   dataset: IDatasetInfo;
@@ -93,6 +103,7 @@ function DatasetCard(props: {
     <details className="veil-dataset" data-dataset={d.name}>
       <summary>
         <LevelBadge level={d.level} />
+        <SharingBadge sharing={d.sharing} />
         <span className="veil-dataset-name">{d.title || d.name}</span>
         <code className="veil-dataset-id">{d.name}</code>
       </summary>
@@ -129,12 +140,14 @@ function DatasetCard(props: {
           ))}
         </tbody>
       </table>
-      <button
-        className="jp-mod-styled jp-mod-accept veil-button"
-        onClick={() => props.insert(sqlCellSource(site, d.name))}
-      >
-        Insert %%veil sql cell
-      </button>
+      {d.sharing === 'enclave' ? null : (
+        <button
+          className="jp-mod-styled jp-mod-accept veil-button"
+          onClick={() => props.insert(sqlCellSource(site, d.name))}
+        >
+          Insert %%veil sql cell
+        </button>
+      )}
       <MockPreview site={site} dataset={d.name} />
     </details>
   );

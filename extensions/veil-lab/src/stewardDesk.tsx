@@ -1,6 +1,6 @@
 /**
- * Steward desk (main area): applications to review, budgets and grants, and
- * the audit log of each site the steward is responsible for.
+ * Steward desk (main area): applications to review, budgets and grants, the
+ * audit log and the usage report of each site the steward is responsible for.
  */
 import { Dialog, InputDialog, showDialog } from '@jupyterlab/apputils';
 import { ReactWidget } from '@jupyterlab/ui-components';
@@ -45,6 +45,7 @@ import {
 } from './budgetModel';
 import { ErrorBox, formatTime, formatValue, LevelBadge } from './components';
 import { deskIcon } from './icons';
+import { ReportTab } from './reportTab';
 
 /** Load JSON from an endpoint into state, with loading and error. */
 function useResource<T>(endPoint: string | null) {
@@ -822,7 +823,7 @@ function AuditTab(props: { sites: string[] }): JSX.Element {
 
 // ------------------------------------------------------------------------ desk
 
-type Tab = 'applications' | 'budgets' | 'audit';
+type Tab = 'applications' | 'budgets' | 'audit' | 'report';
 
 /** Who the desk is signed in as at a site; null when unknown. */
 function signedIn(
@@ -877,7 +878,8 @@ function Desk(props: { sites: string[] }): JSX.Element {
   const tabs: [Tab, string][] = [
     ['applications', 'Applications'],
     ['budgets', 'Budgets'],
-    ['audit', 'Audit']
+    ['audit', 'Audit'],
+    ['report', 'Report']
   ];
   return (
     <div className="veil-desk">
@@ -905,6 +907,7 @@ function Desk(props: { sites: string[] }): JSX.Element {
         ) : null}
         {tab === 'budgets' ? <BudgetsTab /> : null}
         {tab === 'audit' ? <AuditTab sites={props.sites} /> : null}
+        {tab === 'report' ? <ReportTab sites={props.sites} /> : null}
       </div>
     </div>
   );

@@ -48,7 +48,8 @@ class VeilLabApp(ExtensionApp):
             (r"steward/applications/([^/]+)/(\d+)/reviews", ReviewHandler), ("steward/budgets", BudgetsHandler),
             (r"steward/grants/([^/]+)/(\d+)/revoke", RevokeHandler),
             (r"steward/budgets/([^/]+)/([^/]+)/cap", CapHandler), ("steward/audit", AuditHandler),
-            ("steward/audit/verify", AuditVerifyHandler), ("steward/audit/export", AuditExportHandler)]
+            ("steward/audit/verify", AuditVerifyHandler), ("steward/audit/export", AuditExportHandler),
+            ("steward/report", ReportHandler)]
         self.handlers.extend((url_path_join(base, "veil/api", path), handler, {"lab": self})
                              for path, handler in routes)
 
@@ -298,3 +299,17 @@ class AuditVerifyHandler(_Handler):
     async def get(self) -> None:
         site = self.get_argument("site")
         await self.run(lambda: _plain(self.steward(site)[site].verify_audit()))
+
+
+REPORT_PARAMS = ("since", "until", "dataset", "project")
+
+
+class ReportHandler(_Handler):
+    """A site's usage and value report (`veil.usage.UsageReport`) for [since, until), filtered."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        site = self.get_argument("site")
+        since, until, dataset, project = (self.get_argument(k, "") or None for k in REPORT_PARAMS)
+        await self.run(lambda: _plain(self.steward(site)[site].report(since, until, dataset=dataset,
+                                                                      project=project)))
