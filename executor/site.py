@@ -228,7 +228,16 @@ class Site:
                 and (self.catalog.rule(ds).default_grant_epsilon is not None or ds.name in granted)]
 
     def datasets(self, principal: Principal) -> list[DatasetInfo]:
-        return [ds.info(self.catalog.pricing(ds)) for ds in self.visible(principal)]
+        """The datasets the caller may see, with their pricing and where they are in their lifecycle."""
+        with self.engine.connect() as conn:
+            now = lifecycle.states(conn, self.catalog)
+        return [ds.info(self.catalog.pricing(ds)).model_copy(update={"state": now[ds.name]})
+                for ds in self.visible(principal)]
+
+    def dataset_info(self, principal: Principal, name: str) -> DatasetInfo:
+        """One dataset's schema and public metadata, with its lifecycle state."""
+        dataset = self.dataset_for(principal, name)
+        return dataset.info().model_copy(update={"state": lifecycle.state(self.engine, dataset).state})
 
     def dataset_for(self, principal: Principal, name: str, use: str | None = None) -> Dataset:
         """The dataset if the caller may see it; an unseen one is 'unknown', not 'forbidden'. With `use` (what

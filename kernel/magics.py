@@ -109,8 +109,9 @@ class VeilMagics(Magics):
         return self._cost(cell)
 
     def _datasets(self) -> pl.DataFrame:
-        rows = [{"site": s.name, "dataset": d.name, "level": d.level, "sharing": d.info.sharing, "title": d.info.title,
-                 "columns": len(d.info.columns)} for s in self.study.sites.values() for d in s.datasets.values()]
+        rows = [{"site": s.name, "dataset": d.name, "level": d.level, "sharing": d.info.sharing, "state": d.info.state,
+                 "title": d.info.title, "columns": len(d.info.columns)}
+                for s in self.study.sites.values() for d in s.datasets.values()]
         return pl.DataFrame(rows)
 
     def _budget(self) -> pl.DataFrame:

@@ -77,6 +77,10 @@ def test_a_dataset_from_draft_to_destroyed(site: Deployment) -> None:
         refused = http.post("/query", json=QUERY)
     assert refused.status_code == 409 and refused.json()["code"] == "dataset_suspended", refused.text
     assert "by erin (incident 42: wrong extract)" in refused.json()["message"]
+    with d.http() as http:  # still listed, with its state, so that a researcher's panel can say why
+        assert {x["name"]: x["state"] for x in http.get("/datasets").json()} == {
+            "patients": "active", "encounters": "suspended"}
+        assert http.get("/datasets/encounters").json()["state"] == "suspended"
 
     # resuming reopens access: L3 needs both offices, and nobody reviews their own request
     asked = move(d, "erin", "encounters", "active", "extract fixed")

@@ -303,6 +303,10 @@ DEFAULT_SHARING: Sharing = "controlled"
 """A dataset whose catalog entry names no sharing model (and what an older site's datasets are): as before."""
 
 
+DatasetStateName = Literal["draft", "active", "suspended", "retired", "destroyed"]
+"""Where a dataset is in its lifecycle (executor/lifecycle.py): only an active one serves anything."""
+
+
 class DatasetInfo(_Strict):
     """What a caller may see of a dataset: schema and public metadata, never rows."""
 
@@ -316,6 +320,8 @@ class DatasetInfo(_Strict):
     columns: list[ColumnInfo]
     pricing: Pricing | None = Field(default=None, description="set where the caller may query the dataset")
     sharing: Sharing = Field(default=DEFAULT_SHARING, description="open, controlled or enclave (no query releases)")
+    state: DatasetStateName = Field(default="active", description="its lifecycle: only an active dataset serves; a "
+                                    "suspended or retired one is listed so that its refusal can say why")
 
 
 Use = Literal["query", "training"]
@@ -700,8 +706,6 @@ Or.model_rebuild()
 Not.model_rebuild()
 QuerySpec.model_rebuild()
 
-
-DatasetStateName = Literal["draft", "active", "suspended", "retired", "destroyed"]
 
 
 class TransitionRequest(_Strict):

@@ -40,4 +40,4 @@ def datasets(who: Principal = Depends(principal), site: Site = Depends(site_of))
 
 @router.get("/datasets/{name}", response_model=DatasetInfo)
 def dataset(name: str, who: Principal = Depends(principal), site: Site = Depends(site_of)) -> DatasetInfo:
-    return site.dataset_for(who, name).info()
+    return site.dataset_info(who, name)

@@ -132,6 +132,8 @@ export interface IDatasetInfo {
   columns: IColumnInfo[];
   /** open, controlled or enclave; absent from a site older than sharing models (then: controlled). */
   sharing?: string;
+  /** draft, active, suspended, retired or destroyed; absent from a site older than lifecycles (then: active). */
+  state?: string;
 }
 
 /** GET /veil/api/datasets */

@@ -93,6 +93,11 @@ function SharingBadge(props: { sharing?: string }): JSX.Element {
   );
 }
 
+/** Whether the site serves the dataset now (a site too old to say is taken as serving it). */
+function serving(d: IDatasetInfo): boolean {
+  return d.state === undefined || d.state === 'active';
+}
+
 function DatasetCard(props: {
   site: string;
   dataset: IDatasetInfo;
@@ -104,6 +109,14 @@ function DatasetCard(props: {
       <summary>
         <LevelBadge level={d.level} />
         <SharingBadge sharing={d.sharing} />
+        {serving(d) ? null : (
+          <span
+            className="veil-state"
+            title={`${d.state}: the site serves nothing from it now (a query says since when and why)`}
+          >
+            {d.state}
+          </span>
+        )}
         <span className="veil-dataset-name">{d.title || d.name}</span>
         <code className="veil-dataset-id">{d.name}</code>
       </summary>
@@ -140,7 +153,7 @@ function DatasetCard(props: {
           ))}
         </tbody>
       </table>
-      {d.sharing === 'enclave' ? null : (
+      {d.sharing === 'enclave' || !serving(d) ? null : (
         <button
           className="jp-mod-styled jp-mod-accept veil-button"
           onClick={() => props.insert(sqlCellSource(site, d.name))}
