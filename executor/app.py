@@ -39,6 +39,7 @@ from veil.executor.routes import (
     queries,
     reports,
     sheets,
+    witness,
 )
 from veil.executor.site import Site
 from veil.wire import Refusal
@@ -237,7 +238,7 @@ def create_app(site: Site) -> FastAPI:
 
     # in this order, the routes (and the OpenAPI document's paths) keep the order they always had
     for routes in (datasets, queries, access, mocks, jobs, catalog, governance, lifecycle, audit, metrics, sheets,
-                   reports):
+                   reports, witness):
         app.include_router(routes.router)
     return app
 

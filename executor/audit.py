@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -128,15 +128,19 @@ SPENT = ("rho", "delta", "epsilon")
 LEDGER_COLUMNS = ("rho_spent", "delta_spent", "approx_epsilon_spent")
 
 
-def verify(engine: Engine, site_key: SiteKey | None = None, published: Iterable[Checkpoint] = ()) -> Verification:
+def verify(engine: Engine, site_key: SiteKey | None = None, published: Iterable[Checkpoint] = (),
+           witnessed: Mapping[str, Iterable[Checkpoint]] | None = None) -> Verification:
     """Walk the chain from the genesis hash; compare the head and the ledger with what it records.
 
-    With the site's key, every stored checkpoint and each `published` one must be signed by that key
-    and name the hash the chain still has at its seq; otherwise the log was rewritten after signing."""
+    With the site's key, every stored checkpoint, each `published` one and each head a peer `witnessed`
+    (peer -> heads, executor/witness.py) must be signed by that key and name the hash the chain still has
+    at its seq; otherwise the log was rewritten after signing. Problems name the peer."""
     result = Verification()
     spent: dict[tuple[str, str], list[float]] = {}
     with engine.connect() as conn:
-        signed = _signed_heads(conn, result, site_key, published)
+        sources = [("published checkpoint", published),
+                   *((f"head witnessed by peer {peer}", heads) for peer, heads in (witnessed or {}).items())]
+        signed = _signed_heads(conn, result, site_key, sources)
         expected_prev, expected_seq = GENESIS, 1
         for row in conn.execute(select(audit).order_by(audit.c.seq)).mappings():
             entry = dict(row)
@@ -177,12 +181,12 @@ def verify(engine: Engine, site_key: SiteKey | None = None, published: Iterable[
 
 
 def _signed_heads(conn: Connection, result: Verification, site_key: SiteKey | None,
-                  published: Iterable[Checkpoint]) -> dict[int, list[tuple[str, str]]]:
+                  published: list[tuple[str, Iterable[Checkpoint]]]) -> dict[int, list[tuple[str, str]]]:
     """seq -> [(which checkpoint, signed hash)] for each validly signed checkpoint; bad signatures noted."""
     heads: dict[int, list[tuple[str, str]]] = {}
     if site_key is None:
         return heads
-    for label, found in (("checkpoint", checkpoints.stored(conn, site_key.site)), ("published checkpoint", published)):
+    for label, found in [("checkpoint", checkpoints.stored(conn, site_key.site)), *published]:
         for cp in found:
             result.checkpoints += 1
             if not site_key.signed(cp):

@@ -97,6 +97,18 @@ class SiteLimits:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another site that witnesses this site's signed audit heads, and whose heads this site witnesses
+    (`[peers.NAME]`, executor/witness.py)."""
+
+    name: str
+    url: str
+    """Where its executor listens (http:// or https://)."""
+    public_key: str
+    """Its raw Ed25519 audit-signing public key, hex (`veil audit key` on that site prints it)."""
+
+
+@dataclass(frozen=True)
 class Catalog:
     """A site: its name, database URL, accounting settings and datasets."""
 
@@ -111,6 +123,9 @@ class Catalog:
     levels: dict[str, LevelRule] = field(default_factory=dict)
     max_training_seconds: float = 3600.0
     limits: SiteLimits = field(default_factory=SiteLimits)
+    peers: dict[str, Peer] = field(default_factory=dict)
+    witness_minutes: float = 60.0
+    """How often this site pushes its latest signed audit head to its peers (0: only on demand)."""
 
     def rule(self, dataset: Dataset) -> LevelRule:
         """The review rule and release bounds of the dataset's privacy level."""
@@ -145,6 +160,8 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "max_training_seconds": ("3600", "a training job is stopped here (charged for its steps, weights kept)"),
         "audit_key": ('"audit-signing.key"', "the Ed25519 key that signs the audit log, relative to this file "
                       "(made at first start; keep it outside the state database)"),
+        "witness_minutes": ("60", "how often the site pushes its latest signed audit head to its `[peers]` "
+                            "(0: only with `veil audit witness`)"),
     },
     "[limits]": {  # defaults (""): SiteLimits()
         "query_seconds": ("", "a query's planning and run time; past it the query is stopped, refused and "
@@ -196,6 +213,11 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
                    "sums and means need it"),
         "categories": ("none", "the public list of values (a code list); GROUP BY shows every one of them"),
         "nullable": ("false", "whether the column may be empty (checked at start)"),
+    },
+    "[peers.NAME]": {
+        "url": ("required", "where the peer site's executor listens (http:// or https://)"),
+        "public_key": ("required", "the peer's audit-signing public key, hex (`veil audit key` on the peer prints "
+                       "it): only heads it signed are witnessed"),
     },
     "[datasets.NAME] source = { ... }": {
         "table": ("required", "the table or view, optionally schema-qualified (`cdm.person`)"),
@@ -338,6 +360,31 @@ def _sharing(value: Any, level: str, where: str) -> Sharing:
     return value  # type: ignore[no-any-return]
 
 
+PEER_KEYS = {"url", "public_key"}
+PUBLIC_KEY = re.compile(r"^[0-9a-f]{64}$")
+"""A raw Ed25519 public key in hex, as `veil audit key` prints it."""
+
+
+def _peer(name: str, raw: Any, site: str) -> Peer:
+    """A peer's `[peers.NAME]` table: its URL and its audit-signing public key."""
+    where = f"[peers.{name}]"
+    if not isinstance(raw, dict) or set(raw) - PEER_KEYS:
+        raise CatalogError("bad_catalog", f"{where}: a table of {', '.join(sorted(PEER_KEYS))}",
+                           hint='e.g. [peers.central] url = "https://central.example:8700", public_key = "ab12..."')
+    if _check_name(name, where) == site:
+        raise CatalogError("bad_catalog", f"{where}: a site cannot be its own peer",
+                           hint="list the other sites that witness this site's audit heads")
+    url = _require(raw, "url", where)
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise CatalogError("bad_catalog", f"{where}: url {url!r} is not an http:// or https:// URL",
+                           hint="the peer's executor, as its steward publishes it")
+    public_key = _require(raw, "public_key", where)
+    if not isinstance(public_key, str) or not PUBLIC_KEY.match(public_key):
+        raise CatalogError("bad_catalog", f"{where}: public_key must be 64 lowercase hex digits (a raw Ed25519 key)",
+                           hint="ask the peer's administrator for the output of 'veil audit key' on their site")
+    return Peer(name=name, url=url.rstrip("/"), public_key=public_key)
+
+
 SOURCE_KEYS = {"url", "url_env", "table", "refresh_minutes", "statement_seconds"}
 
 
@@ -410,6 +457,8 @@ def load_catalog(path: str | Path, allow_todos: re.Pattern[str] | None = None) -
         levels=level_rules(raw.get("levels", {}), default_l1_epsilon),
         max_training_seconds=_number(site, "max_training_seconds", "[site]", 0.01, 7 * 86400, 3600.0),
         limits=_site_limits(raw.get("limits", {})),
+        peers={name: _peer(name, peer, site["name"]) for name, peer in raw.get("peers", {}).items()},
+        witness_minutes=_number(site, "witness_minutes", "[site]", 0, 7 * 1440, 60.0),
     )
 
 

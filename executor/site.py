@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, select
 
 from veil.errors import CatalogError, VeilError
-from veil.executor import application, audit, checkpoints, ledger, lifecycle, mocks, report, sheets, snapshot
+from veil.executor import (
+    application,
+    audit,
+    checkpoints,
+    ledger,
+    lifecycle,
+    mocks,
+    report,
+    sheets,
+    snapshot,
+    witness,
+)
 from veil.executor.auth import Principal, require
 from veil.executor.cancellation import Ticket, Tickets
 from veil.executor.catalog import Catalog, Dataset, check_data_matches, load_catalog
@@ -87,6 +98,7 @@ class Site:
     refusals: RefusalCounter = field(init=False)
     tickets: Tickets = field(default_factory=Tickets)
     snapshots: snapshot.Refresher = field(init=False)
+    witnesses: witness.Exchange = field(init=False)
 
     def __post_init__(self) -> None:
         if self.queries is None:
@@ -94,11 +106,13 @@ class Site:
                                      self.catalog.limits.query_seconds)
         self.refusals = RefusalCounter(self.catalog.limits.audit_window_seconds, self._log_refusals)
         self.snapshots = snapshot.Refresher(self.catalog, self._log_failed_snapshot, self._refreshing)
+        self.witnesses = witness.Exchange(self.catalog, self.engine)
 
     def close(self) -> None:
         """Write the last window of counted refusals and stop the query workers (the executor stops)."""
         self.refusals.close()
         self.snapshots.stop()
+        self.witnesses.stop()
         self.queries.close()
 
     @classmethod
@@ -129,6 +143,7 @@ class Site:
         for ds in present:
             site.check_bound(ds)
         site.snapshots.start()
+        site.witnesses.start()  # pushes the signed head to the peers every witness_minutes
         return site
 
     @property

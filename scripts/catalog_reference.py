@@ -36,13 +36,14 @@ READERS: list[tuple[Callable[..., Any], str, str]] = [
     (catalog._dataset, "raw", "[datasets.NAME]"),
     (catalog._column, "raw", "[datasets.NAME.columns.COLUMN]"),
     (catalog._source, "raw", "[datasets.NAME] source = { ... }"),
+    (catalog._peer, "raw", "[peers.NAME]"),
 ]
 """(function, its variable holding the parsed TOML table, the table it reads)."""
 STUDY_READERS: list[tuple[Callable[..., Any], str, str]] = [
     (config.read_study_config, "study", "[study]"),
     (config.read_study_config, "cfg", "[sites.NAME]"),
 ]
-TOP = {catalog.load_catalog: {"site", "limits", "levels", "datasets"}, config.read_study_config: {"study", "sites"}}
+TOP = {catalog.load_catalog: {"site", "limits", "levels", "datasets", "peers"}, config.read_study_config: {"study", "sites"}}
 """The top-level tables each reader reads (from its variable `raw`)."""
 ACCESSORS = {"_require", "_number", "_budget", "_declared"}
 
@@ -85,6 +86,7 @@ def problems() -> list[str]:
     compare(LEVELS, set(LevelRule.model_fields) - {"level"}, set(catalog.KEYS[LEVELS]))
     compare("[limits] (SiteLimits)", set(catalog.SiteLimits.__dataclass_fields__), set(catalog.KEYS["[limits]"]))
     compare("source (SOURCE_KEYS)", set(catalog.SOURCE_KEYS), set(catalog.KEYS["[datasets.NAME] source = { ... }"]))
+    compare("[peers.NAME] (PEER_KEYS)", set(catalog.PEER_KEYS), set(catalog.KEYS["[peers.NAME]"]))
     for function, tables in TOP.items():
         compare(f"top-level tables of {function.__name__}", keys_read(function, "raw"), tables)
     return out

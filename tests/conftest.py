@@ -125,9 +125,9 @@ class Deployment:
 
 
 def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str, float] | None = None,
-           workers: int = 1) -> Deployment:
+           workers: int = 1, port: int | None = None) -> Deployment:
     """Tokens for a researcher (project study1), one of another project, a steward and an admin;
-    grants for study1 (dataset -> epsilon); then the executor, started on a free loopback port."""
+    grants for study1 (dataset -> epsilon); then the executor, started on `port` (default: a free one)."""
     catalog = load_catalog(site_config)
     engine = open_store(database_url)
     tokens = {
@@ -136,8 +136,8 @@ def deploy(site_config: Path, database_url: str, log_dir: Path, grants: dict[str
         "steward": create_token(engine, "carol", "steward", None),
         "admin": create_token(engine, "dave", "admin", None),
     }
-    executor = LocalExecutor(site_config, database_url, log=log_dir / f"executor-{uuid.uuid4().hex[:8]}.log",
-                             workers=workers)
+    executor = LocalExecutor(site_config, database_url, port=port,
+                             log=log_dir / f"executor-{uuid.uuid4().hex[:8]}.log", workers=workers)
     deployment = Deployment(executor, catalog, engine, database_url, tokens)
     for dataset, epsilon in (grants if grants is not None else {"encounters": 5.0}).items():
         deployment.grant(PROJECT, dataset, epsilon)

@@ -35,7 +35,8 @@ ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/query/{request
           "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
           "/jobs/{job_id}/finish",
           "/datasets/{name}/state", "/datasets/{name}/transitions", "/dataset-transitions",
-          "/dataset-transitions/{transition_id}/reviews", "/datasets/{name}/sheet", "/report"}
+          "/dataset-transitions/{transition_id}/reviews", "/datasets/{name}/sheet", "/report",
+          "/witness", "/witness/{peer}"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 EPSILON = 0.5
 """The privacy loss of requests in this module: small, so the shared grants last."""

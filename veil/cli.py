@@ -204,7 +204,7 @@ def _revoke(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from veil.executor import checkpoints
+    from veil.executor import checkpoints, witness
     from veil.executor.audit import verify
 
     catalog, engine = _open(args)
@@ -217,26 +217,54 @@ def _verify(args: argparse.Namespace) -> int:
         except (OSError, ValidationError, ValueError) as exc:
             print(f"error: cannot read checkpoints from {args.checkpoints}: {exc}", file=sys.stderr)
             return 2
-    result = verify(engine, key, published)
+    witnessed, unreachable = witness.gather(catalog) if args.witnesses else ({}, [])
+    result = verify(engine, key, published, witnessed)
+    result.problems.extend(unreachable)
     if key is None:
         with engine.connect() as conn:
             signed = bool(checkpoints.stored(conn, catalog.site, latest=True))
-        if signed or published:
+        if signed or published or witnessed:
             result.problems.append(f"no audit-signing key at {catalog.audit_key} (or its .pub): the signed "
                                    "checkpoints cannot be checked; restore the key or set audit_key in site.toml")
     if result.ok:
         if key is None:
             signed_note = f" (no audit-signing key at {catalog.audit_key}: no checkpoints checked)"
         else:
-            signed_note = f", {result.checkpoints - len(published)} signed checkpoints match (site key {key.key_id})"
+            stored = result.checkpoints - len(published) - sum(map(len, witnessed.values()))
+            signed_note = f", {stored} signed checkpoints match (site key {key.key_id})"
         print(f"audit log OK: {result.entries} entries, chain intact, ledger matches the releases{signed_note}")
         if published:
             print(f"all {len(published)} checkpoints in {args.checkpoints} are signed by this site and match the log")
+        for peer, heads in witnessed.items():
+            print(f"peer {peer}: the log extends all {len(heads)} heads it witnessed")
         return 0
     print(f"audit log FAILED verification ({result.entries} entries):")
     for problem in result.problems:
         print(f"  - {problem}")
     return 1
+
+
+def _witness(args: argparse.Namespace) -> int:
+    from veil.errors import CatalogError
+    from veil.executor import witness
+
+    catalog, engine = _open(args)
+    if not catalog.peers:
+        raise CatalogError("no_peers", f"{args.site_config} has no [peers]: nobody to push the audit head to",
+                           hint="add a [peers.NAME] table (url, public_key) for each site that witnesses this one")
+    outcomes = witness.push(catalog, engine)
+    for outcome in outcomes:
+        print(f"peer {outcome.peer}: {'accepted' if outcome.ok else 'NOT accepted'}: {outcome.detail}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+def _key(args: argparse.Namespace) -> int:
+    from veil.executor import checkpoints
+    from veil.executor.catalog import load_catalog
+
+    catalog = load_catalog(args.site_config)
+    print(checkpoints.Signer.load(catalog.site, catalog.audit_key).key.public_hex)
+    return 0
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
@@ -438,7 +466,20 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--checkpoints", default=None, metavar="FILE",
                         help="checkpoints published earlier (JSON lines from 'veil audit checkpoints'): each must be "
                              "signed by this site's key and still match the log")
+    verify.add_argument("--witnesses", action="store_true",
+                        help="ask every peer in site.toml's [peers] for the heads of this site it witnessed: the log "
+                             "must extend each (an unreachable peer counts as not verified)")
     verify.set_defaults(func=_verify)
+
+    push = audit.add_parser("witness", help="push the latest signed audit head to every peer in [peers] now, and "
+                            "say which accepted it")
+    _site_args(push)
+    push.set_defaults(func=_witness)
+
+    key = audit.add_parser("key", help="print this site's audit-signing public key (hex) for its peers' "
+                           "[peers.NAME] public_key (made if absent)")
+    _site_args(key)
+    key.set_defaults(func=_key)
 
     signed = audit.add_parser("checkpoints", help="write the signed checkpoints of the audit log (JSON lines), "
                               "to publish outside the site")

@@ -222,6 +222,15 @@ class Checkpoint(_Strict):
     signature: str = Field(description="Ed25519 signature, hex")
 
 
+class Witnessed(_Strict):
+    """A peer's answer to a pushed checkpoint (`POST /witness`): it now holds that signed head."""
+
+    witness: str = Field(description="the site that witnessed the head")
+    site: str
+    seq: int
+    new: bool = Field(description="false when the witness already held this very head")
+
+
 class Release(_Strict):
     """A DP release: rows with estimate, lower and upper per statistic, its cost and receipt."""
 
