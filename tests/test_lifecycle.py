@@ -86,6 +86,10 @@ def test_a_dataset_from_draft_to_destroyed(site: Deployment) -> None:
     asked = move(d, "erin", "encounters", "active", "extract fixed")
     assert asked["status"] == "pending" and "data_committee" in asked["needs"]
     assert review(d, "erin", asked["id"])["code"] == "own_request"
+    with d.http("frank") as http:  # one request at a time per dataset
+        second = http.post("/datasets/encounters/transitions", json={"to": "retired", "reason": "meanwhile"})
+    assert second.status_code == 409 and second.json()["code"] == "transition_pending", second.text
+    assert f"request {asked['id']}" in second.json()["message"]
     assert review(d, "steward", asked["id"])["code"] == "cannot_review"  # carol holds no office
     with d.http() as http:
         assert http.post("/query", json=QUERY).status_code == 409  # still suspended while pending
