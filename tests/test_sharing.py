@@ -24,6 +24,7 @@ from veil.executor.store import caps
 from veil.kernel.errors import VeilAuthError, VeilPolicyError
 from veil.kernel.magics import VeilMagics
 from veil.kernel.mock import MockSite
+from veil.kernel.sdk import RELEASE_LISTENERS
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.kernel.study import load_study
 from veil.query.accounting import rho_for_epsilon
@@ -90,7 +91,12 @@ def test_researchers_read_each_datasets_sharing_model(hospital: Deployment) -> N
 def test_veil_datasets_shows_each_sharing_model(hospital: Deployment, tmp_path: Path) -> None:
     shell = InteractiveShell.instance()
     shell.user_ns["study"] = load_study(write_study(tmp_path, {"north": hospital}))
-    frame = VeilMagics(shell, kernel=None)._datasets()
+    magics = VeilMagics(shell, kernel=None)
+    try:
+        frame = magics._datasets()
+    finally:  # no kernel here: its release listener must not outlive the test (other tests release in-process)
+        RELEASE_LISTENERS.remove(magics._on_release)
+        shell.user_ns.pop("study")
     assert dict(zip(frame["dataset"], frame["sharing"], strict=True)) == {"patients": "open", "encounters": "controlled"}
 
 
