@@ -226,42 +226,48 @@ class Site:
 
     # ------------------------------------------------------------ views
 
+    def lifecycle_states(self) -> dict[str, str]:
+        """Every dataset's lifecycle state now (one small read)."""
+        with self.engine.connect() as conn:
+            return lifecycle.states(conn, self.catalog)
+
     def _refreshing(self, dataset: Dataset) -> bool:
         """Whether the dataset's snapshot is kept fresh: not once it is suspended, retired or destroyed."""
-        with self.engine.connect() as conn:
-            return lifecycle.states(conn, self.catalog)[dataset.name] in ("draft", "active")
+        return self.lifecycle_states()[dataset.name] in ("draft", "active")
 
-    def visible(self, principal: Principal) -> list[Dataset]:
+    def visible(self, principal: Principal, states: dict[str, str] | None = None) -> list[Dataset]:
         """Stewards see every dataset; a researcher those their project holds a grant on, and L1 ones, unless
-        they are drafts or destroyed (a suspended or retired one is still named, so that its refusal says why)."""
+        they are drafts or destroyed (a suspended or retired one is still named, so that its refusal says why).
+        `states`: the lifecycle states, when the caller has read them already."""
         if principal.role in ("steward", "admin"):
             return list(self.catalog.datasets.values())
         granted = ledger.granted_datasets(self.engine, principal.project) if principal.project else set()
-        with self.engine.connect() as conn:
-            hidden = {n for n, state in lifecycle.states(conn, self.catalog).items() if state in ("draft", "destroyed")}
-        return [ds for ds in self.catalog.datasets.values() if principal.project and ds.name not in hidden
+        states = states if states is not None else self.lifecycle_states()
+        return [ds for ds in self.catalog.datasets.values() if principal.project
+                and states[ds.name] not in ("draft", "destroyed")
                 and (self.catalog.rule(ds).default_grant_epsilon is not None or ds.name in granted)]
 
     def datasets(self, principal: Principal) -> list[DatasetInfo]:
         """The datasets the caller may see, with their pricing and where they are in their lifecycle."""
-        with self.engine.connect() as conn:
-            now = lifecycle.states(conn, self.catalog)
-        return [ds.info(self.catalog.pricing(ds)).model_copy(update={"state": now[ds.name]})
-                for ds in self.visible(principal)]
+        states = self.lifecycle_states()
+        return [ds.info(self.catalog.pricing(ds)).model_copy(update={"state": states[ds.name]})
+                for ds in self.visible(principal, states)]
 
     def dataset_info(self, principal: Principal, name: str) -> DatasetInfo:
         """One dataset's schema and public metadata, with its lifecycle state."""
-        dataset = self.dataset_for(principal, name)
-        return dataset.info().model_copy(update={"state": lifecycle.state(self.engine, dataset).state})
+        states = self.lifecycle_states()
+        return self.dataset_for(principal, name, states=states).info().model_copy(update={"state": states[name]})
 
-    def dataset_for(self, principal: Principal, name: str, use: str | None = None) -> Dataset:
+    def dataset_for(self, principal: Principal, name: str, use: str | None = None,
+                    states: dict[str, str] | None = None) -> Dataset:
         """The dataset if the caller may see it; an unseen one is 'unknown', not 'forbidden'. With `use` (what
         the caller does with it), a dataset that is not active is refused, saying since when and why."""
-        if name not in {ds.name for ds in self.visible(principal)}:
+        states = states if states is not None else self.lifecycle_states()
+        if name not in {ds.name for ds in self.visible(principal, states)}:
             raise CatalogError("unknown_dataset", f"site '{self.catalog.site}' has no dataset '{name}' you may use",
                                hint="list the datasets you may use with GET /datasets", status=404)
         dataset = self.catalog.datasets[name]
-        if use is not None:
+        if use is not None and states[name] != "active":  # the refusal reads since when, by whom and why
             with self.engine.connect() as conn:
                 lifecycle.require_active(conn, dataset, use)
         return dataset
