@@ -155,6 +155,7 @@ MODES: dict[str, Callable[..., float | None]] = {
     "opacus ghost (DataLoader)": lambda *a: opacus_loader("ghost", *a),
     "engine hooks (tensors)": lambda *a: engine("hooks", *a),
     "engine ghost (tensors)": lambda *a: engine("ghost", *a),
+    "engine book-keeping (tensors)": lambda *a: engine("bk", *a),
 }
 
 

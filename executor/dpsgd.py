@@ -2,8 +2,9 @@
 
 The noise multiplier is calibrated once, up front, for every planned step (PRV accountant, RDP where
 PRV fails) and checked against the target. Each step draws a Poisson batch straight from the tensors
-(`rand(n) < q`, the sampling the accountant assumes), clips per-sample gradients with ghost clipping
-(or hooks, for comparison) and adds Gaussian noise; a live accountant records each step, so a
+(`rand(n) < q`, the sampling the accountant assumes), clips per-sample gradients in one backward pass
+(book-keeping, executor/bookkeeping.py, on Opacus' per-layer samplers; Opacus' ghost clipping for a layer
+without them, or hooks, for comparison) and adds Gaussian noise with Opacus' optimizer; a live accountant records each step, so a
 cancelled job reports what its steps actually spent. The noise generator gets a fresh state from the
 operating system's CSPRNG before every step (`reseed_from_os`), never from the job's seed: whoever knew
 or guessed a seed could regenerate the noise and subtract it (Opacus' secure mode needs torchcsprng,
@@ -37,7 +38,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from veil.errors import QueryError, validation_problems
-from veil.executor import models
+from veil.executor import bookkeeping, models
+from veil.executor.bookkeeping import BookKeeping
 from veil.models import build
 from veil.models.layout import FeatureLayout
 from veil.models.spec import ModelSpec, TrainSpec
@@ -210,7 +212,7 @@ def train(
     cancel: threading.Event | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
-    grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
+    grad_sample_mode: Literal["bk", "ghost", "hooks"] = "bk",
     audit_noise_scale: float = 1.0,
     public_rows: int | None = None,
 ) -> TrainingOutcome:
@@ -238,7 +240,8 @@ def train(
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
         module = models.build_model(spec, layout).to(dev)
-        run = _Run(module, spec, hyper, plan, sample_rate, grad_sample_mode, audit_noise_scale, dev, seed)
+        run = _Run(module, spec, hyper, plan, sample_rate, grad_sample_mode, audit_noise_scale, dev, seed,
+                   sample=x_train[:2].to(dev, torch.float32))
         started = time.perf_counter()
         y = y_train.to(dev, torch.float32 if run.regression else torch.int64)
         steps = run.fit(x_train.to(dev, torch.float32), y, per_epoch, progress, cancel)
@@ -274,7 +277,7 @@ def train(
         sample_rate=sample_rate,
         noise_multiplier=plan.noise_multiplier,
         accountant=plan.accountant,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode=run.mode,
         device=str(dev),
         cancelled=steps < planned,
         train_seconds=seconds,
@@ -319,7 +322,7 @@ def train_stretch(
     cancel: threading.Event | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
-    grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
+    grad_sample_mode: Literal["bk", "ghost", "hooks"] = "bk",
     public_rows: int | None = None,
 ) -> Stretch:
     """Continue a job for `epochs` epochs from model `state`, resuming its accountant from `accountant`.
@@ -359,7 +362,8 @@ def train_stretch(
         module = module.to(dev)
         stretch = hyper.model_copy(update={"epochs": epochs})
         # the same accountant, resumed: its next step extends its history
-        run = _Run(module, spec, stretch, plan, sample_rate, grad_sample_mode, 1.0, dev, seed, resumed)
+        run = _Run(module, spec, stretch, plan, sample_rate, grad_sample_mode, 1.0, dev, seed, resumed,
+                   sample=x_train[:2].to(dev, torch.float32))
         started = time.perf_counter()
         y = y_train.to(dev, torch.float32 if run.regression else torch.int64)
         steps = run.fit(x_train.to(dev, torch.float32), y, per_epoch, None, cancel)
@@ -474,15 +478,24 @@ class _Run:
         dev: torch.device,
         seed: int,
         accountant: IAccountant | None = None,
+        sample: torch.Tensor | None = None,
     ) -> None:
         self.plan, self.sample_rate, self.delta, self.epochs = plan, sample_rate, hyper.delta, hyper.epochs
         self.regression = spec.task == "regression"
+        if grad_sample_mode == "bk" and not bookkeeping.supports(module, sample):
+            grad_sample_mode = "ghost"  # a layer Opacus has no samplers for: its ghost clipping handles it
+        self.mode = grad_sample_mode
+        self.bookkeeping = BookKeeping(module, hyper.max_grad_norm) if grad_sample_mode == "bk" else None
         ghost = grad_sample_mode == "ghost"
-        extra = {"max_grad_norm": hyper.max_grad_norm} if ghost else {}
-        self.model = prepare_module(
-            module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
-        )
-        self.model.forbid_grad_accumulation()
+        if self.bookkeeping is not None:
+            self.model: nn.Module = module
+        else:
+            extra = {"max_grad_norm": hyper.max_grad_norm} if ghost else {}
+            wrapped = prepare_module(
+                module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+            )
+            wrapped.forbid_grad_accumulation()
+            self.model = wrapped
         base = (torch.optim.Adam if hyper.optimizer == "adam" else torch.optim.SGD)(
             self.model.parameters(), lr=hyper.learning_rate, weight_decay=hyper.weight_decay
         )
@@ -490,8 +503,8 @@ class _Run:
         self.noise = torch.Generator(dev)
         reseed_from_os(self.noise)
         self.sampling = torch.Generator(dev).manual_seed(seed + 2)
-        self.optimizer = get_optimizer_class(
-            clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode
+        self.optimizer = get_optimizer_class(  # book-keeping leaves the clipped sum where ghost clipping does
+            clipping="flat", distributed=False, grad_sample_mode="ghost" if self.bookkeeping else grad_sample_mode
         )(
             base,
             noise_multiplier=plan.noise_multiplier * audit_noise_scale,
@@ -505,7 +518,8 @@ class _Run:
         self.optimizer.attach_step_hook(
             lambda _: self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=sample_rate)
         )
-        loss = nn.MSELoss() if self.regression else nn.CrossEntropyLoss()
+        reduction = "none" if self.bookkeeping is not None else "mean"
+        loss = nn.MSELoss(reduction=reduction) if self.regression else nn.CrossEntropyLoss(reduction=reduction)
         self.criterion = (
             DPLossFastGradientClipping(self.model, self.optimizer, loss, "mean") if ghost else loss
         )
@@ -535,7 +549,11 @@ class _Run:
                     xb, yb, weight = torch.zeros_like(x[:1]), torch.zeros_like(y[:1]), 0.0
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.model(xb)
-                (self.criterion(out.squeeze(1) if self.regression else out, yb) * weight).backward()
+                loss = self.criterion(out.squeeze(1) if self.regression else out, yb) * weight
+                if self.bookkeeping is not None:
+                    self.bookkeeping.clipped_sum(loss)
+                else:
+                    loss.backward()
                 reseed_from_os(self.noise)  # this step's noise: from a state nobody could know or recompute
                 self.optimizer.step()
                 steps += 1
