@@ -39,6 +39,7 @@ from veil.executor.routes import (
     queries,
     reports,
     sheets,
+    standing,
     witness,
 )
 from veil.executor.site import Site
@@ -154,7 +155,7 @@ def _action(path: str) -> str:
 
 
 ACTIONS = {"query", "datasets", "whoami", "grants", "jobs", "catalog", "levels", "applications", "budgets",
-           "audit", "receipts", "health", "metrics", "openapi.json", "docs", "report"}
+           "audit", "receipts", "health", "metrics", "openapi.json", "docs", "report", "standing"}
 
 
 async def _audit_refusal(site: Site, identity: Principal | AuthError, address: str, action: str,
@@ -238,7 +239,7 @@ def create_app(site: Site) -> FastAPI:
 
     # in this order, the routes (and the OpenAPI document's paths) keep the order they always had
     for routes in (datasets, queries, access, mocks, jobs, catalog, governance, lifecycle, audit, metrics, sheets,
-                   reports, witness):
+                   reports, witness, standing):
         app.include_router(routes.router)
     return app
 

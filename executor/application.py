@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from veil.errors import CatalogError, GovernanceError
-from veil.executor import audit, ledger, lifecycle
+from veil.executor import audit, ledger, lifecycle, standing
 from veil.executor.auth import Principal
 from veil.executor.catalog import Catalog
 from veil.executor.policy import combined, may_review, missing
@@ -80,9 +80,12 @@ def _reviews(conn: Connection, application_id: int, version: int) -> list[Review
 
 def _existing(conn: Connection, row: dict, request: ApplicationRequest, own: bool = False) -> dict[str, dict]:
     """The project's active grants on the requested datasets, by dataset: those another application (or the
-    site's default) gave, and with `own` also those this application gave."""
+    site's default) gave, and with `own` also those this application gave. None for a standing query's
+    application: it gives no grant and touches none."""
     now = audit.now()
-    found = {}
+    found: dict[str, dict] = {}
+    if request.standing is not None:
+        return found
     for name in request.datasets:
         held = ledger.grant_row(conn, row["project"], name)
         if held is not None and ledger.grant_status(held, now) == "active" and (
@@ -131,6 +134,14 @@ def _above_share(conn: Connection, catalog: Catalog, request: ApplicationRequest
         if dataset is None:  # gone from the catalog since: nothing the rule could approve there
             continue
         share = ledger.project_share(conn, catalog, dataset)
+        if request.standing is not None:  # charged to the cap at once: with what the project holds there
+            total = standing.project_epsilon(conn, catalog, row["project"], name, request.epsilon)
+            if total > share * (1 + 1e-9):
+                lines.append(f"standing query '{request.standing.name}' of epsilon {request.epsilon:g} on '{name}', "
+                             f"with the project's grant and standing queries there (together epsilon {total:.4g}), "
+                             f"is above the most one project may hold there without review (epsilon {share:.4g}, "
+                             f"{catalog.rule(dataset).max_project_share:.0%} of its lifetime cap)")
+            continue
         held = existing.get(name)
         total = request.epsilon if held is None else ledger.added_grant(
             held, request.epsilon, 0.0, None, (), catalog.reporting_delta)["epsilon"]
@@ -177,6 +188,8 @@ def _approve(conn: Connection, catalog: Catalog, row: dict, request: Application
     approves is not (it would tell them what other projects spent)."""
     for name in request.datasets:
         lifecycle.require_active(conn, catalog.datasets[name], "be granted a budget on")
+    if request.standing is not None:  # no grant: its whole horizon is charged to the cap now, once
+        return standing.create(conn, catalog, row, request, by, reveal=by is not SITE_POLICY)
     existing = _existing(conn, row, request)
     if by is SITE_POLICY:
         choice = "add"  # `_above_share` held it unless the sum stays within the project's share
@@ -260,7 +273,9 @@ def _file(conn: Connection, project: str, applicant: Principal, request: Applica
 
 
 def submit(engine: Engine, catalog: Catalog, who: Principal, request: ApplicationRequest) -> ApplicationInfo:
-    """File an application for the caller's project; a rule that needs no reviewer approves it at once."""
+    """File an application for the caller's project; a rule that needs no reviewer approves it at once. A
+    standing query its dataset cannot count is refused first, and nothing is written."""
+    standing.check(catalog, request)
     with write(engine) as conn:
         for name in request.datasets:  # a dataset's state first: an ethics reference would not help a retired one
             if name in catalog.datasets:
@@ -274,6 +289,10 @@ def submit(engine: Engine, catalog: Catalog, who: Principal, request: Applicatio
 def grant_directly(engine: Engine, catalog: Catalog, who: Principal, body: DirectGrantRequest) -> ApplicationInfo:
     """A steward's grant on a review made outside Veil: filed as an application for the project and approved by
     the steward at once (the level's reviewer rule is the paper review's), audited as both, citing it."""
+    if "surveillance" in body.uses:
+        raise GovernanceError("surveillance_needs_application", "a standing query is filed as an application with "
+                              "its spec (uses ['surveillance'] and standing), not granted directly",
+                              hint="the project files it with POST /applications; a steward then reviews it", status=422)
     request = ApplicationRequest(purpose=f"granted directly on a review outside Veil: {body.reference}",
                                  datasets=body.datasets, epsilon=body.epsilon, delta=body.delta,
                                  duration_days=body.duration_days, uses=body.uses, ethics_ref=body.ethics_ref)
@@ -306,6 +325,7 @@ def amend(engine: Engine, catalog: Catalog, who: Principal, application_id: int,
           ) -> ApplicationInfo:
     """Change an application: a new version, pending a new review. Grants already given stay as they are."""
     rule_for(catalog, request)
+    standing.check(catalog, request)
     with write(engine) as conn:
         row = _row(conn, application_id)
         _own(row, who)

@@ -124,6 +124,8 @@ def _close(a: float, b: float) -> bool:
 
 CHARGES = ("released", "reserved", "settled")
 """Decisions that move the ledger: a release, and a training job's reservation and settlement."""
+CAP_ONLY = ("standing",)
+"""Actions whose charge is the dataset's lifetime cap's alone: their project holds no grant for them."""
 SPENT = ("rho", "delta", "epsilon")
 LEDGER_COLUMNS = ("rho_spent", "delta_spent", "approx_epsilon_spent")
 
@@ -136,7 +138,7 @@ def verify(engine: Engine, site_key: SiteKey | None = None, published: Iterable[
     (peer -> heads, executor/witness.py) must be signed by that key and name the hash the chain still has
     at its seq; otherwise the log was rewritten after signing. Problems name the peer."""
     result = Verification()
-    spent: dict[tuple[str, str], list[float]] = {}
+    spent: dict[tuple[str | None, str], list[float]] = {}
     with engine.connect() as conn:
         sources = [("published checkpoint", published),
                    *((f"head witnessed by peer {peer}", heads) for peer, heads in (witnessed or {}).items())]
@@ -156,8 +158,9 @@ def verify(engine: Engine, site_key: SiteKey | None = None, published: Iterable[
                     result.problems.append(
                         f"{label} at entry {entry['seq']}: the site signed hash {head[:16]}..., the log now has "
                         f"{entry['hash'][:16]}... (the log was rewritten after it was signed)")
-            if entry["decision"] in CHARGES:
-                totals = spent.setdefault((entry["project"], entry["dataset"]), [0.0, 0.0, 0.0])
+            if entry["decision"] in CHARGES:  # a standing query's up-front charge is on the cap alone (no grant)
+                project = None if entry["action"] in CAP_ONLY else entry["project"]
+                totals = spent.setdefault((project, entry["dataset"]), [0.0, 0.0, 0.0])
                 for i, name in enumerate(SPENT):
                     totals[i] += entry[name]
             expected_prev, expected_seq = entry["hash"], entry["seq"] + 1

@@ -126,6 +126,8 @@ class Catalog:
     peers: dict[str, Peer] = field(default_factory=dict)
     witness_minutes: float = 60.0
     """How often this site pushes its latest signed audit head to its peers (0: only on demand)."""
+    standing_check_seconds: float = 60.0
+    """How often the site releases the due windows of its standing queries (and once at start)."""
 
     def rule(self, dataset: Dataset) -> LevelRule:
         """The review rule and release bounds of the dataset's privacy level."""
@@ -162,6 +164,8 @@ KEYS: dict[str, dict[str, tuple[str, str]]] = {
                       "(made at first start; keep it outside the state database)"),
         "witness_minutes": ("60", "how often the site pushes its latest signed audit head to its `[peers]` "
                             "(0: only with `veil audit witness`)"),
+        "standing_check_seconds": ("60", "how often the site releases the due windows of its standing queries "
+                                   "(at least 1; also once at start)"),
     },
     "[limits]": {  # defaults (""): SiteLimits()
         "query_seconds": ("", "a query's planning and run time; past it the query is stopped, refused and "
@@ -459,6 +463,7 @@ def load_catalog(path: str | Path, allow_todos: re.Pattern[str] | None = None) -
         limits=_site_limits(raw.get("limits", {})),
         peers={name: _peer(name, peer, site["name"]) for name, peer in raw.get("peers", {}).items()},
         witness_minutes=_number(site, "witness_minutes", "[site]", 0, 7 * 1440, 60.0),
+        standing_check_seconds=_number(site, "standing_check_seconds", "[site]", 1, 86400, 60.0),
     )
 
 

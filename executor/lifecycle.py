@@ -9,8 +9,8 @@ Suspending only closes access, so one steward may do it at once (an incident doe
 
 Only an active dataset serves anything: every use of a draft, suspended, retired or destroyed one is refused
 with its state, since when and why. Suspending or retiring cancels the jobs training on it; retiring also
-revokes every grant on it. Destroying deletes the site's copies (its file or snapshot, the snapshot's record,
-the stored mock, the weights of models trained on it) after recording each one's SHA-256 in the audit log, in
+revokes every grant on it and stops its standing queries. Destroying deletes the site's copies (its file or
+snapshot, the snapshot's record, the stored mock, the weights of models trained on it) after recording each one's SHA-256 in the audit log, in
 the same transaction that marks it destroyed; the files are deleted right after the commit, and a deletion
 cut short by a crash is finished when the executor next starts (`finish_destruction`).
 """
@@ -30,7 +30,15 @@ from veil.errors import GovernanceError
 from veil.executor import audit, ledger, policy
 from veil.executor.auth import Principal, require
 from veil.executor.catalog import Catalog, Dataset
-from veil.executor.store import dataset_states, dataset_transitions, grants, jobs, mocks, write
+from veil.executor.store import (
+    dataset_states,
+    dataset_transitions,
+    grants,
+    jobs,
+    mocks,
+    standing_queries,
+    write,
+)
 from veil.wire import (
     DatasetState,
     DeletedCopy,
@@ -204,6 +212,11 @@ def _apply(conn: Connection, dataset: Dataset, row: dict[str, Any], who: Princip
         for grant_id in held:
             ledger.revoke_grant(conn, grant_id, by=who.name, reason=f"dataset '{dataset.name}' retired: {reason}")
         effects.append(f"{len(held)} grant(s) revoked")
+    if to in ("retired", "destroyed"):  # a standing query releases nothing more (its budget was charged up front)
+        stopped = conn.execute(update(standing_queries).where(
+            standing_queries.c.dataset == dataset.name, standing_queries.c.status == "active").values(
+            status="stopped", status_reason=f"dataset '{dataset.name}' {VERBS[to]}: {reason}")).rowcount
+        effects.append(f"{stopped} standing quer{'y' if stopped == 1 else 'ies'} stopped")
     if to == "destroyed":
         files, deleted = _copies(conn, dataset)
         row["digests"] = json.dumps([d.model_dump() for d in deleted])

@@ -22,6 +22,7 @@ from veil.executor import (
     report,
     sheets,
     snapshot,
+    standing,
     witness,
 )
 from veil.executor.auth import Principal, require
@@ -55,6 +56,8 @@ from veil.wire import (
     QuerySpec,
     Release,
     ReviewRequest,
+    StandingInfo,
+    StandingWindow,
     StatisticsSheet,
     TrainRequest,
     TransitionInfo,
@@ -99,6 +102,7 @@ class Site:
     tickets: Tickets = field(default_factory=Tickets)
     snapshots: snapshot.Refresher = field(init=False)
     witnesses: witness.Exchange = field(init=False)
+    standing: standing.Scheduler = field(init=False)
 
     def __post_init__(self) -> None:
         if self.queries is None:
@@ -107,12 +111,14 @@ class Site:
         self.refusals = RefusalCounter(self.catalog.limits.audit_window_seconds, self._log_refusals)
         self.snapshots = snapshot.Refresher(self.catalog, self._log_failed_snapshot, self._refreshing)
         self.witnesses = witness.Exchange(self.catalog, self.engine)
+        self.standing = standing.Scheduler(self.catalog, self.engine)
 
     def close(self) -> None:
         """Write the last window of counted refusals and stop the query workers (the executor stops)."""
         self.refusals.close()
         self.snapshots.stop()
         self.witnesses.stop()
+        self.standing.stop()
         self.queries.close()
 
     @classmethod
@@ -144,6 +150,10 @@ class Site:
             site.check_bound(ds)
         site.snapshots.start()
         site.witnesses.start()  # pushes the signed head to the peers every witness_minutes
+        released = standing.release_due(site.engine, catalog)  # the windows that closed while the site was down
+        if released:
+            log.info("standing queries: %d window(s) released that closed while the executor was stopped", released)
+        site.standing.start()  # then every standing_check_seconds
         return site
 
     @property
@@ -387,6 +397,19 @@ class Site:
         with write(self.engine) as conn:
             ledger.revoke_grant(conn, grant_id, by=who.name, reason=reason)
         return next(g for g in self.grants(who) if g.id == grant_id)
+
+    def standing_queries(self, who: Principal) -> list[StandingInfo]:
+        """Standing queries: a researcher's project's, or all of them for stewards."""
+        return standing.listing(self.engine, who)
+
+    def standing_query(self, who: Principal, standing_id: int) -> StandingInfo:
+        return standing.get(self.engine, who, standing_id)
+
+    def standing_windows(self, who: Principal, standing_id: int, after: int = -1) -> list[StandingWindow]:
+        return standing.windows(self.engine, who, standing_id, after)
+
+    def stop_standing(self, who: Principal, standing_id: int, reason: str) -> StandingInfo:
+        return standing.stop(self.engine, who, standing_id, reason)
 
     def dataset_state(self, who: Principal, dataset: str) -> DatasetState:
         """Where a dataset is in its lifecycle (stewards: any dataset; researchers: those they may see)."""

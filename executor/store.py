@@ -240,6 +240,37 @@ published_sheets = Table(  # an open dataset's DP statistics sheet, public once 
     Column("receipt", String(64), nullable=False),
 )
 
+standing_queries = Table(  # a standing DP count, charged once at approval (executor/standing.py)
+    "standing_queries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("application_id", Integer, nullable=False),
+    Column("project", String(64), nullable=False),
+    Column("dataset", String(64), nullable=False),
+    Column("spec", Text, nullable=False),  # wire.StandingQuery as JSON
+    Column("epsilon", Float(53), nullable=False),
+    Column("delta", Float(53), nullable=False),  # the reporting delta its epsilon is stated at
+    Column("rho", Float(53), nullable=False),  # the whole horizon's certified loss, charged to the cap at approval
+    Column("levels", Integer, nullable=False),
+    Column("scale", Float(53), nullable=False),
+    Column("state", Text, nullable=False),  # PRIVATE: each group's counter state (true counts of open nodes)
+    Column("windows_released", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # active, finished, stopped
+    Column("status_reason", Text),
+    Column("created_at", String(40), nullable=False),
+    Column("receipt", String(64), nullable=False),
+)
+
+standing_windows = Table(  # a standing query's released windows (public to its project)
+    "standing_windows", metadata,
+    Column("standing_id", Integer, primary_key=True, autoincrement=False),
+    Column("window", Integer, primary_key=True, autoincrement=False),
+    Column("start", String(10), nullable=False),
+    Column("end", String(10), nullable=False),
+    Column("cells", Text, nullable=False),  # [wire.StandingCell] as JSON
+    Column("released_at", String(40), nullable=False),
+    Column("receipt", String(64), nullable=False),
+)
+
 GENESIS = "0" * 64
 
 
@@ -304,7 +335,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 """The revision of a database that a Veil made before migrations were kept (it has no alembic_version)."""
 AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed"}, "dataset_states": None,
-                  "dataset_transitions": None, "witnessed_heads": None, "published_sheets": None}
+                  "dataset_transitions": None, "witnessed_heads": None, "published_sheets": None,
+                  "standing_queries": None, "standing_windows": None}
 """What the revisions after the baseline add (a table, or some of a table's columns): a database made
 without migrations may lack these, and no more, to be migrated from the baseline."""
 _MIGRATION_LOCK = 0x7665696C  # PostgreSQL advisory lock key: replicas starting together migrate one at a time

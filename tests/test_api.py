@@ -36,7 +36,8 @@ ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/query/{request
           "/jobs/{job_id}/finish",
           "/datasets/{name}/state", "/datasets/{name}/transitions", "/dataset-transitions",
           "/dataset-transitions/{transition_id}/reviews", "/datasets/{name}/sheet", "/report",
-          "/witness", "/witness/{peer}"}
+          "/witness", "/witness/{peer}", "/standing", "/standing/{standing_id}",
+          "/standing/{standing_id}/windows", "/standing/{standing_id}/stop"}
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 EPSILON = 0.5
 """The privacy loss of requests in this module: small, so the shared grants last."""

@@ -19,6 +19,8 @@ from veil.wire import (
     GrantInfo,
     MockRequest,
     ReviewRequest,
+    RevokeRequest,
+    StandingInfo,
     TransitionInfo,
 )
 
@@ -215,6 +217,32 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_standing(s: StandingInfo) -> None:
+    upcoming = (f"next: window {s.next_window} at {s.next_release_at[:16]} UTC" if s.next_release_at else
+                s.status_reason or s.status)
+    print(f"standing query {s.id} '{s.spec.name}' [{s.status}] project {s.project} on {s.dataset}: "
+          f"{s.windows_released} of {s.spec.horizon} windows released; {upcoming}; epsilon {s.epsilon:g} "
+          f"(rho {s.rho:.4g}) charged once, at approval (receipt {s.receipt[:16]}...)")
+
+
+def _standing(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        found = site.standing_queries()
+    for s in found:
+        _print_standing(s)
+    if not found:
+        print("no standing queries")
+    return 0
+
+
+def _standing_stop(args: argparse.Namespace) -> int:
+    with _client(args) as site:
+        body = RevokeRequest(reason=args.reason).model_dump()
+        _print_standing(StandingInfo.model_validate(site._call("POST", f"/standing/{args.id}/stop", json=body)))
+    print("no later window is released; nothing is refunded (its budget was charged at approval)")
+    return 0
+
+
 DATASET_MOVES = {"activate": "active", "suspend": "suspended", "resume": "active", "retire": "retired",
                  "destroy": "destroyed"}
 
@@ -294,6 +322,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p = command(verb, f"{verb} another steward's dataset request", _dataset_review, parent=dataset)
         p.add_argument("id", type=int)
         p.add_argument("--comment", required=True)
+
+    p = command("standing", "standing queries (surveillance counts): status, windows released, next release, "
+                "epsilon", _standing)
+    stop = p.add_subparsers(dest="standing_action")
+    p = command("stop", "stop a standing query: no later window is released, nothing refunded", _standing_stop,
+                parent=stop)
+    p.add_argument("id", type=int)
+    p.add_argument("--reason", required=True, help="why: recorded in the audit log and told to the project")
 
     p = command("report", "usage and value over a period: applications, releases and their cost, models, "
                 "federated rounds, refusals, budgets left, with receipts", _report)

@@ -7,6 +7,7 @@ a *request* (a query), a *release* (a DP result with its accuracy and cost) or a
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -333,7 +334,7 @@ class DatasetInfo(_Strict):
                                     "suspended or retired one is listed so that its refusal can say why")
 
 
-Use = Literal["query", "training"]
+Use = Literal["query", "training", "surveillance"]
 Office = Literal["data_center", "data_committee"]
 
 
@@ -398,6 +399,74 @@ def _each_once(datasets: list[str], uses: list[str]) -> None:
         raise ValueError("list each dataset and each use once")
 
 
+class StandingQuery(_Strict):
+    """A standing count: `sql` (`SELECT [keys,] COUNT(*) FROM dataset [WHERE ...] [GROUP BY keys]`, keys being
+    columns with public values) counted in windows of `window_days` over `time_column`, from `start` (a date,
+    UTC) for `horizon` windows. It counts patients (privacy units): each at most once per window and group,
+    and in at most `max_windows` (window, group) cells over the whole horizon (later ones are not counted).
+    The site releases each window once, `lag_days` after it ends, with its running total."""
+
+    name: Name = Field(description="the study-wide name; the same at every site, so a study can gather it")
+    sql: str = Field(min_length=1, max_length=limits.MAX_SQL_CHARS)
+    time_column: Name = Field(description="the Date or Datetime column that places a row in a window")
+    start: date = Field(description="the first day of the first window")
+    window_days: int = Field(default=7, ge=1, le=366)
+    horizon: int = Field(default=52, ge=1, le=10_000, description="how many windows the standing count has")
+    max_windows: int = Field(ge=1, description="the most (window, group) cells one patient is counted in "
+                             "over the horizon (public; a patient's later cells are not counted)")
+    lag_days: int = Field(default=0, ge=0, le=365, description="days after a window ends before it is released "
+                          "(for records that arrive late)")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="the stated intervals' confidence")
+
+
+class StandingCell(_Strict):
+    """One group's figures in a released window: the DP count of the window and the DP running total up to
+    it, each with its interval's half-width at the standing query's confidence."""
+
+    key: dict[str, Scalar | None] = Field(description="the group's public key values ({} without GROUP BY)")
+    count: int
+    count_accuracy: float
+    total: int
+    total_accuracy: float
+
+
+class StandingWindow(_Strict):
+    """A released window of a standing query: its dates, its cells, and the audit entry that recorded it."""
+
+    standing_id: int
+    window: int
+    start: date
+    end: date = Field(description="the day after the window's last day")
+    released_at: str
+    receipt: str = Field(description="the audit entry's hash (GET /receipts/{receipt})")
+    noise_scale: float = Field(description="the discrete Gaussian scale of each released node")
+    total_nodes: int = Field(description="how many released nodes the running total sums")
+    cells: list[StandingCell]
+
+
+class StandingInfo(_Strict):
+    """A standing query at a site: its spec, its status, what it cost (charged once, up front) and when its
+    next window is released."""
+
+    id: int
+    project: str
+    dataset: str
+    application_id: int
+    spec: StandingQuery
+    status: Literal["active", "finished", "stopped"]
+    status_reason: str | None = None
+    epsilon: float = Field(description="the whole horizon's loss, in epsilon at `delta`")
+    delta: float = Field(description="the site's reporting delta, at which `epsilon` is stated")
+    rho: float = Field(description="the whole horizon's loss in zCDP, charged to the dataset's cap at approval")
+    levels: int
+    noise_scale: float
+    windows_released: int
+    next_window: int | None = Field(description="the next window to release, None once finished")
+    next_release_at: str | None = Field(description="when the next window is released (ISO, UTC)")
+    created_at: str
+    receipt: str = Field(description="the audit entry of the up-front charge")
+
+
 class ApplicationRequest(_Strict):
     """A project's request for access: what for, which datasets, how much budget (per dataset), how long."""
 
@@ -414,11 +483,21 @@ class ApplicationRequest(_Strict):
                                      description="a custom model's source, for the reviewers to read; approval "
                                                  "lets training jobs use exactly this source (needs 'training')")
 
+    standing: StandingQuery | None = Field(
+        default=None, description="a standing count the site releases window by window (needs uses "
+        "['surveillance'] and the one dataset its SQL reads); approval charges its whole horizon to the "
+        "dataset's lifetime cap at once and gives no grant")
+
     @model_validator(mode="after")
     def _distinct(self) -> ApplicationRequest:
         _each_once(self.datasets, self.uses)
         if self.model_source is not None and "training" not in self.uses:
             raise ValueError("a model source is for training: add 'training' to uses")
+        if ("surveillance" in self.uses) != (self.standing is not None):
+            raise ValueError("a standing query needs uses ['surveillance'], and 'surveillance' needs a standing query")
+        if self.standing is not None and (self.uses != ["surveillance"] or len(self.datasets) != 1):
+            raise ValueError("an application for a standing query has uses ['surveillance'] and names the one "
+                             "dataset its SQL reads; apply for other uses separately")
         return self
 
 
