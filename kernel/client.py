@@ -35,6 +35,8 @@ from veil.wire import (
     Release,
     ReviewRequest,
     RevokeRequest,
+    StandingInfo,
+    StandingWindow,
     StatisticsSheet,
     TrainRequest,
     TransitionInfo,
@@ -119,11 +121,11 @@ class SiteClient:
 
 
     def apply(self, request: ApplicationRequest) -> ApplicationInfo:
-        return ApplicationInfo.model_validate(self._call("POST", "/applications", json=request.model_dump()))
+        return ApplicationInfo.model_validate(self._call("POST", "/applications", json=request.model_dump(mode="json")))
 
     def amend(self, application_id: int, request: ApplicationRequest) -> ApplicationInfo:
         return ApplicationInfo.model_validate(
-            self._call("PUT", f"/applications/{application_id}", json=request.model_dump()))
+            self._call("PUT", f"/applications/{application_id}", json=request.model_dump(mode="json")))
 
     def withdraw(self, application_id: int) -> ApplicationInfo:
         return ApplicationInfo.model_validate(self._call("POST", f"/applications/{application_id}/withdraw"))
@@ -134,6 +136,13 @@ class SiteClient:
 
     def application(self, application_id: int) -> ApplicationInfo:
         return ApplicationInfo.model_validate(self._call("GET", f"/applications/{application_id}"))
+
+    def standing_queries(self) -> list[StandingInfo]:
+        return [StandingInfo.model_validate(s) for s in self._call("GET", "/standing")]
+
+    def standing_windows(self, standing_id: int, after: int = -1) -> list[StandingWindow]:
+        return [StandingWindow.model_validate(w)
+                for w in self._call("GET", f"/standing/{standing_id}/windows", params={"after": after})]
 
     def mock(self, dataset: str) -> MockInfo:
         return MockInfo.model_validate(self._call("GET", f"/datasets/{dataset}/mock"))

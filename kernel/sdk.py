@@ -29,6 +29,8 @@ from veil.wire import (
     GrantInfo,
     QueryRequest,
     QuerySpec,
+    StandingInfo,
+    StandingWindow,
     TrainRequest,
 )
 
@@ -170,6 +172,16 @@ class Site:
         """Your project's applications at this site, newest first, with their status and reviews."""
         self._datasets = None
         return self.client.applications()
+
+    def standing_queries(self) -> list[StandingInfo]:
+        """Your project's standing queries at this site, oldest first: spec, status, cost (charged once, at
+        approval) and when the next window is released."""
+        return self.client.standing_queries()
+
+    def standing_windows(self, standing_id: int, after: int = -1) -> list[StandingWindow]:
+        """The windows standing query `standing_id` has released, numbered above `after` (all by default),
+        oldest first; reading them costs nothing."""
+        return self.client.standing_windows(standing_id, after)
 
     def __repr__(self) -> str:
         return f"<Veil site {self.name} at {self.url}>"

@@ -7,21 +7,27 @@ which reads it with the standard library alone (the kernel does so at start, bef
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
+from veil.errors import validation_problems
 from veil.extras import needs
 from veil.kernel.config import STUDY_ENV as STUDY_ENV  # also importable from here, as before
 from veil.kernel.config import StudyConfig, read_study_config
 from veil.kernel.config import study_path as study_path
-from veil.kernel.errors import VeilUsageError
+from veil.kernel.errors import VeilError, VeilUsageError
 from veil.kernel.sdk import Dataset, Site, live_only, train_request
 from veil.models.spec import ModelSpec
+from veil.sql import parse_sql
 from veil.usage import StudyUsage
-from veil.wire import EVALUATION_EPSILON, Federation
+from veil.wire import EVALUATION_EPSILON, ApplicationInfo, ApplicationRequest, Federation, StandingQuery
 
 if TYPE_CHECKING:
     from veil.kernel.federation import FederatedModel
+    from veil.surveillance import AlarmRule, Surveillance
 
 
 class Study:
@@ -94,6 +100,64 @@ class Study:
             from veil.kernel.federation import train_federated
 
         return train_federated([self.sites[s].client for s in names], request, progress)
+
+    def standing(self, name: str, sql: str, time_column: str, start: date | str, *, epsilon: float, max_windows: int,
+                 window_days: int = 7, horizon: int = 52, lag_days: int = 0, confidence: float = 0.95,
+                 purpose: str, sites: Sequence[str] | None = None) -> dict[str, ApplicationInfo]:
+        """File a standing DP count (`SELECT [keys,] COUNT(*) FROM dataset [WHERE ...] [GROUP BY keys]`) at each
+        site (or at `sites`): an application with uses ['surveillance'] for the SQL's dataset, reviewed as
+        any other. Once approved, the site charges `epsilon` (the whole horizon, at its reporting delta) to the
+        dataset's cap once, and releases each `window_days` window of `time_column` from `start`, `lag_days`
+        after it ends, for `horizon` windows; each patient counts in at most `max_windows` (window, group)
+        cells. `name` is study-wide: `study.surveillance(name)` gathers the sites' windows."""
+        self._standing_live()
+        try:
+            spec = StandingQuery(name=name, sql=sql, time_column=time_column, start=start,  # type: ignore[arg-type]
+                                 window_days=window_days, horizon=horizon, max_windows=max_windows,
+                                 lag_days=lag_days, confidence=confidence)
+            last = spec.start + timedelta(days=spec.horizon * spec.window_days + spec.lag_days)
+            request = ApplicationRequest(purpose=purpose, datasets=[parse_sql(sql).dataset], epsilon=epsilon,
+                                         duration_days=max(1, (last - datetime.now(UTC).date()).days + 1),
+                                         uses=["surveillance"], standing=spec)
+        except ValidationError as exc:
+            raise VeilUsageError(f"standing query '{name}' cannot be filed: {validation_problems(exc.errors())}",
+                                 "fix the argument named, then file it again") from None
+        filed: dict[str, ApplicationInfo] = {}
+        for site in self._chosen(sites):
+            try:
+                filed[site.name] = site.client.apply(request)
+            except VeilError as exc:
+                if not filed:
+                    raise
+                done = ", ".join(f"{s} (application {a.id})" for s, a in filed.items())
+                raise VeilError(exc.code, f"standing query '{name}' was filed at {done}, then site '{site.name}' "
+                                f"refused it (nothing filed at the sites after it): {exc.message}",
+                                "fix what the site says, then file it where it is missing with sites=[...]",
+                                exc.status) from exc
+        return filed
+
+    def surveillance(self, name: str, sites: Sequence[str] | None = None,
+                     rule: AlarmRule | None = None) -> Surveillance:
+        """Gather standing query `name` from each site (or `sites`) and combine the windows they have released
+        into one series per group, with `rule`'s alarms (`veil.surveillance`). Costs nothing."""
+        from veil.surveillance import Surveillance, find
+
+        self._standing_live()
+        chosen = self._chosen(sites)
+        infos = find(name, {s.name: s.standing_queries() for s in chosen})
+        windows = {s.name: s.standing_windows(infos[s.name].id) for s in chosen}
+        return Surveillance(name, infos, windows, rule)
+
+    def _chosen(self, sites: Sequence[str] | None) -> list[Site]:
+        unknown = [s for s in sites or () if s not in self.sites]
+        if unknown:
+            raise VeilUsageError(f"no such site(s) {unknown} in study '{self.name}'", f"choose from {list(self.sites)}")
+        return [self.sites[s] for s in sites] if sites else list(self.sites.values())
+
+    def _standing_live(self) -> None:
+        if self.mode != "live":
+            raise VeilUsageError("standing queries run at the sites, on live data, window by window: there is none "
+                                 "in mock mode", "switch with `%veil mode live` (or study.mode = 'live')")
 
     def report(self, since: str | None = None, until: str | None = None) -> StudyUsage:
         """The project's usage and value report from every site of the study over [since, until) (dates as
