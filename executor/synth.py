@@ -22,11 +22,14 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import tomli_w
+
+if TYPE_CHECKING:
+    from veil.executor.surveillance_data import VisitsSpec
 
 # ---------------------------------------------------------------- public vocabularies
 
@@ -345,13 +348,18 @@ def write_catalog(site_dir: Path, site_name: str, title: str, n_patients_bound: 
 # ---------------------------------------------------------------- entry points
 
 
-def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0, tutorial: bool = False
-               ) -> list[Path]:
+def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0, tutorial: bool = False,
+               visits: VisitsSpec | None = None) -> list[Path]:
     """Write <out>/<site>/patients.parquet, <out>/<site>/encounters.parquet and <out>/<site>/site.toml
     for each site; return the site.toml paths. `patients` is the nominal count per site (±30%).
-    `tutorial` adds the patient-level `presentations` (L2) and `genetic_panels` (L3) datasets."""
+    `tutorial` adds the patient-level `presentations` (L2) and `genetic_panels` (L3) datasets; `visits`
+    adds the emergency visits of syndromic surveillance (L1, executor/surveillance_data.py)."""
     if sites < 1 or patients < 1 or patients * (1 + SIZE_SPREAD) >= 10**9:
         raise ValueError("need sites >= 1 and 1 <= patients < 7.7e8")
+    if visits is not None:
+        from veil.executor import surveillance_data
+
+        surveillance_data.check_spec(visits, [site_profile(i).name for i in range(sites)])
     # Public bounds from the requested size: at most 1.3 * patients per site, 20 encounters each.
     max_patients = math.ceil(patients * (1 + SIZE_SPREAD))
     paths = []
@@ -370,6 +378,10 @@ def synthesize(out: Path, sites: int = 3, patients: int = 10_000, seed: int = 0,
             tutorial_data.genetic_panels(patients_df, seed * 1000 + index).write_parquet(
                 site_dir / "genetic_panels.parquet")
             extra = tutorial_data.catalog_tables(round_bound(2 * max_patients))
+        if visits is not None:
+            surveillance_data.visits(profile, index, visits, seed).write_parquet(site_dir / "visits.parquet",
+                                                                                 statistics=True)
+            extra["visits"] = surveillance_data.catalog_table(profile, visits)
         path = write_catalog(site_dir, profile.name, profile.title, round_bound(2 * max_patients),
                              round_bound(MAX_ENCOUNTERS * max_patients), list(profile.regions), extra)
         paths.append(path)

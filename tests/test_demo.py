@@ -79,12 +79,12 @@ def test_demo_refuses_a_busy_port_and_a_foreign_directory(tmp_path: Path) -> Non
 
 
 def test_demo_headless_runs_every_tutorial_and_stops_cleanly(tmp_path: Path) -> None:
-    """`veil demo --headless`: the executors start and answer a probe, the five tutorials run on the `veil`
+    """`veil demo --headless`: the executors start and answer a probe, the six tutorials run on the `veil`
     kernel against them, and nothing is left running; the repository's notebooks are not touched."""
     originals = {p.name: p.read_bytes() for p in NOTEBOOKS.glob("*.ipynb")}
     run = veil("demo", "--dir", str(tmp_path / "demo"), "--patients", "3000", "--headless")
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    assert "all 5 tutorials ran without an error" in run.stdout and run.stdout.count("ok    ") == 5
+    assert "all 6 tutorials ran without an error" in run.stdout and run.stdout.count("ok    ") == 6
     assert "--- valley: cost epsilon=" in run.stdout  # the probe: each executor answered a live query
     assert not _executors_running(tmp_path / "demo")
     executed = nbformat.read(tmp_path / "demo" / "notebooks" / "02-rare-disease-study.ipynb", as_version=4)

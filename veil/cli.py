@@ -8,8 +8,12 @@ import os
 import sys
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from veil.steward import add_commands as add_steward_commands
+
+if TYPE_CHECKING:
+    from veil.executor.surveillance_data import VisitsSpec
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -18,16 +22,42 @@ def _synth(args: argparse.Namespace) -> int:
 
         if args.sites != 3:
             raise SystemExit("veil data synth --format omop writes three hospitals (north, central, valley)")
+        if _visits_spec(args) is not None:
+            raise SystemExit("--outbreak, --surveillance-start and --weeks go with --format veil")
         paths = synthesize_omop(Path(args.out), persons=args.patients, seed=args.seed, database_url=args.database_url)
     else:
         from veil.executor.synth import synthesize
 
         if args.database_url:
             raise SystemExit("--database-url goes with --format omop")
-        paths = synthesize(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed)
+        try:
+            paths = synthesize(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed,
+                               visits=_visits_spec(args))
+        except ValueError as exc:
+            raise SystemExit(f"veil data synth: {exc}") from None
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _visits_spec(args: argparse.Namespace) -> VisitsSpec | None:
+    """The surveillance visits asked for by --outbreak, --surveillance-start or --weeks (None: none of them)."""
+    from datetime import date
+
+    from veil.executor.surveillance_data import WEEKS, VisitsSpec, default_start, parse_outbreak
+
+    if not args.outbreak and args.surveillance_start is None and args.weeks is None:
+        return None
+    try:
+        start = date.fromisoformat(args.surveillance_start) if args.surveillance_start else default_start()
+    except ValueError:
+        raise SystemExit(f"veil data synth: --surveillance-start {args.surveillance_start!r} is not a date "
+                         "(YYYY-MM-DD, a Monday)") from None
+    try:
+        return VisitsSpec(start, WEEKS if args.weeks is None else args.weeks,
+                          tuple(parse_outbreak(o) for o in args.outbreak))
+    except ValueError as exc:
+        raise SystemExit(f"veil data synth: {exc}") from None
 
 
 def _site_init(args: argparse.Namespace) -> int:
@@ -379,6 +409,14 @@ def parser() -> argparse.ArgumentParser:
                        help="veil: the pediatric rare-disease cohort; omop: an OMOP CDM v5.4 subset per hospital")
     synth.add_argument("--database-url", default=None,
                        help="with --format omop: write the tables into PostgreSQL (schema cdm_<site>), not Parquet")
+    synth.add_argument("--outbreak", action="append", default=[], metavar="SITE:WEEK[:FACTOR]",
+                       help="adds the surveillance dataset `visits` (emergency visits by date, region, age band and "
+                            "syndrome) with ILI visits at SITE times FACTOR (3 by default) for 4 weeks from WEEK "
+                            "(0-based); repeat it for several sites")
+    synth.add_argument("--surveillance-start", default=None, metavar="DATE",
+                       help="adds `visits`: the Monday its weekly series starts (default: 40 weeks before this "
+                            "week's Monday)")
+    synth.add_argument("--weeks", type=int, default=None, help="adds `visits`: weeks in its series (default 52)")
     synth.set_defaults(func=_synth)
 
     site = sub.add_parser("site", help="set up a site").add_subparsers(dest="action", required=True)

@@ -6,7 +6,9 @@ data stewards get tokens, kept in files; the study and steward configs are writt
 queries shows each site answering. Then JupyterLab opens on the tutorials (`--no-browser` prints its
 URL), or the tutorials run headless and their outcome is printed (`--headless`), or the demo stops there
 (`--no-lab`, or `--serve` to keep only the executors up). Ctrl-C stops everything. A second run reuses
-the state; `--reset` starts afresh. Each site also serves an OMOP CDM (tutorial 5), beside its own data.
+the state; `--reset` starts afresh. Each site also serves an OMOP CDM (tutorial 5), beside its own data, and
+emergency visits for syndromic surveillance (tutorial 6: weekly series from 40 weeks before the first run, with
+an outbreak of influenza-like illness at north and central from week 30, DEMO_OUTBREAKS).
 
 `VEIL_DEMO_QUERY_WORKERS=N` sets each site's `[limits] query_workers` (in its site.toml, kept for later
 runs) before the executors start: binder/start sets 1, so that three executors, JupyterLab and a kernel
@@ -26,7 +28,7 @@ import tomllib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import tomli_w
@@ -36,6 +38,9 @@ from veil.kernel.errors import VeilRefusal
 from veil.local import LocalExecutor
 from veil.query.estimates import cell_text
 from veil.wire import Release
+
+if TYPE_CHECKING:
+    from veil.executor.surveillance_data import VisitsSpec
 
 PROJECT, CLASS_PROJECT = "rare_peds", "privacy_class"
 STEWARDS = {"ana": "data_center", "ben": "data_committee"}
@@ -70,6 +75,18 @@ class DemoSite:
     client: SiteClient
 
 
+DEMO_OUTBREAKS = (("north", 30, 3.0), ("central", 30, 3.0))
+"""The demo's injected ILI outbreaks (tutorial 6): (site, first week, factor), for OUTBREAK_WEEKS weeks each."""
+
+
+def surveillance_visits() -> VisitsSpec:
+    """The demo's emergency visits (tutorial 6): 52 weeks from the Monday 40 weeks before this week's,
+    with DEMO_OUTBREAKS at north and central; valley has none."""
+    from veil.executor.surveillance_data import Outbreak, VisitsSpec, default_start
+
+    return VisitsSpec(default_start(), outbreaks=tuple(Outbreak(*o) for o in DEMO_OUTBREAKS))
+
+
 def prepare(root: Path, patients: int, reset: bool) -> list[Path]:
     """The demo's data, tokens, grants and configs under `root` (made once; `reset` starts afresh)."""
     from veil.executor.synth import synthesize
@@ -82,10 +99,11 @@ def prepare(root: Path, patients: int, reset: bool) -> list[Path]:
                         "(it deletes that directory), or choose another --dir")
     if not configs:
         print(f"synthesizing 3 hospitals x ~{patients:,} patients into {root}/ ...", flush=True)
-        configs = synthesize(root, sites=3, patients=patients, seed=7, tutorial=True)
+        configs = synthesize(root, sites=3, patients=patients, seed=7, tutorial=True, visits=surveillance_visits())
         _add_omop(root, configs, max(500, patients // 2))
         for config in configs:
             _declare_sharing(config)
+            _declare_standing_checks(config)
             _tokens_and_grants(config)
         _configs(root, [c.parent.name for c in configs])
     return configs
@@ -120,6 +138,18 @@ def _declare_sharing(config: Path) -> None:
     data = tomllib.loads(config.read_text())
     for name, sharing in DEMO_SHARING.items():
         data["datasets"][name]["sharing"] = sharing
+    _write_toml(config, data)
+
+
+STANDING_CHECK_SECONDS = 5
+"""How often a demo site releases its standing queries' due windows (60 s by default): tutorial 6 files one, and
+the weeks already closed are released within seconds of its approval."""
+
+
+def _declare_standing_checks(config: Path) -> None:
+    """Write STANDING_CHECK_SECONDS into a site's catalog."""
+    data = tomllib.loads(config.read_text())
+    data["site"]["standing_check_seconds"] = STANDING_CHECK_SECONDS
     _write_toml(config, data)
 
 
