@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from conftest import Deployment, write_study
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.kernel.study import load_study
 from veil.local import free_port
+from veil.wire import ApplicationRequest, ReviewRequest, StandingInfo, StandingQuery
 
 JUPYTER_TOKEN = "lab-test-token"
 
@@ -161,6 +163,27 @@ def test_a_steward_approves_revokes_and_caps_from_the_desk(lab: Lab, sites: dict
     assert lab.get("steward/audit/verify", site="central")["ok"] is True
 
 
+def test_standing_queries_per_site_with_their_next_release(lab: Lab, sites: dict[str, Deployment]) -> None:
+    assert lab.get("standing") == {"project": "study1", "sites": {name: {"status": "ok", "standing": []} for name in sites}}
+    start = datetime.now(UTC).date()
+    spec = StandingQuery(name="visits_weekly", sql="SELECT COUNT(*) FROM encounters", time_column="encounter_date",
+                         start=start, horizon=8, max_windows=2)
+    applicant = ResearcherSite("north", sites["north"].url, sites["north"].tokens["researcher"])
+    filed = applicant.client.apply(ApplicationRequest(
+        purpose="Weekly visits, for surveillance", datasets=["encounters"], epsilon=1.0, duration_days=90,
+        uses=["surveillance"], standing=spec))
+    if filed.status == "pending":  # encounters is L2: a steward approves it
+        sites["north"].client("steward").review(filed.id, ReviewRequest(decision="approve", comment="ok", version=1))
+    listing = lab.get("standing")
+    assert listing["sites"]["central"] == listing["sites"]["valley"] == {"status": "ok", "standing": []}
+    [info] = listing["sites"]["north"]["standing"]
+    assert StandingInfo.model_validate(info).spec == spec  # the wire's shape, as the panel reads it
+    assert info["status"] == "active" and info["epsilon"] == pytest.approx(1.0) and info["epsilon"] <= 1.0 and info["rho"] > 0
+    assert info["windows_released"] == 0 and info["next_window"] == 0
+    first_release = datetime.fromisoformat(f"{start + timedelta(days=7)}T00:00:00+00:00")  # window 0 ends
+    assert datetime.fromisoformat(info["next_release_at"]) == first_release
+
+
 def test_a_request_without_jupyters_token_is_refused(lab: Lab) -> None:
     response = httpx.get(f"http://127.0.0.1:{lab.port}/veil/api/budget", timeout=10)
     assert response.status_code == 403
@@ -173,6 +196,9 @@ def test_an_unreachable_executor_and_no_steward_config(sites: dict[str, Deployme
         state = server.get("budget")["sites"]
         assert state["valley"]["status"] == "unreachable" and "could not be reached" in state["valley"]["error"]
         assert state["north"]["status"] == state["central"]["status"] == "ok"
+        standing = server.get("standing")["sites"]  # one site down does not blank the others
+        assert standing["valley"]["status"] == "unreachable" and "could not be reached" in standing["valley"]["error"]
+        assert standing["north"]["status"] == standing["central"]["status"] == "ok"
         assert server.get("steward") == {"enabled": False, "sites": []}
         assert server.get("steward/whoami", expect=503)["code"] == "no_config"
         off = server.get("steward/budgets", expect=503)

@@ -110,3 +110,15 @@ def test_interrupt_in_the_browser(lab_env: tuple[Path, dict[str, str]], sites: d
         assert sites[name].spent("patients")["rho"] > before[name]
     for d in sites.values():
         assert audit.verify(d.engine).ok
+
+
+def test_standing_queries_in_the_browser(lab_env: tuple[Path, dict[str, str]], sites: dict[str, Deployment]) -> None:
+    """A standing query filed from a notebook and approved is listed in the panel with its next release; the
+    site charged its whole horizon to the cap once, at approval (audit action `standing`)."""
+    root, env = lab_env
+    galata(["tests/standing.spec.ts"], env, root / "standing.log")
+    [info] = sites["north"].client().standing_queries()
+    assert info.spec.name == "visits_weekly" and info.status == "active" and info.windows_released == 0
+    charged = sites["north"].client("steward").audit(action="standing")
+    assert [e.hash for e in charged] == [info.receipt]
+    assert all(d.client().standing_queries() == [] for name, d in sites.items() if name != "north")

@@ -6,7 +6,11 @@ module.exports = {
   transform: {
     '^.+\\.tsx?$': ['ts-jest', { tsconfig: 'tsconfig.test.json' }]
   },
-  collectCoverageFrom: ['src/budgetModel.ts', 'src/releaseHistory.ts'],
+  collectCoverageFrom: [
+    'src/budgetModel.ts',
+    'src/releaseHistory.ts',
+    'src/standingModel.ts'
+  ],
   coverageReporters: ['lcov', 'text'],
   reporters: ['default']
 };

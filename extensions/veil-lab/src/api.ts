@@ -143,6 +143,67 @@ export interface IDatasetsResponse {
   };
 }
 
+/** A standing count's spec (veil/wire.py StandingQuery). */
+export interface IStandingQuery {
+  /** The study-wide name, the same at every site. */
+  name: string;
+  sql: string;
+  time_column: string;
+  /** The first day of the first window (ISO date, UTC). */
+  start: string;
+  window_days: number;
+  /** How many windows the standing count has. */
+  horizon: number;
+  /** The most (window, group) cells one patient is counted in over the horizon. */
+  max_windows: number;
+  /** Days after a window ends before it is released. */
+  lag_days: number;
+  confidence: number;
+}
+
+export type StandingStatus = 'active' | 'finished' | 'stopped';
+
+/** A standing query at a site (veil/wire.py StandingInfo): charged once, up front, released window by window. */
+export interface IStandingInfo {
+  id: number;
+  project: string;
+  dataset: string;
+  application_id: number;
+  spec: IStandingQuery;
+  status: StandingStatus;
+  status_reason: string | null;
+  /** The whole horizon's loss, in epsilon at `delta`. */
+  epsilon: number;
+  /** The site's reporting delta, at which `epsilon` is stated. */
+  delta: number;
+  /** The whole horizon's loss in zCDP, charged to the dataset's cap at approval. */
+  rho: number;
+  levels: number;
+  noise_scale: number;
+  windows_released: number;
+  /** The next window to release (0-based), null once finished or stopped. */
+  next_window: number | null;
+  /** When the next window is released (ISO, UTC). */
+  next_release_at: string | null;
+  created_at: string;
+  /** The audit entry of the up-front charge. */
+  receipt: string;
+}
+
+/** A site's answer in a per-site listing that it refused or could not give. */
+export interface ISiteFailure {
+  status: 'unreachable' | 'refused';
+  error: string;
+}
+
+/** GET /veil/api/standing */
+export interface IStandingResponse {
+  project: string;
+  sites: {
+    [site: string]: { status: 'ok'; standing: IStandingInfo[] } | ISiteFailure;
+  };
+}
+
 /** GET /veil/api/datasets/{site}/{name}/mock?rows=N */
 export interface IMockResponse {
   columns: string[];

@@ -42,3 +42,15 @@ export const historyIcon = new LabIcon({
 
 /** The steward desk: a shield with a check mark. */
 export const deskIcon = new LabIcon({ name: 'veil-lab:desk', svgstr: deskSvg });
+
+const standingSvg = `<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 24 24">
+  <g class="jp-icon3" fill="#616161">
+    <path d="M7 2h2v2h6V2h2v2h3a1 1 0 0 1 1 1v15a1 1 0 0 1-1 1H4a1 1 0 0 1-1-1V5a1 1 0 0 1 1-1h3V2zM5 9v10h14V9H5zm1.6 6.6 2.5-3.3 2.3 2 2.7-3.8 2.3 2.6 1.1-1 .9 1-2 1.9-2.2-2.5-2.6 3.7-2.3-2-1.6 2.2-1.1-.8z"/>
+  </g>
+</svg>`;
+
+/** The standing queries panel (left sidebar): a calendar with a series over its windows. */
+export const standingIcon = new LabIcon({
+  name: 'veil-lab:standing',
+  svgstr: standingSvg
+});

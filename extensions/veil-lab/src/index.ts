@@ -36,6 +36,7 @@ import { ModeToolbarItem } from './modeToolbar';
 import { ReleaseHistory, withRelease } from './releaseHistory';
 import { ReleasesPanel } from './releasesPanel';
 import { readSettings } from './settings';
+import { StandingPanel } from './standingPanel';
 import { StewardDesk } from './stewardDesk';
 import { deskIcon } from './icons';
 import { IVeil } from './tokens';
@@ -54,6 +55,7 @@ namespace CommandIDs {
   export const stewardDesk = 'veil:steward-desk';
   export const showDatasets = 'veil:show-datasets';
   export const showReleases = 'veil:show-releases';
+  export const showStanding = 'veil:show-standing';
   export const refreshBudget = 'veil:refresh-budget';
 }
 
@@ -388,6 +390,72 @@ const releases: JupyterFrontEndPlugin<void> = {
   }
 };
 
+/** Left sidebar panel: the project's standing queries at each site, refreshed on the budget's poll interval. */
+const standing: JupyterFrontEndPlugin<void> = {
+  id: 'veil-lab:standing',
+  description:
+    'Veil standing queries: per site, their windows, next release and up-front budget.',
+  autoStart: true,
+  optional: [ICommandPalette, ILayoutRestorer, ISettingRegistry],
+  activate: (
+    app: JupyterFrontEnd,
+    palette: ICommandPalette | null,
+    restorer: ILayoutRestorer | null,
+    settingRegistry: ISettingRegistry | null
+  ) => {
+    const panel = new StandingPanel();
+    app.shell.add(panel, 'left', { rank: 860 });
+    restorer?.add(panel, 'veil-standing');
+    // Refetch on the settings' poll interval while the panel is shown (it also refetches when shown);
+    // a failed fetch backs off like the budget's poll.
+    const poll = new Poll({
+      auto: false,
+      factory: async () => {
+        if (!panel.isVisible) {
+          return;
+        }
+        await panel.refresh();
+        if (panel.failed) {
+          throw new Error('the standing queries could not be fetched');
+        }
+      },
+      frequency: {
+        interval: readSettings(null).pollInterval,
+        backoff: true,
+        max: BUDGET_POLL_MAX_MS
+      },
+      name: 'veil-lab:standing',
+      standby: 'when-hidden'
+    });
+    void app.restored.then(() => poll.start());
+    const applySettings = (settings: ISettingRegistry.ISettings) => {
+      const { pollInterval } = readSettings(settings.composite);
+      poll.frequency = {
+        interval: pollInterval > 0 ? pollInterval : Poll.NEVER,
+        backoff: true,
+        max: BUDGET_POLL_MAX_MS
+      };
+    };
+    if (settingRegistry) {
+      void Promise.all([settingRegistry.load(PLUGIN_ID), app.restored])
+        .then(([settings]) => {
+          applySettings(settings);
+          settings.changed.connect(applySettings);
+        })
+        .catch(reason =>
+          console.warn('Veil: could not load the settings', reason)
+        );
+    }
+    app.commands.addCommand(CommandIDs.showStanding, {
+      label: 'Veil: Show standing queries',
+      caption:
+        "The project's standing queries at each site: windows released, next release and budget",
+      execute: () => app.shell.activateById(panel.id)
+    });
+    palette?.addItem({ command: CommandIDs.showStanding, category: 'Veil' });
+  }
+};
+
 /** Steward desk: shown only when the server says the user is a steward. */
 const steward: JupyterFrontEndPlugin<void> = {
   id: 'veil-lab:steward',
@@ -469,6 +537,7 @@ const plugins: JupyterFrontEndPlugin<any>[] = [
   budgetStatus,
   datasets,
   releases,
+  standing,
   steward
 ];
 

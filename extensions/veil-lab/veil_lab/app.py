@@ -44,6 +44,7 @@ class VeilLabApp(ExtensionApp):
         routes: list[tuple[str, type[tornado.web.RequestHandler]]] = [
             ("budget", BudgetHandler), ("datasets", DatasetsHandler),
             (r"datasets/([^/]+)/([^/]+)/mock", MockHandler), ("receipts/verify", ReceiptsHandler),
+            ("standing", StandingHandler),
             ("steward", StewardHandler), ("steward/whoami", WhoAmIHandler), ("steward/applications", ApplicationsHandler),
             (r"steward/applications/([^/]+)/(\d+)/reviews", ReviewHandler), ("steward/budgets", BudgetsHandler),
             (r"steward/grants/([^/]+)/(\d+)/revoke", RevokeHandler),
@@ -186,6 +187,17 @@ class MockHandler(_Handler):
         def work() -> Any:
             frame = self.study().sites[site].datasets[name].mock(rows)
             return {"columns": frame.columns, "rows": [list(r) for r in frame.rows()]}
+        await self.run(work)
+
+
+class StandingHandler(_Handler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        """The project's standing queries at every site of the study: windows released, next release, budget."""
+        def work() -> Any:
+            study = self.study()
+            return {"project": study.project,
+                    "sites": _per_site(study.sites, "standing", lambda site: site.standing_queries())}
         await self.run(work)
 
 
