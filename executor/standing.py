@@ -45,7 +45,7 @@ log = logging.getLogger("veil.executor.standing")
 def plan(spec: StandingQuery, epsilon: float, reporting_delta: float) -> continual.CounterPlan:
     """The counter of a standing query whose whole horizon costs at most `epsilon` at `reporting_delta`."""
     return continual.plan_counter(spec.horizon, spec.max_windows, rho_for_epsilon(epsilon, reporting_delta),
-                                  confidence=spec.confidence)
+                                  levels=spec.levels, confidence=spec.confidence)
 
 
 def check(catalog: Catalog, request: ApplicationRequest) -> None:

@@ -103,18 +103,22 @@ class Study:
 
     def standing(self, name: str, sql: str, time_column: str, start: date | str, *, epsilon: float, max_windows: int,
                  window_days: int = 7, horizon: int = 52, lag_days: int = 0, confidence: float = 0.95,
-                 purpose: str, sites: Sequence[str] | None = None) -> dict[str, ApplicationInfo]:
+                 levels: int | None = None, purpose: str, sites: Sequence[str] | None = None
+                 ) -> dict[str, ApplicationInfo]:
         """File a standing DP count (`SELECT [keys,] COUNT(*) FROM dataset [WHERE ...] [GROUP BY keys]`) at each
         site (or at `sites`): an application with uses ['surveillance'] for the SQL's dataset, reviewed as
         any other. Once approved, the site charges `epsilon` (the whole horizon, at its reporting delta) to the
         dataset's cap once, and releases each `window_days` window of `time_column` from `start`, `lag_days`
         after it ends, for `horizon` windows; each patient counts in at most `max_windows` (window, group)
-        cells. `name` is study-wide: `study.surveillance(name)` gathers the sites' windows."""
+        cells. `levels`: unset, the full binary tree (running totals err least); 1, each window released
+        alone at the whole budget's share the bound allows (each window's count errs least: the better choice
+        when the alarm reads weekly counts). `name` is study-wide: `study.surveillance(name)` gathers the
+        sites' windows."""
         self._standing_live()
         try:
             spec = StandingQuery(name=name, sql=sql, time_column=time_column, start=start,  # type: ignore[arg-type]
                                  window_days=window_days, horizon=horizon, max_windows=max_windows,
-                                 lag_days=lag_days, confidence=confidence)
+                                 lag_days=lag_days, confidence=confidence, levels=levels)
             last = spec.start + timedelta(days=spec.horizon * spec.window_days + spec.lag_days)
             request = ApplicationRequest(purpose=purpose, datasets=[parse_sql(sql).dataset], epsilon=epsilon,
                                          duration_days=max(1, (last - datetime.now(UTC).date()).days + 1),

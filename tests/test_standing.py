@@ -263,6 +263,7 @@ def test_a_second_approval_the_cap_cannot_afford_is_refused_and_changes_nothing(
     ({"sql": "SELECT COUNT(*) FROM archive"}, 400, "standing_dataset_mismatch"),
     ({"time_column": "age"}, 400, "not_a_date"),
     ({"time_column": "when"}, 400, "unknown_column"),
+    ({"levels": 15}, 400, "invalid_levels"),  # more levels than a tree over the horizon has
 ])
 def test_a_spec_the_site_cannot_count_is_refused_at_filing(clinic: Deployment, changes: dict[str, Any], status: int,
                                                            code: str) -> None:
@@ -271,6 +272,18 @@ def test_a_spec_the_site_cannot_count_is_refused_at_filing(clinic: Deployment, c
     assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
     assert answer.json()["hint"]
     assert cap_rho(clinic) == before and counts(clinic) == rows
+
+
+def test_levels_choose_the_tree_or_windows_alone(clinic: Deployment) -> None:
+    """levels=1 releases each window alone: one node per window, at a smaller scale than the full tree's."""
+    made = apply(clinic, spec("alone", levels=1, start=(TODAY + timedelta(days=30)).isoformat()), epsilon=0.2)
+    assert made.json()["status"] == "approved", made.text
+    tree = continual.plan_counter(HORIZON, K, rho_for_epsilon(0.2, 1e-6))
+    (info,) = [s for s in standing.listing(clinic.engine, _steward()) if s.spec.name == "alone"]
+    assert info.levels == 1 and info.noise_scale < tree.scale
+    assert info.noise_scale == continual.plan_counter(HORIZON, K, rho_for_epsilon(0.2, 1e-6), levels=1).scale
+    with clinic.http("steward") as http:  # the module's other tests count the releases of their own queries
+        assert http.post(f"/standing/{info.id}/stop", json={"reason": "test done"}).status_code == 200
 
 
 def test_uses_and_standing_must_match_and_an_enclave_counts_nothing(clinic: Deployment) -> None:

@@ -417,6 +417,9 @@ class StandingQuery(_Strict):
     lag_days: int = Field(default=0, ge=0, le=365, description="days after a window ends before it is released "
                           "(for records that arrive late)")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="the stated intervals' confidence")
+    levels: int | None = Field(default=None, ge=1, le=15, description="the binary tree's levels: unset for the "
+                               "full tree (running totals err least), 1 for each window released alone (each "
+                               "window's count errs least); the stated errors of each choice: veil.query.continual")
 
 
 class StandingCell(_Strict):

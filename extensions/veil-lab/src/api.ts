@@ -159,6 +159,8 @@ export interface IStandingQuery {
   /** Days after a window ends before it is released. */
   lag_days: number;
   confidence: number;
+  /** The binary tree's levels (null: the full tree; 1: each window alone). */
+  levels?: number | null;
 }
 
 export type StandingStatus = 'active' | 'finished' | 'stopped';
