@@ -255,7 +255,8 @@ def test_each_site_was_charged_as_one_accountant_over_all_rounds(
         rows = site.public_rows or len(site.x)
         planned = spec.epochs * max(1, round(rows / spec.batch_size))
         plan = dpsgd.calibrate(spec.epsilon, spec.delta, spec.batch_size / rows, planned)
-        assert study.sigmas[site.name] == plan.noise_multiplier
+        # the same search at the same figures, up to the last bits of float sums (another process, other threads)
+        assert study.sigmas[site.name] == pytest.approx(plan.noise_multiplier, rel=1e-9)
 
 
 def test_the_federated_model_is_useful(study: coordinator.FederatedResult) -> None:

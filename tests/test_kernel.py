@@ -92,6 +92,19 @@ class VeilIopubWelcomeTests(jupyter_kernel_test.IopubWelcomeTests):
     kernel_name = "veil"
     support_iopub_welcome = True
 
+    def test_recv_iopub_welcome_msg(self) -> None:
+        """The welcome arrives, and nothing but output a kernel flushed while the client subscribed comes before it
+        (ipykernel's iopub thread greets on the subscription event, and a stream flushed at that moment can win
+        the race: seen once under CI load)."""
+        self.kc.start_channels()
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=30)
+            if msg["header"]["msg_type"] == "stream":
+                continue
+            self.assertEqual(msg["header"]["msg_type"], "iopub_welcome")
+            self.assertEqual(msg["content"]["subscription"], "")  # empty topic: subscribed to all
+            break
+
 
 def stdout(outputs: list[dict[str, Any]]) -> str:
     return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
