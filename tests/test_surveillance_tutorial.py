@@ -5,21 +5,18 @@ there. A second run files nothing again and charges nothing more."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
+from demo_sites import demo_kernel_sites
 
-from veil.demo import DEMO_OUTBREAKS, NOTEBOOKS, PROJECT, _point_configs, environment, prepare
+from veil.demo import DEMO_OUTBREAKS, NOTEBOOKS, PROJECT, prepare
 from veil.executor.catalog import load_catalog
 from veil.executor.store import open_store
-from veil.local import LocalExecutor
 from veil.tutorials import run_notebooks
 
 TUTORIAL = "06-surveillance.ipynb"
@@ -39,17 +36,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     running, the `veil` kernelspec installed and the environment the kernel reads; yields the demo's root."""
     root = tmp_path_factory.mktemp("surveillance-tutorial")
     configs = prepare(root / "demo", patients=3000, reset=False)
-    subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
-                   check=True, capture_output=True)
-    with contextlib.ExitStack() as stack:
-        executors = {c.parent.name: stack.enter_context(LocalExecutor(c)) for c in configs}
-        _point_configs(root / "demo", {site: e.url for site, e in executors.items()})
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in environment(root / "demo").items():
-                mp.setenv(name, value)
-            mp.setenv("JUPYTER_PATH", str(root / "prefix" / "share" / "jupyter"))
-            mp.setenv("IPYTHONDIR", str(root / "ipython"))
-            yield root / "demo"
+    with demo_kernel_sites(root, configs):
+        yield root / "demo"
 
 
 def run_tutorial(demo: Path, name: str) -> dict:

@@ -20,8 +20,6 @@ import ast
 import contextlib
 import json
 import logging
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,17 +30,17 @@ import matplotlib
 import nbformat
 import polars as pl
 import pytest
+from demo_sites import demo_kernel_sites
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import start_new_kernel
 from kernel_protocol import execute
 
-from veil.demo import NOTEBOOKS, PROJECT, _point_configs, environment, prepare
+from veil.demo import NOTEBOOKS, PROJECT, prepare
 from veil.executor import ledger
 from veil.executor.catalog import load_catalog
 from veil.executor.store import open_store, write
 from veil.kernel.combine import combine
 from veil.kernel.result import Result
-from veil.local import LocalExecutor
 from veil.query import estimates
 from veil.wire import Aggregate, Cost, Release, Statistic
 
@@ -288,18 +286,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             for dataset in ("patients", "encounters"):
                 ledger.set_grant(conn, catalog, PROJECT, catalog.dataset(dataset), GRANT, by="steward_ana")
         engine.dispose()
-    subprocess.run([sys.executable, "-m", "veil.cli", "kernel", "install", "--prefix", str(root / "prefix")],
-                   check=True, capture_output=True)
-    with contextlib.ExitStack() as stack:
-        executors = {c.parent.name: stack.enter_context(LocalExecutor(c)) for c in configs}
-        _point_configs(root / "demo", {site: e.url for site, e in executors.items()})
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in environment(root / "demo").items():
-                mp.setenv(name, value)
-            mp.setenv("JUPYTER_PATH", str(root / "prefix" / "share" / "jupyter"))
-            mp.setenv("IPYTHONDIR", str(root / "ipython"))
-            (root / "work").mkdir()
-            yield root / "work"
+    with demo_kernel_sites(root, configs):
+        (root / "work").mkdir()
+        yield root / "work"
 
 
 @contextlib.contextmanager
