@@ -35,7 +35,7 @@ import { isVeilPanel, VeilKernelBridge } from './kernelBridge';
 import { ModeToolbarItem } from './modeToolbar';
 import { ReleaseHistory, withRelease } from './releaseHistory';
 import { ReleasesPanel } from './releasesPanel';
-import { readSettings } from './settings';
+import { IVeilSettings, readSettings } from './settings';
 import { StandingPanel } from './standingPanel';
 import { StewardDesk } from './stewardDesk';
 import { deskIcon } from './icons';
@@ -61,6 +61,48 @@ namespace CommandIDs {
 
 /** The plugin whose settings (schema/plugin.json) this extension reads. */
 const PLUGIN_ID = 'veil-lab:plugin';
+
+/**
+ * A poll that runs `factory` on the settings' interval (0: never), backs off after a failure (a rejected
+ * `factory`) up to BUDGET_POLL_MAX_MS, stands by while the page is hidden and starts once the layout is
+ * restored; `onSettings` also sees the settings when they load and each time they change.
+ */
+function settingsPoll(
+  app: JupyterFrontEnd,
+  settingRegistry: ISettingRegistry | null,
+  name: string,
+  factory: () => Promise<void>,
+  onSettings?: (settings: IVeilSettings) => void
+): void {
+  const frequency = (pollInterval: number) => ({
+    interval: pollInterval > 0 ? pollInterval : Poll.NEVER,
+    backoff: true,
+    max: BUDGET_POLL_MAX_MS
+  });
+  const poll = new Poll({
+    auto: false,
+    factory,
+    frequency: frequency(readSettings(null).pollInterval),
+    name,
+    standby: 'when-hidden'
+  });
+  void app.restored.then(() => poll.start());
+  const apply = (settings: ISettingRegistry.ISettings) => {
+    const read = readSettings(settings.composite);
+    onSettings?.(read);
+    poll.frequency = frequency(read.pollInterval);
+  };
+  if (settingRegistry) {
+    void Promise.all([settingRegistry.load(PLUGIN_ID), app.restored])
+      .then(([settings]) => {
+        apply(settings);
+        settings.changed.connect(apply);
+      })
+      .catch(reason =>
+        console.warn('Veil: could not load the settings', reason)
+      );
+  }
+}
 
 /** Shared state: kernel comms, budget model, per-notebook release history. */
 const core: JupyterFrontEndPlugin<IVeil> = {
@@ -188,9 +230,11 @@ const core: JupyterFrontEndPlugin<IVeil> = {
     });
     // Refetch on a schedule while a Veil notebook is current; a failed fetch rejects, so the poll backs
     // off (up to BUDGET_POLL_MAX_MS) until the server answers again. Standby while the page is hidden.
-    const poll = new Poll({
-      auto: false,
-      factory: async () => {
+    settingsPoll(
+      app,
+      settingRegistry,
+      'veil-lab:budget',
+      async () => {
         if (!isVeilPanel(tracker.currentWidget)) {
           return;
         }
@@ -199,38 +243,10 @@ const core: JupyterFrontEndPlugin<IVeil> = {
           throw new Error(budget.requestError);
         }
       },
-      frequency: {
-        interval: readSettings(null).pollInterval,
-        backoff: true,
-        max: BUDGET_POLL_MAX_MS
-      },
-      name: 'veil-lab:budget',
-      standby: 'when-hidden'
-    });
-    void app.restored.then(() => poll.start());
-
-    // Settings: the poll interval and the low-budget threshold, applied as they change.
-    const applySettings = (settings: ISettingRegistry.ISettings | null) => {
-      const { pollInterval, lowBudgetFraction } = readSettings(
-        settings?.composite ?? null
-      );
-      budget.lowFraction = lowBudgetFraction;
-      poll.frequency = {
-        interval: pollInterval > 0 ? pollInterval : Poll.NEVER,
-        backoff: true,
-        max: BUDGET_POLL_MAX_MS
-      };
-    };
-    if (settingRegistry) {
-      void Promise.all([settingRegistry.load(PLUGIN_ID), app.restored])
-        .then(([settings]) => {
-          applySettings(settings);
-          settings.changed.connect(applySettings);
-        })
-        .catch(reason =>
-          console.warn('Veil: could not load the settings', reason)
-        );
-    }
+      ({ lowBudgetFraction }) => {
+        budget.lowFraction = lowBudgetFraction; // the low-budget threshold too, as it changes
+      }
+    );
 
     app.commands.addCommand(CommandIDs.refreshBudget, {
       label: 'Veil: Refresh privacy budget',
@@ -408,44 +424,15 @@ const standing: JupyterFrontEndPlugin<void> = {
     restorer?.add(panel, 'veil-standing');
     // Refetch on the settings' poll interval while the panel is shown (it also refetches when shown);
     // a failed fetch backs off like the budget's poll.
-    const poll = new Poll({
-      auto: false,
-      factory: async () => {
-        if (!panel.isVisible) {
-          return;
-        }
-        await panel.refresh();
-        if (panel.failed) {
-          throw new Error('the standing queries could not be fetched');
-        }
-      },
-      frequency: {
-        interval: readSettings(null).pollInterval,
-        backoff: true,
-        max: BUDGET_POLL_MAX_MS
-      },
-      name: 'veil-lab:standing',
-      standby: 'when-hidden'
+    settingsPoll(app, settingRegistry, 'veil-lab:standing', async () => {
+      if (!panel.isVisible) {
+        return;
+      }
+      await panel.refresh();
+      if (panel.failed) {
+        throw new Error('the standing queries could not be fetched');
+      }
     });
-    void app.restored.then(() => poll.start());
-    const applySettings = (settings: ISettingRegistry.ISettings) => {
-      const { pollInterval } = readSettings(settings.composite);
-      poll.frequency = {
-        interval: pollInterval > 0 ? pollInterval : Poll.NEVER,
-        backoff: true,
-        max: BUDGET_POLL_MAX_MS
-      };
-    };
-    if (settingRegistry) {
-      void Promise.all([settingRegistry.load(PLUGIN_ID), app.restored])
-        .then(([settings]) => {
-          applySettings(settings);
-          settings.changed.connect(applySettings);
-        })
-        .catch(reason =>
-          console.warn('Veil: could not load the settings', reason)
-        );
-    }
     app.commands.addCommand(CommandIDs.showStanding, {
       label: 'Veil: Show standing queries',
       caption:
