@@ -74,13 +74,14 @@ def _literal(column: Column, value: Any) -> Any:
     return value
 
 
-def _predicate(dataset: Table, cond: Condition) -> pl.Expr:
+def predicate(dataset: Table, cond: Condition) -> pl.Expr:
+    """The Polars filter of a WHERE condition, its literals checked against the columns' public types."""
     if isinstance(cond, And):
-        return _fold([_predicate(dataset, c) for c in cond.all], "and")
+        return _fold([predicate(dataset, c) for c in cond.all], "and")
     if isinstance(cond, Or):
-        return _fold([_predicate(dataset, c) for c in cond.any], "or")
+        return _fold([predicate(dataset, c) for c in cond.any], "or")
     if isinstance(cond, Not):
-        return ~_predicate(dataset, cond.negate)
+        return ~predicate(dataset, cond.negate)
     assert isinstance(cond, Comparison)
     column = dataset.column(cond.column)
     col = pl.col(column.name)
@@ -162,7 +163,7 @@ def _parts(dataset: Table, agg: Aggregate) -> list[tuple[Part, pl.Expr]]:
     return [(Part(name, agg, "value"), values.dp.quantile(q, _candidates(column, bounds)).alias(name))]
 
 
-def _public_keys(dataset: Table, group_by: list[str]) -> pl.LazyFrame | None:
+def public_keys(dataset: Table, group_by: list[str]) -> pl.LazyFrame | None:
     """The cartesian product of the group columns' public values (with null for a nullable column), or None
     if one is not public."""
     values = []
@@ -230,7 +231,7 @@ def build_plan(dataset: Table, spec: QuerySpec, verified_bound: bool, thresholde
         metric, d_in = dp.unit_of(contributions=1, identifier=dataset.privacy_unit)
     frame = _lazyframe_from_domain(domain)
     if spec.where is not None:
-        frame = frame.filter(_predicate(dataset, spec.where))
+        frame = frame.filter(predicate(dataset, spec.where))
     if not verified_bound:
         frame = frame.filter(pl.int_range(pl.len()).shuffle().over(dataset.privacy_unit) < k)
     named = [pe for agg in spec.aggregates for pe in _parts(dataset, agg)]
@@ -238,7 +239,7 @@ def build_plan(dataset: Table, spec: QuerySpec, verified_bound: bool, thresholde
     if len(set(names)) != len(names) or set(names) & set(spec.group_by):
         raise QueryError("duplicate_name", f"output names collide: {names}", hint="give each aggregate its own alias")
     exprs = [e for _, e in named]
-    keys = _public_keys(dataset, spec.group_by) if spec.group_by else None
+    keys = public_keys(dataset, spec.group_by) if spec.group_by else None
     if not spec.group_by:
         plan = frame.select(*exprs)
     elif keys is not None:

@@ -26,7 +26,7 @@ from typing import Any
 import polars as pl
 
 from veil.errors import QueryError
-from veil.query.plan import _predicate, _public_keys
+from veil.query.plan import predicate, public_keys
 from veil.query.table import Table
 from veil.sql import parse_sql
 from veil.wire import QuerySpec, StandingQuery
@@ -60,15 +60,15 @@ def prepare(table: Table, spec: StandingQuery) -> Counting:
                          "COUNT(*) and no other aggregate",
                          hint=f"write SELECT [keys,] COUNT(*) FROM {table.name} [WHERE ...] [GROUP BY keys]")
     for name in query.group_by:
-        if _public_keys(table, [name]) is None:
+        if public_keys(table, [name]) is None:
             raise QueryError("no_public_keys", f"column '{name}' has no public list of values, so its groups "
                              "cannot all be released in every window",
                              hint="group by columns with declared categories, booleans or small integer bounds "
                                   "(GET /datasets/NAME lists them), or ask the steward to declare its categories")
-    public = _public_keys(table, query.group_by) if query.group_by else None
+    public = public_keys(table, query.group_by) if query.group_by else None
     keys = tuple(public.collect().to_dicts()) if public is not None else ({},)
     if query.where is not None:
-        _predicate(table, query.where)  # unknown columns and bad literals are refused here
+        predicate(table, query.where)  # unknown columns and bad literals are refused here
     column = table.column(spec.time_column)
     if column.dtype not in DATE_DTYPES:
         raise QueryError("not_a_date", f"the time column '{column.name}' is {column.dtype}, not a date",
@@ -98,7 +98,7 @@ def window_counts(counting: Counting, rows: pl.LazyFrame, window: int) -> list[i
     per-patient truncation to `max_windows` cells. Reads the rows of windows 0..window only."""
     spec, query, unit = counting.spec, counting.query, counting.table.privacy_unit
     keys = query.group_by
-    frame = rows if query.where is None else rows.filter(_predicate(counting.table, query.where))
+    frame = rows if query.where is None else rows.filter(predicate(counting.table, query.where))
     day = pl.col(spec.time_column).cast(pl.Date)
     cells = (frame.filter(day.is_not_null())
              .select(pl.col(unit), ((day - pl.lit(spec.start)).dt.total_days() // spec.window_days).alias(_WINDOW),
