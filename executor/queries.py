@@ -30,9 +30,8 @@ def can_stream(dataset: Dataset, plan: Plan, certified: Certified) -> bool:
     """Whether OpenDP can hand this measurement's plan back as a LazyFrame (quantiles cannot).
 
     Tried on an empty frame of the plan's columns: no data is involved."""
-    schema = dataset.schema()
     try:
-        certified.measurement(pl.LazyFrame(schema={c: schema[c] for c in plan.columns})).lazy()
+        certified.measurement(pl.LazyFrame(schema=plan.input_schema(dataset))).lazy()
     except OpenDPException:
         return False
     return True

@@ -17,7 +17,7 @@ from veil.executor.auth import Principal
 from veil.executor.site import Site
 from veil.executor.store import write
 from veil.query.calibrate import Certified, certify
-from veil.query.plan import Plan, build_plan
+from veil.query.plan import ROW, Plan, build_plan
 from veil.sql import parse_sql
 from veil.wire import QueryRequest
 
@@ -40,11 +40,14 @@ def _data(site: Site, dataset: str) -> pl.DataFrame:
     return pl.read_parquet(site.catalog.dataset(dataset).path)
 
 
-def test_count_noise_matches_the_claimed_accuracy(site: Site) -> None:
+@pytest.mark.parametrize("where", [" WHERE age < 6", ""], ids=["filtered", "bare-row-index"])
+def test_count_noise_matches_the_claimed_accuracy(site: Site, where: str) -> None:
+    """Also for a bare COUNT(*), which reads only each row's index (`plan.ROW`), not a column."""
     _grant(site, "p1", "patients", 10.0)
     who = Principal("alice", "researcher", "p1")
-    truth = _data(site, "patients").filter(pl.col("age") < 6).height
-    releases = [site.query(who, QueryRequest(sql="SELECT COUNT(*) AS n FROM patients WHERE age < 6", rho=0.002))
+    data = _data(site, "patients")
+    truth = data.filter(pl.col("age") < 6).height if where else data.height
+    releases = [site.query(who, QueryRequest(sql=f"SELECT COUNT(*) AS n FROM patients{where}", rho=0.002))
                 for _ in range(RELEASES)]
     stat = releases[0].statistics[0]
     assert stat.distribution == "Integer Gaussian" and stat.scale and stat.accuracy
@@ -59,6 +62,15 @@ def test_count_noise_matches_the_claimed_accuracy(site: Site) -> None:
     covered = sum(r.rows[0]["n_lower"] <= truth <= r.rows[0]["n_upper"] for r in releases)
     assert stats.binomtest(covered, RELEASES, 0.95).pvalue > 0.001
     assert covered / RELEASES >= 0.93
+
+
+def test_a_bare_count_reads_the_row_index_only_where_no_truncation_needs_the_patient(site: Site) -> None:
+    dataset = site.catalog.dataset("patients")
+    spec = parse_sql("SELECT COUNT(*) AS n FROM patients")
+    assert build_plan(dataset, spec, verified_bound=True, thresholded=False).columns == [ROW]
+    assert dataset.privacy_unit in build_plan(dataset, spec, verified_bound=False, thresholded=False).columns
+    filtered = build_plan(dataset, parse_sql("SELECT COUNT(*) FROM patients WHERE age < 6"), True, False)
+    assert filtered.columns == ["age"]
 
 
 def test_mean_intervals_cover_at_least_their_level(site: Site) -> None:

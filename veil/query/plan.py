@@ -27,6 +27,11 @@ MAX_PUBLIC_KEYS = 10_000
 EPOCH = date(1970, 1, 1)
 QUANTILE_CANDIDATES = 201
 """Candidates on a float column's public range for quantiles: a finer grid costs nothing in privacy."""
+ROW = "__veil_row"
+"""The column a bare COUNT(*) reads: each row's index, made by the scan itself. Polars fills it from the file's
+row count without decoding a column, so counting 10M rows costs what Polars' own count costs. It has one
+row per dataset row, so the rows-per-patient bound holds for it as it does for the data."""
+ROW_DTYPE = pl.LazyFrame().with_row_index(ROW).collect_schema()[ROW]
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,22 @@ class Plan:
     public_keys: bool
     group_by: list[str]
     columns: list[str]
-    """The dataset columns the query reads: the scan projects them before OpenDP sees the data."""
+    """The dataset columns the query reads (or `[ROW]`): the scan projects them before OpenDP sees the data."""
+
+    def project(self, data: pl.LazyFrame) -> pl.LazyFrame:
+        """The scan narrowed to what the measurement reads: its columns, or for a bare count each row's index."""
+        if self.columns == [ROW]:
+            return data.with_row_index(ROW).select(ROW)
+        return data.select(self.columns)
+
+    def input_schema(self, dataset: Table) -> pl.Schema:
+        """The schema of `project`'s frame."""
+        return _schema(dataset, self.columns)
+
+
+def _schema(dataset: Table, columns: list[str]) -> pl.Schema:
+    schema = dataset.schema()
+    return pl.Schema({c: ROW_DTYPE if c == ROW else schema[c] for c in columns})
 
 
 def _literal(column: Column, value: Any) -> Any:
@@ -201,13 +221,15 @@ def _condition_columns(cond: Condition) -> set[str]:
 
 
 def _columns(dataset: Table, spec: QuerySpec, truncate: bool) -> list[str]:
-    """The columns a query touches, in catalog order; unknown names are refused. The privacy unit is
-    read when rows are truncated per patient, or when nothing else is (a bare COUNT(*) needs a column)."""
+    """The columns a query touches, in catalog order; unknown names are refused. The privacy unit is read
+    when rows are truncated per patient; a bare COUNT(*) over rows of a verified bound reads only `ROW`."""
     used = {*spec.group_by, *(a.column for a in spec.aggregates if a.column)}
     if spec.where is not None:
         used |= _condition_columns(spec.where)
     for name in used:
         dataset.column(name)
+    if not truncate and not used and ROW not in dataset.columns:
+        return [ROW]
     if truncate or not used:
         used.add(dataset.privacy_unit)
     return [name for name in dataset.columns if name in used]
@@ -220,8 +242,7 @@ def build_plan(dataset: Table, spec: QuerySpec, verified_bound: bool, thresholde
     `max_rows_per_unit`, so the unit is "k rows"; otherwise rows are truncated per patient in the plan.
     """
     columns = _columns(dataset, spec, truncate=not verified_bound)
-    schema = dataset.schema()
-    domain = dp.domain_of(pl.LazyFrame(schema={c: schema[c] for c in columns}), infer=True)
+    domain = dp.domain_of(pl.LazyFrame(schema=_schema(dataset, columns)), infer=True)
     for by in ([], spec.group_by) if spec.group_by else ([],):
         domain = with_margin(domain, dp.polars.Margin(by=by, max_length=dataset.max_rows))
     k = dataset.max_rows_per_unit

@@ -94,7 +94,7 @@ def run(data: pl.LazyFrame, dataset: Table, plan: Plan, certified: Certified, de
     result once on the streaming engine instead, which needs OpenDP's "honest-but-curious" feature:
     only the executor, the trusted party that flag speaks of, enables it (`executor/queries.py`).
     The rows are sorted so that their order carries nothing."""
-    release = certified.measurement(data.select(plan.columns))
+    release = certified.measurement(plan.project(data))
     frame: pl.DataFrame = release.lazy().collect(engine="streaming") if streaming else release.collect()
     if plan.group_by:
         frame = frame.sort(plan.group_by, nulls_last=True)
