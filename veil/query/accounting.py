@@ -8,6 +8,7 @@ conversion is OpenDP's `make_zCDP_to_approxDP`, never a formula of ours.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import opendp.prelude as dp
@@ -21,9 +22,18 @@ _GAUSSIAN = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_d
 _TO_APPROX_DP = dp.c.make_zCDP_to_approxDP(_GAUSSIAN)
 
 
+MAX_STEPS = 200
+"""No search below takes more steps than this: it can never loop, whatever floating point does."""
+
+
 @lru_cache(maxsize=4096)
 def epsilon_of(rho: float, delta: float) -> float:
-    """The epsilon that rho-zCDP implies at `delta` (OpenDP's conversion)."""
+    """The epsilon that rho-zCDP implies at `delta`: the least epsilon (to 1e-13 relative, rounded up) at which
+    OpenDP's privacy profile of the conversion gives at most `delta`.
+
+    The profile's `delta(epsilon)` is OpenDP's; only its inversion is searched here, from the textbook bound
+    eps <= rho + 2 sqrt(rho ln(1/delta)): about eight evaluations (0.1 ms each) instead of the profile's own
+    `epsilon(delta)` search (2.5 ms), which every release paid twice for the grant figures it returns."""
     if rho <= 0.0:
         return 0.0
     # A unit-scale Gaussian at input distance d has rho = d^2/2, so d = sqrt(2 rho) gives (at least) rho.
@@ -34,18 +44,55 @@ def epsilon_of(rho: float, delta: float) -> float:
         d_in = math.nextafter(d_in, math.inf)
     else:
         raise ValueError(f"rho {rho!r} cannot be converted")
-    return float(_TO_APPROX_DP.map(d_in).epsilon(delta))
+    profile = _TO_APPROX_DP.map(d_in)
+    log_delta = math.log(delta)
+
+    def excess(epsilon: float) -> float:  # > 0 where the profile's delta is under `delta`
+        return log_delta - math.log(max(profile.delta(epsilon), 1e-300))
+
+    hi = rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
+    for _ in range(MAX_STEPS):
+        if excess(hi) > 0.0:
+            break
+        hi *= 2.0
+    else:
+        raise ValueError(f"rho {rho!r} cannot be converted at delta {delta!r}")
+    if excess(0.0) > 0.0:
+        return 0.0
+    return _bracket(excess, 0.0, hi, 1e-13)[1]
 
 
-MAX_STEPS = 200
-"""No search below takes more steps than this: it can never loop, whatever floating point does."""
+def _bracket(f: Callable[[float], float], lo: float, hi: float, rel: float) -> tuple[float, float]:
+    """For an increasing `f` with f(lo) <= 0 < f(hi): a bracket [lo, hi] of its root no wider than `rel` * hi.
+    Secant steps from the last two points, bisecting where one leaves the bracket; once a step lands on the
+    root, a probe just past it closes the bracket. At most MAX_STEPS steps."""
+    x0, f0, x1, f1 = lo, f(lo), hi, f(hi)
+    for _ in range(MAX_STEPS):
+        if hi - lo <= rel * hi:
+            break
+        x = x1 - f1 * (x1 - x0) / (f1 - f0) if f1 != f0 else (lo + hi) / 2.0
+        if not lo < x < hi:
+            x = (lo + hi) / 2.0
+        fx = f(x)
+        if fx <= 0.0:
+            lo = x
+        else:
+            hi = x
+        x0, f0, x1, f1 = x1, f1, x, fx
+        probe = x + rel * hi / 2.0 if fx <= 0.0 else x - rel * hi / 2.0
+        if abs(fx) < 1e-9 and hi - lo > rel * hi and lo < probe < hi:
+            if f(probe) <= 0.0:
+                lo = probe
+            else:
+                hi = probe
+    return lo, hi
 
 
 @lru_cache(maxsize=4096)
 def rho_for_epsilon(epsilon: float, delta: float) -> float:
     """The largest rho (to 1e-10 relative) whose OpenDP conversion at `delta` gives at most `epsilon`.
 
-    A root search on OpenDP's conversion (regula falsi, Illinois variant): about ten conversions
+    A root search on OpenDP's conversion (secant steps, see `_bracket`): about ten conversions
     instead of sixty for plain bisection, and never more than MAX_STEPS per phase. The textbook bound
     eps <= rho + 2 sqrt(rho ln(1/delta)) only brackets the search; the answer is always a rho whose
     conversion OpenDP puts at or under epsilon. Below MIN_EPSILON the answer is 0 (nothing to spend), and
@@ -69,22 +116,4 @@ def rho_for_epsilon(epsilon: float, delta: float) -> float:
         lo, hi = hi, hi * 2.0
     else:
         raise ValueError(f"no rho converts to epsilon {epsilon!r} at delta {delta!r}")
-    f_lo, f_hi, side = epsilon_of(lo, delta) - epsilon, epsilon_of(hi, delta) - epsilon, 0
-    for _ in range(MAX_STEPS):
-        if hi - lo <= 1e-10 * hi:
-            break
-        mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
-        if not lo < mid < hi:
-            mid = (lo + hi) / 2.0
-        f_mid = epsilon_of(mid, delta) - epsilon
-        if f_mid <= 0.0:
-            lo, f_lo = mid, f_mid
-            if side == -1:
-                f_hi /= 2.0
-            side = -1
-        else:
-            hi, f_hi = mid, f_mid
-            if side == 1:
-                f_lo /= 2.0
-            side = 1
-    return lo
+    return _bracket(lambda rho: epsilon_of(rho, delta) - epsilon, lo, hi, 1e-10)[0]
