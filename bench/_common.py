@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -314,6 +315,29 @@ def cpu_seconds(pid: int, tree: bool = True) -> float:
             continue
         total += (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def cpu_by_role(pid: int) -> Counter[str]:
+    """CPU seconds of `pid`'s process tree by role: "web" (the executor's HTTP processes), "query workers"
+    (OpenDP's processes, children of the forkserver) and "forkserver"."""
+    tree = [pid, *descendants(pid)]
+    roles: dict[int, str] = {}
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                roles[p] = "forkserver" if b"forkserver" in f.read() else "web"
+        except OSError:
+            continue
+    out: Counter[str] = Counter()
+    for p, role in roles.items():
+        try:
+            fields_ = _stat(p)
+        except OSError:
+            continue
+        if roles.get(int(fields_[1])) == "forkserver":
+            role = "query workers"
+        out[role] += (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def mib(n: float) -> str:
