@@ -29,6 +29,7 @@ from veil.executor.query_pool import MAX_IN_FLIGHT
 from veil.executor.routes import (
     access,
     audit,
+    bridge,
     catalog,
     datasets,
     governance,
@@ -155,7 +156,7 @@ def _action(path: str) -> str:
 
 
 ACTIONS = {"query", "datasets", "whoami", "grants", "jobs", "catalog", "levels", "applications", "budgets",
-           "audit", "receipts", "health", "metrics", "openapi.json", "docs", "report", "standing"}
+           "audit", "receipts", "health", "metrics", "openapi.json", "docs", "report", "standing", "bridge"}
 
 
 async def _audit_refusal(site: Site, identity: Principal | AuthError, address: str, action: str,
@@ -239,7 +240,7 @@ def create_app(site: Site) -> FastAPI:
 
     # in this order, the routes (and the OpenAPI document's paths) keep the order they always had
     for routes in (datasets, queries, access, mocks, jobs, catalog, governance, lifecycle, audit, metrics, sheets,
-                   reports, witness, standing):
+                   reports, witness, standing, bridge):
         app.include_router(routes.router)
     return app
 

@@ -37,6 +37,10 @@ def can_stream(dataset: Dataset, plan: Plan, certified: Certified) -> bool:
     return True
 
 
+def _certificate(certified: Certified) -> Certificate:
+    return Certificate(certified.rho, certified.delta, certified.threshold)
+
+
 class QueryRunner:
     """A worker's view of the site: its catalog and its prepared queries."""
 
@@ -69,12 +73,15 @@ class QueryRunner:
 
     def prepare(self, task: QueryTask) -> Certificate:
         """The certified loss of the query (planned and certified once, then kept)."""
-        certified = self._prepared(task).certified
-        return Certificate(certified.rho, certified.delta, certified.threshold)
+        return _certificate(self._prepared(task).certified)
 
-    def run(self, task: QueryTask) -> Output:
-        """Run the query on the data (the prepared measurement, re-checked by OpenDP's map)."""
+    def run(self, task: QueryTask, certificate: Certificate) -> Output:
+        """Run the query on the data (the prepared measurement, re-checked by OpenDP's map), unless its certified
+        loss is not `certificate`, the loss the executor checked the budget for and will charge."""
         prepared = self._prepared(task)
+        if _certificate(prepared.certified) != certificate:
+            raise QueryError("calibration_failed", "the query's certified loss is not the one the budget was checked "
+                             "for", hint="retry; if it persists, tell the site's administrators")
         dataset = self.catalog.dataset(task.dataset)
         return run(dataset.scan(), dataset, prepared.plan, prepared.certified, prepared.description,
                    prepared.streaming)

@@ -42,6 +42,8 @@ MAX_IN_FLIGHT = 64
 """Queries one principal may have in the executor at once (running or waiting for a worker)."""
 STOP_CHECK_SECONDS = 0.05
 """How often a request waiting on its worker looks whether it was cancelled."""
+MAX_CERTIFICATES = 4096
+"""Certified losses the pool keeps per query key (beyond, it forgets them all and starts again)."""
 
 
 class Stopped(Exception):
@@ -158,6 +160,7 @@ class QueryPool:
         self._running: Counter[str] = Counter()  # ... and those holding a worker
         self._closed = False
         self._workers: set[_Worker] = set()
+        self._certificates: dict[tuple, Certificate] = {}
         for _ in range(workers):
             self._idle.put(self._start())
 
@@ -180,7 +183,7 @@ class QueryPool:
         try:
             stopped = stopped or threading.Event()
             worker = self._acquire(principal, deadline, stopped)
-            session = Session(worker, deadline, self.seconds, stopped)
+            session = Session(worker, deadline, self.seconds, stopped, self._certificates)
             try:
                 session.start()  # a fresh worker's start-up is not the query's time
                 yield session
@@ -236,8 +239,10 @@ class QueryPool:
 class Session:
     """One request's use of a worker: prepare (plan + certify), then run, both before the deadline."""
 
-    def __init__(self, worker: _Worker, deadline: float, seconds: float, stopped: threading.Event) -> None:
+    def __init__(self, worker: _Worker, deadline: float, seconds: float, stopped: threading.Event,
+                 certificates: dict[tuple, Certificate]) -> None:
         self.worker, self.deadline, self.seconds, self.stopped, self.broken = worker, deadline, seconds, stopped, False
+        self.certificates = certificates
 
     def start(self) -> None:
         """Wait for the worker to be ready, then start the query's clock."""
@@ -262,12 +267,20 @@ class Session:
             raise _crashed() from None
 
     def prepare(self, task: QueryTask) -> Certificate:
-        """Plan and certify the query (kept by the worker for `run`); its certified loss."""
-        return self._call(("prepare", task))  # type: ignore[no-any-return]
+        """Plan and certify the query (kept by the worker for `run`); its certified loss. The pool keeps the loss
+        per query key, so a repeated query skips this round trip to the worker."""
+        known = self.certificates.get(task.key)
+        if known is None:
+            known = self._call(("prepare", task))
+            if len(self.certificates) >= MAX_CERTIFICATES:
+                self.certificates.clear()
+            self.certificates[task.key] = known
+        return known
 
-    def run(self, task: QueryTask) -> Output:
-        """Run the prepared query on the data: rows with intervals, statistics and the result's digest."""
-        return self._call(("run", task))  # type: ignore[no-any-return]
+    def run(self, task: QueryTask, certificate: Certificate) -> Output:
+        """Run the prepared query on the data: rows with intervals, statistics and the result's digest. The worker
+        (planning and certifying again if it has not yet) refuses if its certified loss is not `certificate`."""
+        return self._call(("run", (task, certificate)))  # type: ignore[no-any-return]
 
 
 def _rss(pid: int | None) -> int:
@@ -292,11 +305,11 @@ def _serve(conn: Connection, catalog_path: str) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            kind, task = conn.recv()
+            kind, body = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[str, Any] = ("ok", runner.prepare(task) if kind == "prepare" else runner.run(task))
+            reply: tuple[str, Any] = ("ok", runner.prepare(body) if kind == "prepare" else runner.run(*body))
         except VeilError as exc:
             reply = ("refused", (type(exc).__name__, exc.code, exc.message, exc.hint, exc.status))
         except Exception as exc:  # a bug: the parent logs it and answers internal_error

@@ -337,7 +337,7 @@ class Site:
             with self.engine.connect() as conn:  # fail early, before touching the data
                 ledger.check(conn, self.catalog, project, dataset, certified.rho, certified.delta)
             ticket.check()
-            output = worker.run(task)
+            output = worker.run(task, certified)
         release = unsigned_release(self.catalog.site, dataset.name, project, text, request, spec.group_by,
                                    certified, output, pricing)
         if not verified:
