@@ -154,7 +154,8 @@ def _search(mechanism: str, epsilon: float, delta: float, sample_rate: float, st
 
     try:
         hi, step = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                        steps=steps, accountant="rdp", epsilon_tolerance=0.1 * epsilon), 1.25
+                                        steps=steps, accountant="rdp", epsilon_tolerance=0.1 * epsilon,
+                                        alphas=_GUESS_ORDERS), 1.25
     except ACCOUNTANT_FAILURES:  # RDP's conversion cannot reach some small epsilons that PRV can
         hi, step = 1.0, 2.0
     at_hi = spent(hi)
@@ -188,6 +189,9 @@ def _search(mechanism: str, epsilon: float, delta: float, sample_rate: float, st
 
 
 _MAX_SIGMA = 1e6
+_GUESS_ORDERS = [float(a) for a in (*range(2, 65), 80, 96, 128, 192, 256)]
+"""RDP orders for the search's starting guess only: integer orders have a closed form, the fractional ones of
+Opacus' default list a slow series (0.06 s against 0.24 s for the guess); the guess is a bound all the same."""
 
 
 def accountant_epsilon(history: list[tuple[float, float, int]], mechanism: str, delta: float) -> float:
