@@ -16,6 +16,7 @@ if [ ! -x "$chromium" ]; then
   fi
 fi
 bash scripts/setup.sh
+bash scripts/setup-syft.sh  # the PySyft bridge's own environment (.venv-syft): tests/test_syft_bridge.py
 bash scripts/lint.sh  # ruff, the trust boundary's import contracts, mypy: any failure stops the run
 if [ -z "${VEIL_TEST_POSTGRES_URL:-}" ]; then
   echo "VEIL_TEST_POSTGRES_URL is not set: ledger and audit tests run on SQLite only."

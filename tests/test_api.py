@@ -33,7 +33,7 @@ ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/query/{request
           "/grants/{grant_id}/revoke", "/budgets", "/budgets/{dataset}/cap", "/audit", "/audit/verify",
           "/audit/export",
           "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
-          "/jobs/{job_id}/finish",
+          "/jobs/{job_id}/finish", "/bridge/refusals",
           "/datasets/{name}/state", "/datasets/{name}/transitions", "/dataset-transitions",
           "/dataset-transitions/{transition_id}/reviews", "/datasets/{name}/sheet", "/report",
           "/witness", "/witness/{peer}", "/standing", "/standing/{standing_id}",

@@ -368,6 +368,25 @@ def _receipts_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _syft_serve(args: argparse.Namespace) -> int:
+    """Run the PySyft bridge (veil_syft/, in the checkout) in its own environment: it reaches the executor over
+    HTTP only, so PySyft's dependencies never meet the site's."""
+    root = Path(__file__).resolve().parent.parent
+    venv = Path(os.environ.get("VEIL_SYFT_VENV") or root / ".venv-syft")
+    python = venv / "bin" / "python"
+    if not python.exists() or not (root / "veil_syft").is_dir():
+        print(f"veil syft serve: the PySyft bridge runs in its own environment, and {python} is missing: run "
+              f"'bash scripts/setup-syft.sh' in the Veil checkout ({root})", file=sys.stderr)
+        return 2
+    rest = ["--executor-url", args.executor_url, "--token-file", args.token_file, "--interval", str(args.interval)]
+    for flag, value in (("--email", args.email), ("--token-path", args.token_path), ("--state-dir", args.state_dir)):
+        rest += [flag, value] if value else []
+    rest += ["--once"] if args.once else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    os.execve(python, [str(python), "-m", "veil_syft.serve", "--site-config", args.site_config, *rest], env)
+    return 0  # not reached
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     """An option's default from the environment (twelve-factor): the command line still wins."""
     return os.environ.get(name) or default
@@ -564,6 +583,22 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--serve", action="store_true",
                      help="keep only the executors running (configs in DIR) until Ctrl-C")
     demo.set_defaults(func=_demo)
+
+    syft = sub.add_parser("syft", help="PySyft 0.10 users: the bridge beside a site").add_subparsers(
+        dest="action", required=True)
+    bridge = syft.add_parser("serve", help="publish the site's datasets to PySyft and answer jobs with DP releases "
+                             "only (runs in .venv-syft: scripts/setup-syft.sh)")
+    bridge.add_argument("--site-config", "--config", dest="site_config", required=True, help="the site's site.toml")
+    bridge.add_argument("--executor-url", default=_env("VEIL_EXECUTOR_URL", "http://127.0.0.1:8000"),
+                        help="the site's executor [env VEIL_EXECUTOR_URL]")
+    bridge.add_argument("--token-file", required=True, help="the project's researcher token the bridge queries with")
+    bridge.add_argument("--email", default=None, help="the data owner's syft (Google) account")
+    bridge.add_argument("--token-path", default=None, help="syft's Google OAuth token file")
+    bridge.add_argument("--state-dir", default=None, help="where the bridge keeps its releases (default: beside "
+                        "site.toml, syft-bridge/)")
+    bridge.add_argument("--interval", type=float, default=10.0, help="seconds between syncs")
+    bridge.add_argument("--once", action="store_true", help="one pass, then exit")
+    bridge.set_defaults(func=_syft_serve)
     return root
 
 

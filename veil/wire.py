@@ -847,3 +847,16 @@ class DatasetState(_Strict):
     changed_at: str | None = None
     receipt: str | None = None
     pending: list[TransitionInfo] = Field(default_factory=list)
+
+
+class BridgeRefusal(_Strict):
+    """A job that a bridge beside the site (the PySyft bridge, `veil syft serve`) refused without sending it
+    here: recorded in the audit log under the caller's own token. It charges nothing and releases nothing."""
+
+    source: Literal["pysyft"] = "pysyft"
+    job: str = Field(pattern=r"^[A-Za-z0-9_.@+-]{1,200}$", description="the job's id at the bridge")
+    submitter: Annotated[str, Field(min_length=1, max_length=254, description="who submitted the job there (an "
+                                    "email)"), AfterValidator(_printable)]
+    code: str = Field(pattern=r"^[a-z_]{1,40}$", description="why, as a refusal code")
+    message: Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_printable)]
+    dataset: Name | None = None

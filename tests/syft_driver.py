@@ -1,0 +1,147 @@
+"""Run in the bridge's environment (.venv-syft) by tests/test_syft_bridge.py: a Veil site's bridge and a PySyft
+data scientist over syft's own in-memory transport (mock Google Drive service; no network), against a real
+executor. Writes what each side saw to a JSON file for the test to check.
+
+usage: syft_driver.py EXECUTOR_URL TOKEN_FILE SITE WORKDIR OUT_JSON OTHER_PROJECT_TOKEN_FILE STEWARD_TOKEN_FILE
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import httpx
+from syft_rds import SyftRDSClient
+
+from veil_syft.api import ExecutorAPI
+from veil_syft.bridge import OUTPUT_FOLDER, REFUSAL_FOLDER, Bridge
+
+DO, DS = "steward@north.example", "analyst@university.example"
+COUNT = 'release = study.dataset("encounters").sql("SELECT COUNT(*) AS n FROM encounters").release(epsilon=0.5)\n' \
+        "print(release.rows)\n"
+PEEK = 'import pandas as pd\n\ndf = pd.read_parquet("/data/north/encounters.parquet")\nprint(df.head())\n'
+
+
+def job(ds: SyftRDSClient, name: str) -> object:
+    return next(j for j in ds.jobs if j.name == name)
+
+
+def outputs(ds: SyftRDSClient, name: str) -> dict[str, Path]:
+    return {p.name: p for p in job(ds, name).output_paths}
+
+
+def main(url: str, token_file: str, site: str, workdir: str, out: str, other_token: str, steward_token: str) -> None:
+    root = Path(workdir)
+    seen: dict[str, object] = {}
+    ds, do = SyftRDSClient.pair_with_mock_drive_service_connection(
+        email1=DO, email2=DS, base_path1=str(root / "do"), base_path2=str(root / "ds"), use_in_memory_cache=False)
+    bridge = Bridge(do, ExecutorAPI(url, Path(token_file).read_text().strip()), site, root / "bridge-state")
+    seen["published"] = bridge.publish()
+    seen["published_again"] = bridge.publish()  # already there: nothing new
+
+    # the data scientist: list the datasets and read the mock
+    ds.sync()
+    datasets = {d.name: d for d in ds.datasets.get_all()}
+    seen["datasets"] = sorted(datasets)
+    enc = datasets["encounters"]
+    seen["summary"] = enc.summary
+    mock_csv = next(p for p in enc.mock_files if p.suffix == ".csv")
+    with mock_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    seen["mock_columns"], seen["mock_rows"] = list(rows[0]), len(rows)
+    seen["mock_metadata"] = json.loads(next(p for p in enc.mock_files if p.name == "veil_metadata.json").read_text())
+    try:
+        private = [str(p) for p in enc.private_dir.rglob("*")] if enc.private_dir.exists() else []
+    except Exception:  # the data scientist has no private part at all
+        private = []
+    seen["ds_private_files"] = private
+
+    pat = datasets["patients"]
+    with next(p for p in pat.mock_files if p.suffix == ".csv").open() as f:
+        seen["patients"] = {"summary": pat.summary, "rows": len(list(csv.DictReader(f))), "mock": json.loads(
+            next(p for p in pat.mock_files if p.name == "veil_metadata.json").read_text())["mock"]}
+
+    # a DP count job, the PySyft way
+    code = root / "count_job"
+    code.mkdir()
+    (code / "main.py").write_text(COUNT)
+    ds.submit_python_job(user=DO, code_path=str(code / "main.py"), job_name="dp_count", force_submission=True)
+    seen["pass1"] = [o.__dict__ for o in bridge.process()]  # pending: waits for the steward's approval
+    job(do, "dp_count").approve(reason="looks fine")  # the steward approves in syft
+    seen["pass2"] = [o.__dict__ for o in bridge.process()]
+    ds.sync()
+    seen["ds_status"] = job(ds, "dp_count").status
+    release_dir = outputs(ds, "dp_count")[OUTPUT_FOLDER]
+    seen["release"] = json.loads((release_dir / "release.json").read_text())
+    shutil.copy(release_dir / "receipt.ipynb", root / "receipt.ipynb")
+
+    # processed twice more: a re-run with the bridge's record, and one without it (the executor's request_id)
+    job(do, "dp_count").rerun()
+    seen["pass3"] = [o.__dict__ for o in bridge.process()]
+    for record in (root / "bridge-state" / "releases").iterdir():
+        record.unlink()
+    job(do, "dp_count").rerun()
+    seen["pass4"] = [o.__dict__ for o in bridge.process()]
+    ds.sync()
+    seen["release_after_reruns"] = json.loads((outputs(ds, "dp_count")[OUTPUT_FOLDER] / "release.json").read_text())
+
+    # a job that tries to read the private data
+    peek = root / "peek_job"
+    peek.mkdir()
+    (peek / "main.py").write_text(PEEK)
+    ds.submit_python_job(user=DO, code_path=str(peek / "main.py"), job_name="peek", force_submission=True)
+    seen["pass5"] = [o.__dict__ for o in bridge.process()]
+    ds.sync()
+    seen["peek_status"] = job(ds, "peek").status
+    seen["peek_reason"] = job(ds, "peek").review_reason
+
+    # the same job approved in syft before the bridge saw it: still refused, with the refusal as its output
+    peek2 = root / "peek2_job"
+    peek2.mkdir()
+    (peek2 / "main.py").write_text(PEEK)
+    ds.submit_python_job(user=DO, code_path=str(peek2 / "main.py"), job_name="peek_approved", force_submission=True)
+    job(do, "peek_approved").approve()
+    seen["pass6"] = [o.__dict__ for o in bridge.process()]
+    ds.sync()
+    seen["peek2_status"] = job(ds, "peek_approved").status
+    refusal_dir = outputs(ds, "peek_approved").get(REFUSAL_FOLDER)
+    seen["peek2_refusal"] = json.loads((refusal_dir / "refusal.json").read_text()) if refusal_dir else None
+    # row-level SQL as a declared request: the site itself refuses it (not a DP aggregate) and audits it
+    rows_job = root / "rows_job"
+    rows_job.mkdir()
+    (rows_job / "veil_request.json").write_text(json.dumps(
+        {"kind": "query", "sql": "SELECT patient_id, icd10 FROM encounters", "epsilon": 0.5}))
+    (rows_job / "main.py").write_text("# the declared request is what the site runs\n")
+    ds.submit_python_job(user=DO, code_path=str(rows_job), job_name="rows", entrypoint="main.py",
+                         force_submission=True)
+    job(do, "rows").approve()
+    seen["pass7"] = [o.__dict__ for o in bridge.process()]
+    ds.sync()
+    seen["rows_status"] = job(ds, "rows").status
+    seen["rows_refusal"] = json.loads((outputs(ds, "rows")[REFUSAL_FOLDER] / "refusal.json").read_text())
+    # a project without a grant: the bridge files a Veil application; the job waits for the stewards, not syft
+    other = Bridge(do, ExecutorAPI(url, Path(other_token).read_text().strip()), site, root / "other-state")
+    ask = root / "ask_job"
+    ask.mkdir()
+    (ask / "main.py").write_text(COUNT)
+    ds.submit_python_job(user=DO, code_path=str(ask / "main.py"), job_name="no_grant", force_submission=True)
+    job(do, "no_grant").approve()
+    seen["pass8"] = [o.__dict__ for o in other.process()]
+    seen["pass9"] = [o.__dict__ for o in other.process()]  # still waiting: no second application, no new refusal
+    steward = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {Path(steward_token).read_text().strip()}"})
+    [app] = [a for a in steward.get("/applications").json() if a["project"] == "other_project"]
+    seen["application"] = app
+    review = steward.post(f"/applications/{app['id']}/reviews",
+                          json={"decision": "approve", "comment": "a DP count is fine", "version": app["version"]})
+    seen["review"] = review.json()
+    seen["pass10"] = [o.__dict__ for o in other.process()]
+    ds.sync()
+    seen["no_grant_status"] = job(ds, "no_grant").status
+    Path(out).write_text(json.dumps(seen, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:8])
