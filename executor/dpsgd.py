@@ -39,7 +39,7 @@ from torch import nn
 
 from veil.errors import QueryError, validation_problems
 from veil.executor import bookkeeping, models
-from veil.executor.bookkeeping import BookKeeping
+from veil.executor.bookkeeping import BookKeeping, BookKeepingOptimizer
 from veil.models import build
 from veil.models.layout import FeatureLayout
 from veil.models.spec import ModelSpec, TrainSpec
@@ -507,8 +507,9 @@ class _Run:
         self.noise = torch.Generator(dev)
         reseed_from_os(self.noise)
         self.sampling = torch.Generator(dev).manual_seed(seed + 2)
-        self.optimizer = get_optimizer_class(  # book-keeping leaves the clipped sum where ghost clipping does
-            clipping="flat", distributed=False, grad_sample_mode="ghost" if self.bookkeeping else grad_sample_mode
+        self.optimizer = (  # book-keeping leaves the clipped sum where ghost clipping does
+            BookKeepingOptimizer if self.bookkeeping
+            else get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode)
         )(
             base,
             noise_multiplier=plan.noise_multiplier * audit_noise_scale,
