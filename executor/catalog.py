@@ -6,6 +6,7 @@ number of rows per patient are public facts declared by the steward, never read 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -61,9 +62,13 @@ class Dataset(Table):
 
     def scan(self) -> pl.LazyFrame:
         """The dataset's rows, each column in its declared dtype (a file column of a mapped dtype, say UInt32
-        declared Int64, is cast; a value that does not fit fails the query rather than wrapping)."""
-        declared: dict[str, pl.DataType] = dict(self.schema())
-        return pl.scan_parquet(self.path).cast(declared, strict=True)  # type: ignore[arg-type]  # (Mapping invariance)
+        declared Int64, is cast; a value that does not fit fails the query rather than wrapping). Only columns
+        whose file dtype differs are cast: a strict cast reads its columns whatever the query uses, so with none
+        a bare count is answered from the file's row count."""
+        stored = _file_schema(str(self.path), *_version(self.path))
+        cast = {c: t for c, t in self.schema().items() if stored is None or stored.get(c) != t}
+        frame = pl.scan_parquet(self.path)
+        return frame.cast(cast, strict=True) if cast else frame  # type: ignore[arg-type]  # (Mapping invariance)
 
     def info(self, pricing: Pricing | None = None) -> DatasetInfo:
         return DatasetInfo(
@@ -78,6 +83,24 @@ class Dataset(Table):
             pricing=pricing,
             sharing=self.sharing,
         )
+
+
+def _version(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_schema(path: str, mtime_ns: int, size: int) -> dict[str, pl.DataType] | None:
+    """The dtypes a Parquet file stores (its footer only), per version of the file; None when it cannot be read
+    that way (then every column is cast)."""
+    try:
+        return dict(pl.read_parquet_schema(path))
+    except Exception:  # a directory, a glob, a missing or broken file: the scan itself reports it
+        return None
 
 
 @dataclass(frozen=True)

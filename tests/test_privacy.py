@@ -71,6 +71,9 @@ def test_a_bare_count_reads_the_row_index_only_where_no_truncation_needs_the_pat
     assert dataset.privacy_unit in build_plan(dataset, spec, verified_bound=False, thresholded=False).columns
     filtered = build_plan(dataset, parse_sql("SELECT COUNT(*) FROM patients WHERE age < 6"), True, False)
     assert filtered.columns == ["age"]
+    # the file stores the declared dtypes, so the scan casts nothing and the row index decodes no column
+    counted = build_plan(dataset, spec, verified_bound=True, thresholded=False).project(dataset.scan())
+    assert "WITH_COLUMNS" not in counted.explain() and counted.collect().height == _data(site, "patients").height
 
 
 def test_mean_intervals_cover_at_least_their_level(site: Site) -> None:
