@@ -146,10 +146,10 @@ def grant_row(conn: Connection, project: str, dataset: str) -> dict | None:
     return dict(row) if row else None
 
 
-def grant_figures(conn: Connection, catalog: Catalog, project: str, dataset: str) -> dict[str, float] | None:
-    """The project's grant on `dataset` as a researcher reads it (granted, spent, largest next release, what
-    remains), or None when it has none."""
-    row = grant_row(conn, project, dataset)
+def grant_figures(row: dict | None, catalog: Catalog) -> dict[str, float] | None:
+    """A grant row (`grant_row`) as a researcher reads it (granted, spent, largest next release, what remains),
+    or None for no grant. Pure arithmetic on the row: a writer reads the row in its transaction and converts
+    after the commit, so the database's write lock is not held for the epsilon conversions."""
     return None if row is None else _remaining(row, catalog.reporting_delta)
 
 

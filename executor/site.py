@@ -354,9 +354,9 @@ class Site:
                                      decision="released", project=project, dataset=dataset.name, query=text,
                                      rho=certified.rho, delta=certified.delta, result_digest=output.digest)
                 checkpoint = checkpoints.covering(conn, entry.seq)  # signs this head now (the commit won't again)
-                grant = ledger.grant_figures(conn, self.catalog, project, dataset.name)
-            return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts,
-                                              "checkpoint": checkpoint, "grant": grant})
+                grant = ledger.grant_row(conn, project, dataset.name)
+            return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts, "checkpoint": checkpoint,
+                                              "grant": ledger.grant_figures(grant, self.catalog)})
 
         return ticket.commit(charge)
 

@@ -9,6 +9,7 @@ executor/checkpoints.py), so the signed checkpoint commits with the entries it c
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import sqlite3
 import threading
@@ -421,7 +422,32 @@ def _check_columns(bind: Engine | Connection, ignore: dict[str, set[str] | None]
             )
 
 
-_SQLITE_WRITERS: WeakKeyDictionary[Engine, threading.Lock] = WeakKeyDictionary()
+class _SQLiteWriters:
+    """The writers of one SQLite database queue here before BEGIN IMMEDIATE: threads of this process on a lock,
+    processes (the executor's workers, a steward's CLI) on an exclusive `flock` of a file beside the database.
+    SQLite's own busy handler makes a waiting writer sleep and retry (1, 2, 5 ... 100 ms), which left a second
+    worker process mostly asleep; the kernel wakes a process waiting on the file as soon as it is free."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.thread_lock = threading.Lock()
+        database = engine.url.database
+        self.lock_file = None if not database or database == ":memory:" else open(f"{database}.writers", "a+b")  # noqa: SIM115
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self.thread_lock:
+            if self.lock_file is None:
+                yield
+                return
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+
+
+_SQLITE_WRITERS: WeakKeyDictionary[Engine, _SQLiteWriters] = WeakKeyDictionary()
+_WRITERS_LOCK = threading.Lock()
 _HEAD_FOR_UPDATE = select(audit_head.c.seq).where(audit_head.c.id == 1).with_for_update()
 
 HeadHook = Callable[[Connection, int, str], None]
@@ -465,14 +491,15 @@ def _sealed(conn: Connection) -> Iterator[Connection]:
 def write(engine: Engine) -> Iterator[Connection]:
     """One serialized write transaction: commit on success, roll back on any exception.
 
-    On SQLite, threads of one process queue on a lock first: SQLite's own busy handler makes
-    waiting writers sleep and retry, which is slow and unfair under many concurrent requests."""
+    On SQLite, writers queue first (`_SQLiteWriters`): SQLite's own busy handler makes waiting writers sleep
+    and retry, which is slow and unfair under many concurrent requests."""
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn, conn.execution_options(veil_write=True).begin():
             conn.execute(_HEAD_FOR_UPDATE)
             with _sealed(conn):
                 yield conn
         return
-    with _SQLITE_WRITERS.setdefault(engine, threading.Lock()):
-        with engine.connect() as conn, conn.execution_options(veil_write=True).begin(), _sealed(conn):
-            yield conn
+    with _WRITERS_LOCK:
+        writers = _SQLITE_WRITERS.get(engine) or _SQLITE_WRITERS.setdefault(engine, _SQLiteWriters(engine))
+    with writers.held(), engine.connect() as conn, conn.execution_options(veil_write=True).begin(), _sealed(conn):
+        yield conn
