@@ -5,7 +5,8 @@ patient). A researcher's job goes over HTTP to a real executor (`POST /jobs`, po
 policy check and reservation, the read and encoding of the data, the DP count of training rows, the
 noise calibration, DP-SGD (ghost clipping, Poisson batches from tensors), the DP evaluation and the
 settlement. The baseline trains the same MLP for the same epochs on the same rows with plain PyTorch.
-Both are reported as training rows x epochs / wall seconds.
+Both are reported as training rows x epochs / wall seconds; the job runs twice on the same executor (the first
+also loads the training stack and calibrates the noise, the second finds both done).
 
     python bench/training_job.py [--rows 100000] [--epochs 3] [--batch 512]
 """
@@ -83,25 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     non_private(spec, layout, x, y, args.batch, args.epochs, torch.device("cpu"))
     baseline = train_rows * args.epochs / (time.perf_counter() - started)
 
+    walls, jobs = [], []
     with LocalExecutor(config, log=root / "executor.log") as executor, SiteClient("bench", executor.url, token) as site:
         request = TrainRequest(dataset="cohort", features=[f"x{i}" for i in range(FEATURES)], label="label",
                                model=spec, train=hyper)
-        started = time.perf_counter()
-        job = site.train(request)
-        while job.state == "running":
-            time.sleep(0.05)
-            job = site.job(job.id)
-        wall = time.perf_counter() - started
-    assert job.state == "done", job.error
-    path = train_rows * args.epochs / wall
-    rows = [["non-private PyTorch (training loop)", f"{baseline:,.0f}", "1.0x"],
-            ["executor job path (HTTP, end to end)", f"{path:,.0f}", f"{ratio(baseline, path):.1f}x"]]
+        for _ in range(2):  # a fresh executor's first job, then the same job again
+            started = time.perf_counter()
+            job = site.train(request)
+            while job.state == "running":
+                time.sleep(0.05)
+                job = site.job(job.id)
+            walls.append(time.perf_counter() - started)
+            jobs.append(job)
+            assert job.state == "done", job.error
+    first, second = (train_rows * args.epochs / w for w in walls)
+    rows = [["non-private PyTorch (training loop)", f"{baseline:,.0f}", "1.0x", ""],
+            ["job path, a fresh executor's first job", f"{first:,.0f}", f"{ratio(baseline, first):.1f}x", f"{walls[0]:.1f}"],
+            ["job path, the same job again", f"{second:,.0f}", f"{ratio(baseline, second):.1f}x", f"{walls[1]:.1f}"]]
     print(f"{args.rows:,} patients ({train_rows:,} trained on), MLP {args.hidden}, batch {args.batch}, "
-          f"{args.epochs} epochs, epsilon {job.epsilon:.3g}; job wall {wall:.1f} s")
-    print(table(["mode", "samples/s", "slowdown"], rows))
+          f"{args.epochs} epochs, epsilon {jobs[0].epsilon:.3g}. The first job also loads the training stack "
+          "(PyTorch, Opacus) into the executor and calibrates the noise; the second finds both done.")
+    print(table(["mode", "samples/s", "slowdown", "job wall s"], rows))
     save("training_job", {"rows": args.rows, "epochs": args.epochs, "batch": args.batch, "hidden": args.hidden,
-                          "baseline_samples_per_s": baseline, "job_samples_per_s": path, "job_wall_s": wall,
-                          "epsilon": job.epsilon})
+                          "baseline_samples_per_s": baseline, "job_samples_per_s": [first, second],
+                          "job_wall_s": walls, "epsilon": [j.epsilon for j in jobs]})
     return 0
 
 
