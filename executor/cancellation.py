@@ -97,6 +97,15 @@ class Tickets:
         ticket.check()
         return ticket  # released: the site answers with the same release, charged once
 
+    def settle(self, project: str, ticket: Ticket) -> None:
+        """The query of `ticket` has ended: a ticket still running was refused before its charge, so it is
+        forgotten (nothing was charged; the same request_id may come again as a new query)."""
+        if ticket.request_id is None or ticket.state != "running":
+            return
+        with self._lock:
+            if self._tickets.get((project, ticket.request_id)) is ticket and ticket.state == "running":
+                del self._tickets[(project, ticket.request_id)]
+
     def cancel(self, project: str, request_id: str) -> Cancellation:
         """Cancel a project's request; one not seen yet is refused when it arrives."""
         with self._lock:

@@ -7,7 +7,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
 
@@ -311,10 +311,17 @@ class Site:
 
     def query(self, principal: Principal, request: QueryRequest, ticket: Ticket | None = None) -> Release:
         """Plan, certify, precheck the budget, run, then charge and audit in one transaction, unless the
-        request's `ticket` was cancelled meanwhile (then nothing is charged)."""
+        request's `ticket` was cancelled meanwhile (then nothing is charged). A query refused before its charge
+        leaves no ticket behind: the same request_id may be sent again."""
         ticket = ticket or self.begin_query(principal, request)
         if ticket.release is not None:  # a retry of a request already released: the same release, charged once
             return ticket.release
+        try:
+            return self._query(principal, request, ticket)
+        finally:
+            self.tickets.settle(principal.project or "", ticket)
+
+    def _query(self, principal: Principal, request: QueryRequest, ticket: Ticket) -> Release:
         project = principal.project or ""
         if request.project is not None and request.project != project:
             raise VeilError("wrong_project", f"your token acts for project '{project}', not '{request.project}'",
@@ -347,7 +354,10 @@ class Site:
         if (taken := snapshot.current(dataset)) is not None:
             release = release.model_copy(update={"notes": [*release.notes, taken.note]})
 
+        grant: dict[str, Any] | None = None
+
         def charge() -> Release:
+            nonlocal grant
             with write(self.engine) as conn:
                 ledger.charge(conn, self.catalog, project, dataset, certified.rho, certified.delta)
                 entry = audit.append(conn, principal=principal.name, role=principal.role, action="query",
@@ -355,10 +365,11 @@ class Site:
                                      rho=certified.rho, delta=certified.delta, result_digest=output.digest)
                 checkpoint = checkpoints.covering(conn, entry.seq)  # signs this head now (the commit won't again)
                 grant = ledger.grant_row(conn, project, dataset.name)
-            return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts, "checkpoint": checkpoint,
-                                              "grant": ledger.grant_figures(grant, self.catalog)})
+            return release.model_copy(update={"receipt": entry.hash, "released_at": entry.ts, "checkpoint": checkpoint})
 
-        return ticket.commit(charge)
+        charged = ticket.commit(charge)  # the grant's figures after the commit: the write lock is not held for them
+        ticket.release = charged.model_copy(update={"grant": ledger.grant_figures(grant, self.catalog)})
+        return ticket.release
 
     # ------------------------------------------------------------ governance
 

@@ -63,6 +63,20 @@ def test_a_cancel_after_the_charge_returns_the_release_and_a_retry_is_charged_on
     assert grant["epsilon_granted"] == 20.0 and grant["rho_granted"] - grant["rho"] == pytest.approx(charged["rho"])
 
 
+def test_a_request_refused_before_its_charge_may_be_sent_again_with_its_id(sites: dict[str, Deployment]) -> None:
+    d, request_id = sites["north"], new_id()
+    with d.http() as http:
+        refused = http.post("/query", json={"sql": "SELECT COUNT(*) FROM patients WHERE nonesuch = 1",
+                                            "epsilon": 0.05, "request_id": request_id})
+        assert refused.status_code == 400, refused.text
+        spent = d.spent("patients")["rho"]
+        again = http.post("/query", json={**QUERY, "request_id": request_id})
+        assert again.status_code == 200, again.text
+        retry = http.post("/query", json={**QUERY, "request_id": request_id})
+    assert retry.json()["receipt"] == again.json()["receipt"]
+    assert d.spent("patients")["rho"] == spent + again.json()["cost"]["rho"]  # charged once
+
+
 def test_request_ids_are_checked(sites: dict[str, Deployment]) -> None:
     with sites["north"].http() as http:
         assert http.post("/query", json={**QUERY, "request_id": "short"}).status_code == 422
