@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import secrets
 import threading
 from collections.abc import Mapping
@@ -88,7 +89,7 @@ class Rounds:
                 stretch = dpsgd.train_stretch(request.model, whole, train.x, train.y, epochs=request.train.epochs,
                                               state=state, accountant=json.loads(row["history"]),
                                               layout=train.layout,
-                                              public_rows=row["rows"], cancel=limit)
+                                              public_rows=row["rows"], cancel=limit, exact=False)
             finally:
                 timer.cancel()
         except BaseException:
@@ -104,7 +105,8 @@ class Rounds:
                          project=row["project"], dataset=row["dataset"], rho=0.0, epsilon=0.0, delta=0.0,
                          result_digest=hashlib.sha256(_as_bytes(stretch.state)).hexdigest(),
                          reason=f"job {job_id}, study {request.federated.study}: round {server_round} of {rounds}; "
-                                f"DP weights left the site, the accountant has spent epsilon {stretch.epsilon:.4g} "
+                                f"DP weights left the site, the accountant has spent epsilon "
+                                f"{'at most ' if not stretch.exact else ''}{stretch.epsilon:.4g} "
                                 f"of {request.train.epsilon:g}")
         return stretch, int(row["rows"])
 
@@ -134,7 +136,8 @@ class Rounds:
         except BaseException:
             self._release_claim(job_id)
             raise
-        self.trainer.settle(job_id, who, dataset.name, request, state, row["epsilon"], row["epsilon"] > 0,
+        spent = _settled_epsilon(row, request)
+        self.trainer.settle(job_id, who, dataset.name, request, state, spent, spent > 0,
                             evaluation, weights, None)
         with self._lock:
             self._data.pop(job_id, None)
@@ -207,6 +210,21 @@ class Rounds:
                 self._data[row["id"]] = (self.trainer.encode(dataset, request, train),
                                          self.trainer.encode(dataset, request, holdout))
             return self._data[row["id"]]
+
+
+def _settled_epsilon(row: Mapping[str, Any], request: TrainRequest) -> float:
+    """What the part spent, for the ledger: Opacus' accountant's exact epsilon of the recorded history,
+    computed once here (the rounds record an upper bound); the recorded bound where that evaluation fails."""
+    bound = float(row["epsilon"])
+    try:
+        saved = json.loads(row["history"] or "{}")
+        history = [tuple(h) for h in saved.get("history", [])]
+        if not history:
+            return bound
+        exact = dpsgd.history_epsilon(history, saved.get("mechanism", "prv"), request.train.delta)
+    except Exception:  # noqa: BLE001 - the bound stands
+        return bound
+    return min(exact, bound) if math.isfinite(exact) else bound
 
 
 def _as_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
