@@ -500,6 +500,8 @@ def write(engine: Engine) -> Iterator[Connection]:
                 yield conn
         return
     with _WRITERS_LOCK:
-        writers = _SQLITE_WRITERS.get(engine) or _SQLITE_WRITERS.setdefault(engine, _SQLiteWriters(engine))
+        writers = _SQLITE_WRITERS.get(engine)
+        if writers is None:  # one per engine: it holds the lock file open
+            writers = _SQLITE_WRITERS[engine] = _SQLiteWriters(engine)
     with writers.held(), engine.connect() as conn, conn.execution_options(veil_write=True).begin(), _sealed(conn):
         yield conn
