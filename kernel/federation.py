@@ -17,9 +17,10 @@ from veil.federation import codec, coordinator  # first: they turn Flower's tele
 # isort: split
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flwr.app import Error, Message, RecordDict
 from flwr.common.typing import Run
@@ -33,6 +34,7 @@ from veil.kernel.training import TrainedModel
 from veil.models.layout import FeatureLayout
 from veil.wire import JobInfo, TrainRequest
 
+Site = TypeVar("Site")
 SITE_FAILED = 1
 """The Flower error code a reply carries when a site refused or could not be reached."""
 
@@ -127,17 +129,17 @@ class FederatedModel:
 
 def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progress: bool = True) -> FederatedModel:
     """Join every site to the study, run its rounds with Flower's FedAvg, then have each site evaluate the
-    global model and settle. A site that refuses to join stops the study before any round (the sites
-    already joined are released, charged nothing for training)."""
+    global model and settle. The sites are asked at once (each joins, and later evaluates, on its own
+    machine). A site that refuses to join stops the study before any round (the sites that joined are
+    released, charged nothing for training)."""
     assert request.federated is not None
-    parts: list[tuple[SiteClient, JobInfo]] = []
-    try:
-        for client in clients:
-            parts.append((client, client.train(request)))
-    except VeilError:
+    joined = _at_every_site(clients, lambda client: client.train(request))
+    parts = [(client, job) for client, job in zip(clients, joined) if isinstance(job, JobInfo)]
+    refused = [error for error in joined if isinstance(error, VeilError)]
+    if refused:
         for client, job in parts:
             client.cancel_job(job.id)
-        raise
+        raise refused[0]
     if len({_layout_key(job) for _, job in parts}) != 1:
         for client, job in parts:
             client.cancel_job(job.id)
@@ -171,13 +173,25 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
         flower.setLevel(level)
         bar.close()
     finished: dict[str, JobInfo] = {}
-    for client, job in parts:
-        try:
-            finished[client.name] = client.finish_job(job.id, result.weights)
-        except VeilError as exc:  # that site settles its part when it expires, to what its rounds spent
-            failures.append((rounds, f"{client.name} could not evaluate and settle: {exc}"))
-            finished[client.name] = job
+    ended = _at_every_site(parts, lambda part: part[0].finish_job(part[1].id, result.weights))
+    for (client, job), done in zip(parts, ended):
+        if isinstance(done, VeilError):  # that site settles its part when it expires, to what its rounds spent
+            failures.append((rounds, f"{client.name} could not evaluate and settle: {done}"))
+        finished[client.name] = done if isinstance(done, JobInfo) else job
     return FederatedModel(result.weights, finished, result.rounds, failures)
+
+
+def _at_every_site(sites: Sequence[Site], call: Callable[[Site], JobInfo]) -> list[JobInfo | VeilError]:
+    """`call` for every site at once (each site works on its own machine), in the order of `sites`: the
+    site's answer, or the VeilError it refused with."""
+    def one(site: Site) -> JobInfo | VeilError:
+        try:
+            return call(site)
+        except VeilError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, len(sites))) as pool:
+        return list(pool.map(one, sites))
 
 
 def _layout_key(job: JobInfo) -> str:
