@@ -6,7 +6,9 @@ ExecutorGrid), each site training `epochs` epochs per round. The baseline is one
 569 patients, training one job of R x epochs epochs on the same model: the same samples in total. Both
 are wall time end to end, as the researcher sees it (joins, rounds, DP evaluation, settlement), measured
 twice on the same executors: first on fresh ones (each loads PyTorch and Opacus and calibrates the noise
-for its first job), then again (a hospital's long-running executor, the study's plan already calibrated).
+for its first job), then again (a hospital's long-running executor). Beside the wall time, the CPU seconds
+each executor (all its processes) and the researcher's process used: on this 2-core machine three sites and
+the coordinator share two cores, where hospitals each have their own machine.
 
     python bench/federated_jobs.py [--rounds 5] [--epochs 2] [--epsilon 2]
 """
@@ -14,12 +16,15 @@ for its first job), then again (a hospital's long-running executor, the study's 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ratio, save, table, timed, workdir  # noqa: E402
+from _common import cpu_by_role, ratio, save, table, timed, workdir  # noqa: E402
 
 from veil.executor import ledger  # noqa: E402
 from veil.executor.auth import create_token  # noqa: E402
@@ -31,6 +36,7 @@ from veil.kernel.study import Study  # noqa: E402
 from veil.local import LocalExecutor  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+T = TypeVar("T")
 FEATURES = [c.name for c in breast_cancer_frame()[1] if c.bounds is not None]
 
 
@@ -70,23 +76,43 @@ def main(argv: list[str] | None = None) -> int:
         study = Study("bench", "bench", sites, [])
         rows, figures = [], {}
         for when in ("fresh executors", "again"):
-            solo_wall, alone = timed(lambda: solo.train(DATASET, FEATURES, LABEL, args.epsilon,
-                                                        epochs=args.rounds * args.epochs, **train))
-            fed_wall, fed = timed(lambda: study.train(DATASET, FEATURES, LABEL, epsilon=args.epsilon,
-                                                      rounds=args.rounds, epochs=args.epochs, **train))
+            solo_wall, alone, solo_cpu = measured(lambda: solo.train(
+                DATASET, FEATURES, LABEL, args.epsilon, epochs=args.rounds * args.epochs, **train), executors[:1])
+            fed_wall, fed, fed_cpu = measured(lambda: study.train(
+                DATASET, FEATURES, LABEL, epsilon=args.epsilon, rounds=args.rounds, epochs=args.epochs, **train),
+                executors[1:])
             rows += [[f"{when}: one site, all 569 patients, one job", f"{solo_wall:.1f}", "1.0x",
-                      f"{alone.epsilon:.3g}"],
+                      f"{solo_cpu[0]:.2f}", f"{solo_cpu[-1]:.2f}", f"{alone.epsilon:.3g}"],
                      [f"{when}: 3 sites x {args.rounds} rounds (Study.train, HTTP)", f"{fed_wall:.1f}",
-                      f"{ratio(fed_wall, solo_wall):.1f}x", ", ".join(f"{e:.3g}" for e in fed.epsilon.values())]]
+                      f"{ratio(fed_wall, solo_wall):.1f}x", " / ".join(f"{c:.2f}" for c in fed_cpu[:-1]),
+                      f"{fed_cpu[-1]:.2f}", ", ".join(f"{e:.3g}" for e in fed.epsilon.values())]]
             figures[when] = {"solo_wall_s": solo_wall, "federated_wall_s": fed_wall, "site_epsilon": fed.epsilon,
-                             "solo_epsilon": alone.epsilon}
+                             "solo_epsilon": alone.epsilon, "solo_cpu_s": solo_cpu, "federated_cpu_s": fed_cpu}
     finally:
         for executor in executors:
             executor.stop()
     print(f"breast cancer, logistic regression, {args.rounds} rounds x {args.epochs} epochs, epsilon {args.epsilon}")
-    print(table(["run", "wall s", "vs one site", "epsilon (per site)"], rows))
+    print(table(["run", "wall s", "vs one site", "executor CPU s (per site)", "researcher CPU s",
+                 "epsilon (per site)"], rows))
     save("federated_jobs", {"rounds": args.rounds, "epochs": args.epochs, "epsilon": args.epsilon, **figures})
     return 0
+
+
+def measured(call: Callable[[], T], executors: list[LocalExecutor]) -> tuple[float, T, list[float]]:
+    """Wall seconds of `call()`, its result, and the CPU seconds each of `executors` (its process tree) and
+    then this process (the researcher's side) used meanwhile."""
+    def cpu() -> list[float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return [sum(cpu_by_role(_pid(e)).values()) for e in executors] + [own.ru_utime + own.ru_stime]
+
+    before = cpu()
+    wall, result = timed(call)
+    return wall, result, [b - a for a, b in zip(before, cpu())]
+
+
+def _pid(executor: LocalExecutor) -> int:
+    assert executor.process is not None, "a started executor"
+    return executor.process.pid
 
 
 if __name__ == "__main__":

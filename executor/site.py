@@ -510,7 +510,7 @@ class Site:
         from veil.executor import federated
         from veil.federation import codec
 
-        self.dataset_for(who, self.job(who, job_id).dataset, use="train on")
+        self.dataset_for(who, self.trainer.row(who, job_id)["dataset"], use="train on")
         return codec.encode_content(federated.executor_reply(self.rounds, job_id, codec.decode_content(message), who))
 
     def finish_job(self, who: Principal, job_id: int, weights: bytes | None) -> JobInfo:
