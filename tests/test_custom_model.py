@@ -203,15 +203,19 @@ def test_endless_loop_times_out() -> None:
 
 
 def sandbox_children() -> list[int]:
-    """Process ids of running sandbox children (python -m veil.executor.sandbox)."""
+    """Process ids of this process's running sandbox children (python -m veil.executor.sandbox); another
+    test process's sandboxes (pytest-xdist runs tests side by side) are not ours to kill."""
     found = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"veil.executor.sandbox" in f.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
+                sandbox = b"veil.executor.sandbox" in f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
+        if sandbox and parent == os.getpid():
+            found.append(int(entry))
     return found
 
 
