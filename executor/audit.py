@@ -25,7 +25,6 @@ from veil import spreadsheet
 from veil.executor import checkpoints
 from veil.executor.checkpoints import SiteKey
 from veil.executor.store import GENESIS, audit, audit_head, caps, grants, head_moved
-from veil.query.accounting import epsilon_of
 from veil.wire import AuditEntry, Checkpoint
 
 FIELDS = ("seq", "ts", "principal", "role", "project", "action", "dataset", "query", "rho", "epsilon", "delta",
@@ -278,6 +277,9 @@ def export_text(found: Iterable[AuditEntry], fmt: str) -> str:
 
 @lru_cache(maxsize=4096)
 def _epsilon_of(rho: float, delta: float) -> float:
+    # OpenDP (and scikit-learn) load only when a cost is converted: a ClientApp's token needs none
+    from veil.query.accounting import epsilon_of
+
     return epsilon_of(rho, delta)  # OpenDP's conversion takes milliseconds; a log repeats a few costs
 
 

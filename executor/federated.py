@@ -185,9 +185,10 @@ def _executor(catalog: str, database: str | None) -> Rounds:
 
 APP_DIR = Path(__file__).with_name("flower_app")
 """The Flower App (FAB) directory `flwr run` submits: its serverapp is `veil.federation.coordinator`'s
-`deployed_server`, its clientapp `deployed_client` below."""
+`deployed_server`, its clientapp `veil.executor.supernode.deployed_client`: that relays each round to the
+site's running executor, or, where the SuperNode names none, trains it with `deployed_client` below."""
 deployed_client = client_app()
-"""The Flower App's `clientapp` component (a SuperNode beside an executor)."""
+"""A SuperNode's ClientApp that trains each round in its own process (beside an executor, on its ledger)."""
 
 
 _SIMULATION = threading.Lock()

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from conftest import Deployment
 from veil.executor import audit, federated
 from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame
+from veil.executor.store import tokens
 from veil.kernel.sdk import train_request
 from veil.local import free_port
 from veil.models.build import read_metadata
@@ -40,6 +42,13 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def supernode_tokens(d: Deployment) -> list[bool]:
+    """Whether each token a site's SuperNode minted to relay a round is revoked, oldest first."""
+    with d.engine.connect() as conn:
+        return list(conn.execute(select(tokens.c.revoked).where(tokens.c.principal == f"supernode_{d.catalog.site}")
+                                 .order_by(tokens.c.created_at, tokens.c.token_id)).scalars())
 
 
 @pytest.fixture
@@ -77,10 +86,14 @@ def flower(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, list[subproces
     log.close()
 
 
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "in-process"])
 def test_a_study_runs_on_flowers_deployment_runtime(
         cancer_sites: dict[str, Deployment], flower: tuple[dict[str, str], int, list[subprocess.Popen]],
-        tmp_path: Path) -> None:
+        tmp_path: Path, relay: bool) -> None:
+    """Relayed: each SuperNode names its executor (`--executor-url`) and the ClientApp hands each round
+    to it; in-process: the ClientApp trains the round itself, on the same ledger."""
     env, fleet, processes = flower
+    minted_before = {name: supernode_tokens(d) for name, d in cancer_sites.items()}
     request = train_request(DATASET, FEATURES, LABEL, 2.0, 1e-5, None, 2, 24, 2.0, "sgd", 1.0, 0.2, 1.0,
                             federated=Federation(study="deployed", rounds=ROUNDS))
     parts = {name: (d.client(), d.client().train(request)) for name, d in cancer_sites.items()}
@@ -89,7 +102,7 @@ def test_a_study_runs_on_flowers_deployment_runtime(
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "veil.cli", "executor", "supernode", "--site-config", str(d.catalog.path),
              "--database-url", d.database_url, "--superlink", f"127.0.0.1:{fleet}",
-             "--clientappio", f"127.0.0.1:{free_port()}", "--insecure"],
+             "--clientappio", f"127.0.0.1:{free_port()}", "--insecure", *(["--executor-url", d.url] if relay else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     layout = next(iter(parts.values()))[1].layout
@@ -130,3 +143,5 @@ def test_a_study_runs_on_flowers_deployment_runtime(
         rounds = [e for e in audit.entries(d.engine) if e.decision == "released" and f"job {job.id}," in (e.reason or "")]
         assert len(rounds) == ROUNDS
         assert audit.verify(d.engine).ok
+        minted = supernode_tokens(d)[len(minted_before[name]):]  # a relayed round's token lives for that round only
+        assert minted == ([True] * ROUNDS if relay else [])

@@ -171,17 +171,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _supernode(args: argparse.Namespace) -> int:
     """Run Flower's SuperNode beside this site's executor: it connects outward to a study's SuperLink and
-    trains the site's parts of studies through the executor's ledger (the site's catalog and database)."""
+    trains the site's parts of studies through the executor's ledger (the site's catalog and database): with
+    `--executor-url`, by relaying each round to the running executor (veil.executor.supernode)."""
     import shutil
 
     from veil.executor.catalog import load_catalog
 
     catalog_path = Path(args.site_config).resolve()
-    database = args.database_url or load_catalog(catalog_path).database_url
+    catalog = load_catalog(catalog_path)
+    database = args.database_url or catalog.database_url
     binary = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
     security = ["--insecure"] if args.insecure else ["--root-certificates", args.root_certificates]
+    relay = f" executor='{args.executor_url.rstrip('/')}'" if args.executor_url else ""
     command = [binary, *security, "--superlink", args.superlink, "--clientappio-api-address", args.clientappio,
-               "--node-config", f"catalog='{catalog_path}' database='{database}'"]
+               "--node-config", f"catalog='{catalog_path}' database='{database}' site='{catalog.site}'{relay}"]
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.execv(binary, command)
     return 1  # not reached
@@ -494,6 +497,9 @@ def parser() -> argparse.ArgumentParser:
     supernode.add_argument("--superlink", required=True, help="the study's SuperLink Fleet API, HOST:PORT")
     supernode.add_argument("--clientappio", default="127.0.0.1:9094",
                            help="where the SuperNode serves its ClientApp processes (loopback)")
+    supernode.add_argument("--executor-url", default=None,
+                           help="this site's running executor (e.g. http://127.0.0.1:8000): each round is relayed "
+                                "to it and trained there, warm, instead of in a new process per round")
     security = supernode.add_mutually_exclusive_group(required=True)
     security.add_argument("--root-certificates", help="the SuperLink's CA certificate (TLS)")
     security.add_argument("--insecure", action="store_true", help="no TLS: for loopback tests only")

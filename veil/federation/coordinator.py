@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.typing import Run
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -90,6 +91,49 @@ class SiteFedAvg(FedAvg):
             raise QueryError("round_failed", f"no site completed round {server_round}: {'; '.join(failed)}",
                              "read each site's reason; the rounds before were charged, nothing else")
         return super().aggregate_train(server_round, replies)
+
+
+class PromptGrid(Grid):
+    """A Grid that hands a round's replies to the strategy as soon as the last one is in. Flower 1.30's
+    GrpcGrid (the deployment runtime's) asks the SuperLink for replies every 3 s in `send_and_receive`,
+    which FedAvg calls once a round; this asks every `interval` seconds through the Grid's own
+    `pull_messages`, and otherwise is the grid it wraps."""
+
+    def __init__(self, grid: Grid, interval: float = 0.2) -> None:
+        self.grid, self.interval = grid, interval
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(msg.metadata.reply_to_message_id for msg in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
 
 
 def initial_state(spec: ModelSpec, layout: FeatureLayout, seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -180,7 +224,8 @@ def deployed_server_app() -> ServerApp:
     `veil.executor.federated.APP_DIR`). The run config names each site's part (`jobs`: site -> job id, from
     joining each site over its HTTP API), the `model` spec and feature `layout` (JSON, as the sites
     reported them), `rounds` and `delta`; the global weights go to `out` (safetensors) and a summary beside
-    it (`out` + .json)."""
+    it (`out` + .json), with the seconds from the coordinator's start to each round's end. Replies are
+    collected as they arrive (`PromptGrid`)."""
     app = ServerApp()
 
     @app.main()
@@ -189,13 +234,18 @@ def deployed_server_app() -> ServerApp:
         jobs = json.loads(str(config["jobs"]))
         model = ModelSpec.model_validate_json(str(config["model"]))
         shape = FeatureLayout.from_dict(json.loads(str(config["layout"])))
-        result = coordinate(grid, model, shape, int(config["rounds"]), len(jobs), {"jobs": json.dumps(jobs)},
-                            float(config["delta"]))
+        started, ended = time.perf_counter(), []
+
+        def on_round(server_round: int, seen: dict[str, float], failed: list[str]) -> None:
+            ended.append(time.perf_counter() - started)
+
+        result = coordinate(PromptGrid(grid), model, shape, int(config["rounds"]), len(jobs),
+                            {"jobs": json.dumps(jobs)}, float(config["delta"]), on_round=on_round)
         out = Path(str(config["out"]))
         out.write_bytes(result.weights)
         out.with_name(out.name + ".json").write_text(json.dumps({
             "site_epsilon": result.site_epsilon, "rounds": result.rounds,
-            "refusals": [list(r) for r in result.refusals], "seconds": result.seconds}))
+            "refusals": [list(r) for r in result.refusals], "seconds": result.seconds, "round_ended_s": ended}))
 
     return app
 
