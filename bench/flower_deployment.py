@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,45 +32,19 @@ from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import check_quiet, ratio, save, table, workdir  # noqa: E402
+from federated_jobs import start  # noqa: E402
 
-from veil.executor import ledger  # noqa: E402
-from veil.executor.auth import create_token  # noqa: E402
 from veil.executor.catalog import load_catalog  # noqa: E402
 from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame, write_sites  # noqa: E402
-from veil.executor.store import open_store, write  # noqa: E402
 from veil.kernel.client import SiteClient  # noqa: E402
 from veil.kernel.sdk import Site, train_request  # noqa: E402
 from veil.kernel.study import Study  # noqa: E402
-from veil.local import LocalExecutor, free_port  # noqa: E402
+from veil.local import LocalExecutor, free_port, wait_port  # noqa: E402
 from veil.wire import Federation  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 FEATURES = [c.name for c in breast_cancer_frame()[1] if c.bounds is not None]
 BIN = Path(sys.executable).parent
-
-
-def start(config: Path, root: Path) -> tuple[LocalExecutor, str]:
-    """An executor for `config` with a researcher token of project 'bench', approved for training."""
-    catalog = load_catalog(config)
-    engine = open_store(catalog.database_url)
-    token = create_token(engine, "bench", "researcher", "bench")
-    ledger.sync_caps(engine, catalog)
-    with write(engine) as conn:
-        ledger.set_grant(conn, catalog, "bench", catalog.dataset(DATASET), 12.0, by="bench", delta=1e-3,
-                         uses=("query", "training"))
-    engine.dispose()
-    return LocalExecutor(config, log=root / f"{catalog.site}.log").start(), token
-
-
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
 class Tail:

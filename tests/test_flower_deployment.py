@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,24 +23,13 @@ from veil.executor import audit, federated
 from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame
 from veil.executor.store import tokens
 from veil.kernel.sdk import train_request
-from veil.local import free_port
+from veil.local import free_port, wait_port
 from veil.models.build import read_metadata
 from veil.wire import Federation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 FEATURES = [c.name for c in breast_cancer_frame()[1] if c.bounds is not None]
 ROUNDS = 2
-
-
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
 def supernode_tokens(d: Deployment) -> list[bool]:

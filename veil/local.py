@@ -20,6 +20,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    """Return once something listens on 127.0.0.1:`port`; RuntimeError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
 class LocalExecutor:
     """`veil executor serve` in a child process; `start()` waits until /health answers."""
 
