@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +37,7 @@ from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame, write
 from veil.kernel.client import SiteClient  # noqa: E402
 from veil.kernel.sdk import Site, train_request  # noqa: E402
 from veil.kernel.study import Study  # noqa: E402
-from veil.local import LocalExecutor, free_port, wait_port  # noqa: E402
+from veil.local import LocalExecutor, free_port, local_superlink, stop_group  # noqa: E402
 from veil.wire import Federation  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -85,26 +83,13 @@ class Tail:
 def deployment_study(root: Path, sites: dict[str, tuple[LocalExecutor, str, Path]], args: argparse.Namespace,
                      train: dict[str, Any]) -> dict[str, Any]:
     """(b): SuperLink, SuperNodes, joins, `flwr run`, settlement; the walls and the phases' timestamps."""
-    home = root / "flwr"
-    home.mkdir()
-    fleet, control, appio = free_port(), free_port(), free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "veil-bench"\n\n[superlink.veil-bench]\naddress = "127.0.0.1:{control}"\n'
-        "insecure = true\n")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     processes: list[subprocess.Popen[Any]] = []
     tails: dict[str, Tail] = {}
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     try:
-        log = (root / "superlink.log").open("w")
-        processes.append(subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet}",
-             "--control-api-address", f"127.0.0.1:{control}", "--serverappio-api-address", f"127.0.0.1:{appio}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_port(control)
-        wait_port(fleet)
+        env, fleet, superlink = local_superlink(root / "flwr", root / "superlink.log")
+        processes.append(superlink)
         out["superlink_ready_s"] = time.perf_counter() - t0
         for name, (_, _, config) in sites.items():
             path = root / f"supernode-{name}.log"
@@ -141,7 +126,7 @@ def deployment_study(root: Path, sites: dict[str, tuple[LocalExecutor, str, Path
             f"rounds = {args.rounds}", f"delta = {train['delta']}", f"out = '{weights_path}'"]) + "\n")
         flwr = str(BIN / "flwr")
         run = subprocess.Popen([flwr, "run", str(Path(__file__).resolve().parent.parent / "executor" / "flower_app"),
-                                "veil-bench", "--stream", "--run-config", str(overrides)],
+                                "local", "--stream", "--run-config", str(overrides)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert run.stdout is not None
         tails["flwr run"] = Tail("flwr run", t0, stream=run.stdout)
@@ -154,7 +139,7 @@ def deployment_study(root: Path, sites: dict[str, tuple[LocalExecutor, str, Path
             raise RuntimeError(f"flwr run failed:\n{text_[-3000:]}")
         status = ""
         while not status.startswith("finished"):
-            listed = subprocess.run([flwr, "ls", "veil-bench", "--run-id", run_id.group(1), "--format", "json"],
+            listed = subprocess.run([flwr, "ls", "local", "--run-id", run_id.group(1), "--format", "json"],
                                     env=env, capture_output=True, text=True)
             status = json.loads(listed.stdout)["runs"][0]["status"]
             if not status.startswith("finished"):
@@ -196,15 +181,7 @@ def deployment_study(root: Path, sites: dict[str, tuple[LocalExecutor, str, Path
         for tail in tails.values():
             tail.stop.set()
         for process in reversed(processes):
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process, timeout=20)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,7 @@ the study through its own ledger, exactly as when the researcher's kernel coordi
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ from veil.executor import audit, federated
 from veil.executor.public_data import DATASET, LABEL, breast_cancer_frame
 from veil.executor.store import tokens
 from veil.kernel.sdk import train_request
-from veil.local import free_port, wait_port
+from veil.local import free_port, local_superlink, stop_group
 from veil.models.build import read_metadata
 from veil.wire import Federation
 
@@ -43,35 +41,11 @@ def supernode_tokens(d: Deployment) -> list[bool]:
 def flower(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, list[subprocess.Popen]]]:
     """A SuperLink on loopback (its Flower home in tmp_path); yields the environment for `flwr`, the Fleet
     API port and the list of started processes, all stopped (with their children) at the end."""
-    home = tmp_path / "flwr"
-    home.mkdir()
-    fleet, control, appio = free_port(), free_port(), free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "veil-test"\n\n[superlink.veil-test]\naddress = "127.0.0.1:{control}"\n'
-        "insecure = true\n")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    processes: list[subprocess.Popen] = []
-    log = (tmp_path / "superlink.log").open("w")
-    processes.append(subprocess.Popen(
-        [str(Path(sys.executable).with_name("flower-superlink")), "--insecure",
-         "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}",
-         "--serverappio-api-address", f"127.0.0.1:{appio}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    wait_port(control)
-    wait_port(fleet)
+    env, fleet, superlink = local_superlink(tmp_path / "flwr", tmp_path / "superlink.log")
+    processes: list[subprocess.Popen] = [superlink]
     yield env, fleet, processes
     for process in reversed(processes):  # the daemons and their SuperExec and app children
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    log.close()
+        stop_group(process, timeout=20)
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relayed", "in-process"])
@@ -103,13 +77,13 @@ def test_a_study_runs_on_flowers_deployment_runtime(
         f"layout = '{layout.model_dump_json()}'",
         f"rounds = {ROUNDS}", "delta = 1e-5", f"out = '{out}'"]) + "\n")
     flwr = str(Path(sys.executable).with_name("flwr"))
-    submitted = subprocess.run([flwr, "run", str(federated.APP_DIR), "veil-test", "--stream", "--run-config",
+    submitted = subprocess.run([flwr, "run", str(federated.APP_DIR), "local", "--stream", "--run-config",
                                 str(overrides)], env=env, capture_output=True, text=True, timeout=400)
     started = re.search(r"Successfully started run (\d+)", submitted.stdout + submitted.stderr)
     assert submitted.returncode == 0 and started, submitted.stdout + submitted.stderr
     deadline, status = time.monotonic() + 120, ""
     while time.monotonic() < deadline:  # `flwr run --stream` returns when the run ends, whatever its outcome
-        listed = subprocess.run([flwr, "ls", "veil-test", "--run-id", started.group(1), "--format", "json"],
+        listed = subprocess.run([flwr, "ls", "local", "--run-id", started.group(1), "--format", "json"],
                                 env=env, capture_output=True, text=True)
         status = json.loads(listed.stdout)["runs"][0]["status"]
         if status.startswith("finished"):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -30,6 +31,45 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def stop_group(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """Stop a process started with `start_new_session=True` and everything in its group: SIGTERM, then
+    SIGKILL if it has not exited after `timeout` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def local_superlink(home: Path, log: Path) -> tuple[dict[str, str], int, subprocess.Popen[Any]]:
+    """A Flower SuperLink on loopback without TLS, for tests and benchmarks, in its own process group: its
+    Flower home `home` holds a config whose default connection (`local`) is this SuperLink. Returns, once it
+    listens, the environment for `flwr` and Flower's daemons, its Fleet API port and the process."""
+    fleet, control, appio = free_port(), free_port(), free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{control}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("flower-superlink")), "--insecure",
+             "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}",
+             "--serverappio-api-address", f"127.0.0.1:{appio}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_port(control)
+        wait_port(fleet)
+    except RuntimeError:
+        stop_group(process)
+        raise
+    return env, fleet, process
 
 
 class LocalExecutor:
@@ -74,11 +114,7 @@ class LocalExecutor:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            stop_group(self.process)
 
     def __enter__(self) -> LocalExecutor:
         return self.start()
