@@ -42,12 +42,15 @@ def train(msg: Message, context: Context) -> Message:
 
         reply: Message = federated.deployed_client(msg, context)
         return reply
-    site = str(context.node_config["site"])
-    job_id = json.loads(str(msg.content["config"]["jobs"])).get(site)
+    site, database = context.node_config.get("site"), context.node_config.get("database")
+    if not site or not database:
+        raise QueryError("bad_node_config", "a SuperNode that relays rounds needs the site's name and state "
+                         "database in its node config", hint="start it with 'veil executor supernode', which sets "
+                         "site=, database= and executor=")
+    job_id = json.loads(str(msg.content["config"]["jobs"])).get(str(site))
     if job_id is None:
         raise QueryError("not_in_study", f"site {site} has no part in this study")
-    content = relay_round(str(executor), str(context.node_config["database"]), site, int(job_id),
-                          encode_content(msg.content))
+    content = relay_round(str(executor), str(database), str(site), int(job_id), encode_content(msg.content))
     return Message(content=decode_content(content), reply_to=msg)
 
 

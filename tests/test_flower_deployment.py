@@ -107,3 +107,19 @@ def test_a_study_runs_on_flowers_deployment_runtime(
         assert audit.verify(d.engine).ok
         minted = supernode_tokens(d)[len(minted_before[name]):]  # a relayed round's token lives for that round only
         assert minted == ([True] * ROUNDS if relay else [])
+
+
+def test_a_relaying_supernode_without_its_database_says_what_to_do() -> None:
+    """A SuperNode started by hand with `executor=` but not the site's name and database: a clear refusal."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from veil.errors import QueryError
+    from veil.executor import supernode
+
+    message = Message(RecordDict({"config": ConfigRecord({"jobs": '{"north": 1}'})}), dst_node_id=1,
+                      message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={"executor": "http://127.0.0.1:9"}, state=RecordDict(),
+                      run_config={})
+    with pytest.raises(QueryError, match="node config") as refused:
+        supernode.train(message, context)
+    assert "veil executor supernode" in (refused.value.hint or "")
