@@ -331,3 +331,12 @@ def test_noise_generator_is_reseeded_from_the_os_before_every_step(
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])
     for seed in (0, 1, 2, g.initial_seed()):  # not the stream of any seed a job could have had
         assert not torch.equal(noise[0], torch.randn(256, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_a_job_is_planned_on_its_dp_row_count_rounded_to_three_digits() -> None:
+    """Two DP counts of the same 80,000 rows plan the same sampling rate (so the second job's calibration is
+    cached); small counts are kept exact; the rounding never moves a count by more than 0.5%."""
+    assert dpsgd.planning_rows(80_017) == dpsgd.planning_rows(79_951) == 80_000
+    assert [dpsgd.planning_rows(n) for n in (1, 455, 999)] == [1, 455, 999]
+    assert dpsgd.planning_rows(0) == 1
+    assert all(abs(dpsgd.planning_rows(n) - n) <= 0.005 * n for n in range(1, 200_000, 7))
