@@ -7,8 +7,9 @@ gradients in one backward pass (book-keeping, executor/bookkeeping.py, on Opacus
 Opacus' ghost clipping for a layer without them, or hooks, for comparison) and adds Gaussian noise with
 Opacus' optimizer; a live accountant records each step, so a cancelled job reports what its steps actually
 spent. The noise generator gets a fresh state from the operating system's CSPRNG before every step
-(`reseed_from_os`), never from the job's seed: whoever knew or guessed a seed could regenerate the noise and subtract it (Opacus' secure mode needs torchcsprng,
-which is not available for current PyTorch). A seed fixes only the initial weights and the batches.
+(`reseed_from_os`), never from the job's seed: whoever knew or guessed a seed could regenerate the noise
+and subtract it (Opacus' secure mode needs torchcsprng, which is not available for current PyTorch). A seed
+fixes only the initial weights and the batches.
 Only the weights (safetensors), the (epsilon, delta) spent and private held-out counts come out; the
 counts are not for release as they are.
 """
