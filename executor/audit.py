@@ -286,5 +286,6 @@ def _epsilon_of(rho: float, delta: float) -> float:
 def reported(entry: AuditEntry, reporting_delta: float) -> AuditEntry:
     """The entry with its cost as epsilon at the site's reporting delta (the zCDP part converted by OpenDP,
     plus any (epsilon, delta) charge), as the ledger counts it; the hashed fields are untouched."""
-    cost = _epsilon_of(entry.rho, reporting_delta) + entry.epsilon if entry.rho > 0 else entry.epsilon
+    zcdp = _epsilon_of(abs(entry.rho), reporting_delta) if entry.rho else 0.0
+    cost = (zcdp if entry.rho > 0 else -zcdp) + entry.epsilon  # a settlement's refund shows as a negative cost
     return entry.model_copy(update={"epsilon_at_reporting_delta": cost})

@@ -394,11 +394,12 @@ def charge(conn: Connection, catalog: Catalog, project: str, dataset: Dataset, r
     conn.execute(_SPEND_CAP, params)
 
 
-def refund(conn: Connection, project: str, dataset: str, epsilon: float, delta: float) -> None:
-    """Give back the (epsilon, delta) a training job reserved and did not spend, when it is settled."""
+def refund(conn: Connection, project: str, dataset: str, epsilon: float, delta: float, rho: float = 0.0) -> None:
+    """Give back what a training job reserved and did not spend, when it is settled: (epsilon, delta) the
+    accountant did not spend, and the rho of DP releases it did not make."""
     grant = grant_row(conn, project, dataset)
     assert grant is not None, "a reservation always has a grant"
-    params = {"grant_id": grant["id"], "cap_dataset": dataset, "cost_rho": 0.0, "cost_delta": -delta,
+    params = {"grant_id": grant["id"], "cap_dataset": dataset, "cost_rho": -rho, "cost_delta": -delta,
               "cost_epsilon": -epsilon}
     conn.execute(_SPEND_GRANT, params)
     conn.execute(_SPEND_CAP, params)

@@ -37,7 +37,6 @@ from veil.executor.features import Encoded
 from veil.executor.store import jobs, write
 from veil.executor.training import Trainer, alive, me, public_rows, split
 from veil.models import build
-from veil.query.accounting import rho_for_epsilon
 from veil.query.evaluation import held_out_rows
 from veil.wire import JobInfo, TrainRequest
 
@@ -129,8 +128,8 @@ class Rounds:
                 except Exception:  # noqa: BLE001
                     raise QueryError("bad_weights", "the final weights do not fit this study's model",
                                      hint="send the safetensors of the study's global model") from None
-                eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
-                evaluation = self.trainer.evaluate(dataset, request, weights, holdout, eval_rho, who,
+                evaluation = self.trainer.evaluate(dataset, request, weights, holdout,
+                                                   self.trainer.release_rho(row, request), who,
                                                    held_out_rows(row["rows"], request.holdout))
                 state = "done"
         except BaseException:

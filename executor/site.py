@@ -497,6 +497,10 @@ class Site:
     def job(self, who: Principal, job_id: int) -> JobInfo:
         return self.trainer.info(who, job_id)
 
+    def jobs(self, who: Principal, limit: int) -> list[JobInfo]:
+        """The caller's project's training jobs here (a steward's: all), newest first."""
+        return self.trainer.listing(who, limit)
+
     def cancel_job(self, who: Principal, job_id: int) -> JobInfo:
         require(who, "researcher")
         if self.job(who, job_id).study is not None:

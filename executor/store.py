@@ -143,6 +143,7 @@ jobs = Table(
     Column("epoch", Integer, nullable=False, default=0),
     Column("epsilon", Float(53), nullable=False, default=0.0),  # the accountant's, for the steps taken
     Column("rows", Integer),  # training rows, from a DP count of the dataset's rows (sets the held-out size)
+    Column("release_rho", Float(53)),  # the rho reserved for each of its two DP releases (rows, evaluation)
     Column("cancel", Boolean, nullable=False, default=False),
     Column("owner", String(160), nullable=False),  # host:pid of the process training it now ('' when idle)
     Column("round", Integer, nullable=False, default=0),  # federated: the last round trained
@@ -335,7 +336,7 @@ def reachable(engine: Engine) -> bool:
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 """The revision of a database that a Veil made before migrations were kept (it has no alembic_version)."""
-AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed"}, "dataset_states": None,
+AFTER_BASELINE = {"checkpoints": None, "jobs": {"round", "history", "split_seed", "release_rho"}, "dataset_states": None,
                   "dataset_transitions": None, "witnessed_heads": None, "published_sheets": None,
                   "standing_queries": None, "standing_windows": None}
 """What the revisions after the baseline add (a table, or some of a table's columns): a database made

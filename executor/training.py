@@ -8,8 +8,10 @@ DP accuracy (or squared error) on the held-out patients: one DP sum over that pu
 (`veil.query.evaluation`, which also gives the privacy argument), or a plain statement that the
 held-out set is too small to evaluate privately. Before the data is touched the job reserves its
 target (epsilon, delta) and the rho of its two DP releases, in one transaction with its audit entry;
-when it ends (done, cancelled or failed) it is settled to what the accountant spent. A job cut off by
-a crash is settled when the executor starts again, to the accountant's last recorded epsilon.
+when it ends (done, cancelled or failed) it is settled to what the accountant spent, and the rho of a
+release that did not happen (no count recorded, no evaluation, or a held-out set too small to measure)
+is refunded. A job cut off by a crash is settled when the executor starts again, to the accountant's
+last recorded epsilon.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import secrets
 import socket
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -84,8 +87,8 @@ class Trainer:
                           epsilon=target.epsilon)
             job_id = conn.execute(insert(jobs).values(
                 project=project, principal=who.name, dataset=dataset.name, request=request.model_dump_json(),
-                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, created_at=now,
-                updated_at=now, **values)).inserted_primary_key[0]
+                state="running", progress=0.0, epoch=0, epsilon=0.0, cancel=False, release_rho=eval_rho,
+                created_at=now, updated_at=now, **values)).inserted_primary_key[0]
             what = (f"study {request.federated.study}, {request.federated.rounds} rounds"
                     if request.federated else "DP-SGD")
             audit.append(conn, principal=who.name, role=who.role, action="train", decision="reserved",
@@ -111,6 +114,15 @@ class Trainer:
                        rounds=rounds, layout=Layout(numeric=list(layout.numeric),
                                                     categorical=[list(c) for c in layout.categorical],  # type: ignore[misc]
                                                     outputs=layout.outputs))
+
+    def listing(self, who: Principal, limit: int) -> list[JobInfo]:
+        """The caller's project's jobs (a steward's: every job), newest first, at most `limit`."""
+        query = select(jobs.c.id).order_by(jobs.c.id.desc()).limit(limit)
+        if who.role == "researcher":
+            query = query.where(jobs.c.project == (who.project or ""))
+        with self.engine.connect() as conn:
+            ids: list[int] = list(conn.execute(query).scalars())
+        return [self.info(who, job_id) for job_id in ids]
 
     def cancel(self, who: Principal, job_id: int) -> JobInfo:
         """Ask a running job to stop before its next step; it is charged what its steps spent."""
@@ -268,7 +280,8 @@ class Trainer:
             score = ((out.argmax(dim=1) == holdout.y).to(torch.int32) if name == "accuracy"
                      else (out.squeeze(-1).clamp(-1, 1) - holdout.y) ** 2).numpy()
         output = held_out_evaluation.release(score, ev, request.evaluation_epsilon, larger)
-        cost = Cost(rho=rho, delta=0.0, epsilon=epsilon_of(rho, self.catalog.reporting_delta),
+        spent = rho if ev.informative else 0.0  # nothing measured: its reserved rho is refunded at settlement
+        cost = Cost(rho=spent, delta=0.0, epsilon=epsilon_of(spent, self.catalog.reporting_delta) if spent else 0.0,
                     epsilon_delta=self.catalog.reporting_delta)
         return Release(site=self.catalog.site, dataset=dataset.name, project=who.project or "",
                        query=f"held-out evaluation: the DP mean {name} of {held_out} held-out patients",
@@ -276,21 +289,37 @@ class Trainer:
                        raw=output.raw, threshold=None, notes=output.notes, cost=cost, receipt="",
                        released_at=audit.now())
 
+    def release_rho(self, row: Mapping[str, Any], request: TrainRequest) -> float:
+        """The rho the job reserved for each of its two DP releases (rows of jobs older than the column: the
+        site's present reporting delta, as they were reserved unless a steward changed it since)."""
+        stored = row.get("release_rho")
+        return float(stored) if stored is not None else rho_for_epsilon(request.evaluation_epsilon,
+                                                                         self.catalog.reporting_delta)
+
     def settle(self, job_id: int, who: Principal, dataset: str, request: TrainRequest, state: str, spent: float,
                 started: bool, evaluation: Release | None, weights: bytes | None, error: str | None) -> None:
+        """End a running job: refund the (epsilon, delta) the accountant did not spend and the rho of each DP
+        release that was not made (the count of rows when none was recorded; the evaluation when there is
+        none or it measured nothing), with one audit entry; a job settled already is left alone."""
         target = request.train
         refund_epsilon = max(0.0, target.epsilon - spent)
         refund_delta = 0.0 if started else target.delta
         with write(self.engine) as conn:
-            if conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar_one() != "running":
+            row = dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
+            if row["state"] != "running":
                 return  # settled already (by a restarted process's recovery): never refund twice
-            ledger.refund(conn, who.project or "", dataset, refund_epsilon, refund_delta)
+            one = self.release_rho(row, request)
+            used = (one if row["rows"] is not None else 0.0) + (evaluation.cost.rho if evaluation else 0.0)
+            refund_rho = max(0.0, 2 * one - used)
+            ledger.refund(conn, who.project or "", dataset, refund_epsilon, refund_delta, refund_rho)
+            unmade = (f"; refunded the rho {refund_rho:.4g} of the DP release{'s' if refund_rho > one else ''} "
+                      "it did not make" if refund_rho > 0 else "")
             entry = audit.append(
                 conn, principal=who.name, role=who.role, action="train", decision="settled", project=who.project,
-                dataset=dataset, epsilon=-refund_epsilon, delta=-refund_delta,
+                dataset=dataset, epsilon=-refund_epsilon, delta=-refund_delta, rho=-refund_rho,
                 result_digest=hashlib.sha256(weights).hexdigest() if weights else None,
                 reason=f"job {job_id} {state}: the accountant spent epsilon {spent:.4g} of {target.epsilon:g}"
-                       + (f"; {error}" if error else ""))
+                       + unmade + (f"; {error}" if error else ""))
             if evaluation is not None:
                 evaluation = evaluation.model_copy(update={"receipt": entry.hash})
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(

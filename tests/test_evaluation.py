@@ -116,7 +116,10 @@ def test_a_trained_model_on_a_small_site_gets_the_statement_in_its_release(tmp_p
         weights = build.weights_to_bytes(models.build_model(request.model, encoded.layout), {})
         release = trainer.evaluate(dataset, request, weights, encoded, rho, RESEARCHER, held_out)
         row = release.rows[0]
-        assert row["n"] == held_out and release.cost.epsilon == pytest.approx(request.evaluation_epsilon)
+        assert row["n"] == held_out
+        # only a measurement is charged: a held-out set too small is not measured, its reserved rho refunded
+        assert release.cost.rho == (rho if informative else 0.0)
+        assert release.cost.epsilon == (pytest.approx(request.evaluation_epsilon) if informative else 0.0)
         if informative:
             assert not release.notes
             assert 0 <= row["accuracy_lower"] <= row["accuracy"] <= row["accuracy_upper"] <= 1

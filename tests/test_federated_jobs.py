@@ -29,6 +29,7 @@ from veil.kernel.study import Study
 from veil.models.build import read_metadata
 from veil.models.layout import FeatureLayout
 from veil.models.spec import ModelSpec
+from veil.query.accounting import rho_for_epsilon
 from veil.wire import Federation, JobInfo, TrainRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -45,6 +46,11 @@ def study(cancer_sites: dict[str, Deployment], names: tuple[str, ...] = SITES) -
 
 def charged(d: Deployment) -> dict[str, float]:
     return d.spent(DATASET)
+
+
+def release_rho(d: Deployment) -> float:
+    """The rho of one of a part's two DP releases (its count of rows, its held-out evaluation)."""
+    return rho_for_epsilon(SGD["evaluation_epsilon"], d.catalog.reporting_delta)
 
 
 def job_row(d: Deployment, job_id: int) -> dict[str, Any]:
@@ -93,12 +99,15 @@ def test_a_researcher_trains_one_model_across_three_sites(cancer_sites: dict[str
         assert part.evaluation is not None and part.evaluation.receipt == part.receipt
         release = model.evaluation[name].release
         row = release.rows[0]
-        assert release.cost.epsilon == pytest.approx(1.0)
         if row["n"] >= 41:  # an informative interval at epsilon 1 (north: ~51 held out)
             assert 0 <= row["accuracy_lower"] <= row["accuracy"] <= row["accuracy_upper"] <= 1
-            assert not release.notes
-        else:  # central ~38 and valley ~25 held out: too few, said plainly, no number
+            assert not release.notes and release.cost.epsilon == pytest.approx(1.0)
+            made = 2  # the count of rows and the evaluation
+        else:  # central ~38 and valley ~25 held out: too few, said plainly, no number, nothing measured or charged
             assert row["accuracy"] is None and "too small to evaluate" in release.notes[0]
+            assert release.cost.rho == release.cost.epsilon == 0.0
+            made = 1  # the count of rows only: the evaluation's reserved rho was refunded
+        assert after["rho"] - before[name]["rho"] == pytest.approx(made * release_rho(d)), name
         entries = [e for e in audit.entries(d.engine) if e.action == "train"]
         rounds = [e for e in entries if e.decision == "released" and f"job {part.id}," in (e.reason or "")]
         assert len(rounds) == 3 and all(e.result_digest for e in rounds)
@@ -142,6 +151,7 @@ def test_rounds_out_of_order_or_malformed_are_refused_and_cost_nothing(cancer_si
     ended = client.cancel_job(job.id)  # the researcher stops after one round: charged that round only
     assert ended.state == "cancelled" and ended.epsilon == pytest.approx(exact)
     assert before["epsilon"] - charged(d)["epsilon"] == pytest.approx(2.0 - exact, rel=1e-9)
+    assert before["rho"] - charged(d)["rho"] == pytest.approx(release_rho(d))  # no evaluation: its rho refunded
     with pytest.raises(VeilPolicyError, match="takes no more rounds"):
         client.job_round(job.id, round_content(job, 2))
     assert audit.verify(d.engine).ok
@@ -181,6 +191,8 @@ def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(cancer_sit
         after = charged(d)
         assert after["epsilon"] == pytest.approx(before[name]["epsilon"]), name
         assert after["delta"] == pytest.approx(before[name]["delta"]), name
+        counted = 0.0 if name == "valley" else release_rho(d)  # the joined sites' DP counts of rows, no more
+        assert after["rho"] - before[name]["rho"] == pytest.approx(counted, abs=1e-12), name
         assert audit.verify(d.engine).ok
         with d.engine.connect() as conn:
             assert not conn.execute(jobs.select().where(jobs.c.state == "running")).fetchall(), name

@@ -20,7 +20,8 @@ from veil.executor.store import write
 from veil.kernel.errors import VeilBudgetError, VeilPolicyError
 from veil.kernel.sdk import Site as ResearcherSite
 from veil.models.spec import ModelSpec, TrainSpec
-from veil.wire import TrainRequest
+from veil.query.accounting import rho_for_epsilon
+from veil.wire import EVALUATION_EPSILON, TrainRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 FRAME, COLUMNS = breast_cancer_frame()
@@ -43,6 +44,11 @@ def hospital(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 def spent(d: Deployment) -> dict[str, Any]:
     return d.spent(DATASET)
+
+
+def release_rho(d: Deployment, evaluation_epsilon: float = EVALUATION_EPSILON) -> float:
+    """The rho of one of a job's two DP releases (its count of rows, its held-out evaluation)."""
+    return rho_for_epsilon(evaluation_epsilon, d.catalog.reporting_delta)
 
 
 def wait(d: Deployment, job_id: int, until: Any = lambda j: j.state != "running", timeout: float = 120) -> Any:
@@ -89,7 +95,7 @@ def test_a_researcher_trains_at_one_site(hospital: Deployment) -> None:
     after = spent(hospital)  # the target was reserved, the unspent part refunded: the accountant's epsilon stays
     assert after["epsilon"] - before["epsilon"] == pytest.approx(model.epsilon, rel=1e-9)
     assert after["delta"] - before["delta"] == pytest.approx(1e-5)
-    assert after["rho"] > before["rho"]  # the two DP releases (training rows, evaluation)
+    assert after["rho"] - before["rho"] == pytest.approx(2 * release_rho(hospital, 1.0))  # rows, evaluation
     assert audit.verify(hospital.engine).ok
 
 
@@ -102,6 +108,8 @@ def test_a_cancelled_job_is_charged_for_its_steps_only(hospital: Deployment) -> 
     assert job.state == "cancelled" and 0 < job.epsilon < 4.0 and job.progress < 0.5
     assert len(client.job_weights(job.id)) > 1000
     assert spent(hospital)["epsilon"] - before["epsilon"] == pytest.approx(job.epsilon, rel=1e-9)
+    assert job.evaluation is not None  # its weights were evaluated: both DP releases were made
+    assert spent(hospital)["rho"] - before["rho"] == pytest.approx(2 * release_rho(hospital))
     assert audit.verify(hospital.engine).ok
 
 
@@ -142,6 +150,9 @@ def test_a_job_cut_off_by_a_crash_is_settled_on_restart(hospital: Deployment) ->
     assert job.state == "failed" and "stopped while the job ran" in (job.error or "")
     assert recorded.epsilon <= job.epsilon < 3.0
     assert spent(hospital)["epsilon"] - before["epsilon"] == pytest.approx(job.epsilon, rel=1e-9)
+    # its count of rows was released, its evaluation never made: that release's rho is refunded
+    assert job.rows is not None and job.evaluation is None
+    assert spent(hospital)["rho"] - before["rho"] == pytest.approx(release_rho(hospital))
     assert audit.verify(hospital.engine).ok
     with pytest.raises(VeilPolicyError, match="no_weights"):
         hospital.client().job_weights(job.id)

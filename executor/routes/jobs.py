@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -20,6 +20,13 @@ def train(body: TrainRequest, request: Request, who: Principal = Depends(princip
     """Start a DP-SGD training job; its budget is reserved now and settled to what the accountant spends."""
     request.state.context = {"dataset": body.dataset}
     return site.train(who, body)
+
+
+@router.get("/jobs", response_model=list[JobInfo])
+def list_jobs(limit: int = Query(default=50, ge=1, le=500), who: Principal = Depends(principal),
+              site: Site = Depends(site_of)) -> list[JobInfo]:
+    """Your project's training jobs at this site (a steward sees all), newest first."""
+    return site.jobs(who, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo)
