@@ -19,7 +19,8 @@ def recorded_releases(notebook: Path) -> list[dict[str, Any]]:
 
 def check_release(study: Study, release: dict[str, Any]) -> str | None:
     """None when the release's site confirms that its receipt records this release (site, dataset, query
-    and cost, as the notebook recorded them); else what is wrong."""
+    and cost, as the notebook recorded them; for a DP-SGD model, the job's settlement naming the weights'
+    digest); else what is wrong."""
     site = study.sites.get(release["site"])
     if site is None:
         return f"release {release['receipt'][:16]} names site '{release['site']}', not in the study"
@@ -27,8 +28,13 @@ def check_release(study: Study, release: dict[str, Any]) -> str | None:
         entry = site.client.receipt(release["receipt"])
     except VeilError as exc:
         return f"site '{release['site']}' does not know receipt {release['receipt'][:16]}: {exc}"
-    if (entry.decision, entry.query, entry.dataset) != ("released", release["query"], release["dataset"]) \
-            or entry.rho != release["cost"]["rho"]:
+    if release.get("kind") == "training":
+        recorded = ("train", "settled", release["dataset"], release["weights_sha256"])
+        matches = (entry.action, entry.decision, entry.dataset, entry.result_digest) == recorded
+    else:
+        matches = (entry.decision, entry.query, entry.dataset) == ("released", release["query"], release["dataset"]) \
+            and entry.rho == release["cost"]["rho"]
+    if not matches:
         return f"receipt {release['receipt'][:16]} at '{release['site']}' records a different release"
     return None
 

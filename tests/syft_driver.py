@@ -11,17 +11,20 @@ import csv
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import httpx
 from syft_rds import SyftRDSClient
 
 from veil_syft.api import ExecutorAPI
-from veil_syft.bridge import OUTPUT_FOLDER, REFUSAL_FOLDER, Bridge
+from veil_syft.bridge import MODEL_FOLDER, OUTPUT_FOLDER, REFUSAL_FOLDER, Bridge
 
 DO, DS = "steward@north.example", "analyst@university.example"
 COUNT = 'release = study.dataset("encounters").sql("SELECT COUNT(*) AS n FROM encounters").release(epsilon=0.5)\n' \
         "print(release.rows)\n"
+TRAIN = {"kind": "training", "dataset": "patients", "features": ["age", "enrolled_year", "region"], "label": "sex",
+         "epsilon": 1.0, "delta": 1e-5, "epochs": 2, "batch_size": 64, "learning_rate": 0.5, "optimizer": "sgd"}
 PEEK = 'import pandas as pd\n\ndf = pd.read_parquet("/data/north/encounters.parquet")\nprint(df.head())\n'
 
 
@@ -140,6 +143,30 @@ def main(url: str, token_file: str, site: str, workdir: str, out: str, other_tok
     seen["pass10"] = [o.__dict__ for o in other.process()]
     ds.sync()
     seen["no_grant_status"] = job(ds, "no_grant").status
+
+    # a DP-SGD job declared in veil_request.json: started once, followed, answered with the DP model
+    train = root / "train_job"
+    train.mkdir()
+    (train / "veil_request.json").write_text(json.dumps(TRAIN))
+    (train / "main.py").write_text("# the declared request is what the site runs\n")
+    ds.submit_python_job(user=DO, code_path=str(train), job_name="train", entrypoint="main.py", force_submission=True)
+    job(do, "train").approve()
+    passes: list[list[dict]] = []
+    deadline = time.monotonic() + 300
+    while not passes or passes[-1][0]["status"] in ("waiting", "training"):
+        assert time.monotonic() < deadline, passes[-3:]
+        passes.append([o.__dict__ for o in bridge.process()])
+        time.sleep(0.5)
+    seen["train_passes"] = passes
+    ds.sync()
+    seen["train_status"] = job(ds, "train").status
+    model_dir = outputs(ds, "train").get(MODEL_FOLDER)
+    if model_dir is not None:  # else the test shows the passes
+        seen["train_job"] = json.loads((model_dir / "job.json").read_text())
+        seen["train_weights"] = (model_dir / "model.safetensors").stat().st_size
+        shutil.copy(model_dir / "receipt.ipynb", root / "train_receipt.ipynb")
+        job(do, "train").rerun()  # processed again: the same model, no second job
+        seen["train_again"] = [o.__dict__ for o in bridge.process()]
     Path(out).write_text(json.dumps(seen, indent=2, default=str))
 
 

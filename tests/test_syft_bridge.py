@@ -133,6 +133,55 @@ def test_job_reading_private_data_is_refused_and_audited(run: dict) -> None:
     assert d.spent("encounters")["rho"] == pytest.approx(seen["release"]["cost"]["rho"])  # refusals charge nothing
 
 
+@needs_syft
+def test_training_job_returns_a_dp_model_with_a_verifiable_receipt(run: dict) -> None:
+    """A declared DP-SGD request: started once at the site (after the Veil application its use needs, where it
+    needs one), followed while it trains, answered with the weights, the job's DP figures and a receipt that
+    names the weights' digest; processed again, the same model and no second job."""
+    seen, d, root = run["seen"], run["deployment"], run["root"]
+    statuses = [p[0]["status"] for p in seen["train_passes"]]
+    assert statuses[-1] == "released" and set(statuses[:-1]) <= {"waiting", "training"}, seen["train_passes"]
+    info = seen["train_job"]
+    assert info["state"] == "done" and 0 < info["epsilon"] <= 1.0 and info["evaluation"]["receipt"] == info["receipt"]
+    assert seen["train_status"] == "done" and seen["train_weights"] > 100
+    assert [o["receipt"] for o in seen["train_again"]] == [info["receipt"]]
+    with d.http() as http:
+        assert [j["id"] for j in http.get("/jobs").json()] == [info["id"]]  # one job, however often processed
+    study = write_study(root, {d.catalog.site: d})
+    check = subprocess.run([sys.executable, "-m", "veil.cli", "receipts", "verify", str(root / "work" / "train_receipt.ipynb"),
+                            "--study", str(study)], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "all 1 recorded releases are confirmed" in check.stdout, check.stdout + check.stderr
+    # a receipt whose weights digest is not the site's is not confirmed
+    forged = json.loads((root / "work" / "train_receipt.ipynb").read_text())
+    forged["cells"][0]["outputs"][0]["metadata"]["veil"]["releases"][0]["weights_sha256"] = "0" * 64
+    (root / "forged.ipynb").write_text(json.dumps(forged))
+    check = subprocess.run([sys.executable, "-m", "veil.cli", "receipts", "verify", str(root / "forged.ipynb"),
+                            "--study", str(study)], capture_output=True, text=True, timeout=120)
+    assert check.returncode != 0 and "records a different release" in check.stdout
+    train = [e for e in _audit(d, action="train", project="study1") if e["dataset"] == "patients"]
+    assert [e["decision"] for e in train] == ["settled", "reserved"]  # newest first: one job, reserved and settled
+
+
+def test_training_requests_are_read_without_running_anything() -> None:
+    """veil_request.json with kind 'training' becomes the executor's TrainRequest body; what it lacks or adds is
+    refused with what is accepted."""
+    from veil_syft.requests import NotAVeilRequest, TrainingRequest, _from_mapping
+
+    data = {"kind": "training", "dataset": "patients", "features": ["age"], "label": "sex", "epsilon": 1.0,
+            "delta": 1e-5, "epochs": 3, "batch_size": 32, "learning_rate": 0.5, "holdout": 0.3}
+    request = _from_mapping(data, "veil_request.json")
+    assert isinstance(request, TrainingRequest) and request.epsilon == 1.0
+    assert request.body() == {"dataset": "patients", "features": ["age"], "label": "sex", "holdout": 0.3,
+                              "train": {"epsilon": 1.0, "delta": 1e-5, "epochs": 3, "batch_size": 32,
+                                        "learning_rate": 0.5}}
+    with pytest.raises(NotAVeilRequest, match="without epochs.*accepts only a Veil query or training request"):
+        _from_mapping({k: v for k, v in data.items() if k != "epochs"}, "veil_request.json")
+    with pytest.raises(NotAVeilRequest, match="does not know for training: \\['script'\\]"):
+        _from_mapping({**data, "script": "import os"}, "veil_request.json")
+    with pytest.raises(NotAVeilRequest, match="kind 'shell'"):
+        _from_mapping({**data, "kind": "shell"}, "veil_request.json")
+
+
 def test_veil_syft_serve_says_how_to_install_the_bridge(tmp_path: Path, site_config: Path) -> None:
     env = {**os.environ, "VEIL_SYFT_VENV": str(tmp_path / "missing")}
     done = subprocess.run([sys.executable, "-m", "veil.cli", "syft", "serve", "--site-config", str(site_config),
@@ -159,6 +208,7 @@ def test_pysyft_notebook_runs_as_written(deployer, tmp_path: Path) -> None:  # t
     assert "published: ['patients', 'encounters']" in done.stdout or "published: ['encounters', 'patients']" \
         in done.stdout
     assert "status='released'" in done.stdout and "rejected - not_a_veil_request" in done.stdout
+    assert "released - DP-SGD model (done)" in done.stdout and "model epsilon:" in done.stdout
     assert d.spent("encounters")["rho"] > 0
 
 

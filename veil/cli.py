@@ -361,7 +361,12 @@ def _receipts_verify(args: argparse.Namespace) -> int:
     from veil.kernel.receipts import verify_notebook
     from veil.kernel.study import load_study
 
-    checked, problems = verify_notebook(load_study(args.study), Path(args.notebook))
+    notebook = Path(args.notebook)
+    if not notebook.is_file():
+        print(f"there is no notebook at {notebook}: give the path of the .ipynb whose releases to check",
+              file=sys.stderr)
+        return 2
+    checked, problems = verify_notebook(load_study(args.study), notebook)
     if problems:
         print(f"{len(problems)} of {checked} recorded releases are not confirmed by the sites:")
         for problem in problems:

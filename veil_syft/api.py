@@ -48,10 +48,35 @@ class ExecutorAPI:
         """One DP release (POST /query); the same `request_id` again returns the same release, charged once."""
         return self._answer(self.http.post("/query", json=body))
 
-    def apply(self, purpose: str, dataset: str, epsilon: float, duration_days: float = 30) -> Any:
+    def apply(self, purpose: str, dataset: str, epsilon: float, uses: list[str], delta: float | None = None,
+              duration_days: float = 30) -> Any:
         """File a Veil application for the project (POST /applications): the stewards review it by its level."""
         return self._answer(self.http.post("/applications", json={
-            "purpose": purpose[:4000], "datasets": [dataset], "epsilon": epsilon, "duration_days": duration_days}))
+            "purpose": purpose[:4000], "datasets": [dataset], "epsilon": epsilon, "uses": uses, "delta": delta,
+            "duration_days": duration_days}))
+
+    def default(self, schema: str, field: str) -> Any:
+        """A request field's default as the executor's OpenAPI schema states it (the bridge imports no Veil code)."""
+        schemas = self._answer(self.http.get("/openapi.json"))["components"]["schemas"]
+        return schemas[schema]["properties"][field]["default"]
+
+    def train(self, body: dict[str, Any]) -> Any:
+        """Start a DP-SGD job (POST /jobs): its target is reserved now and settled to what the accountant spends."""
+        return self._answer(self.http.post("/jobs", json=body))
+
+    def job(self, job_id: int) -> Any:
+        return self._answer(self.http.get(f"/jobs/{job_id}"))
+
+    def jobs(self) -> Any:
+        """The project's training jobs at the site, newest first."""
+        return self._answer(self.http.get("/jobs"))
+
+    def weights(self, job_id: int) -> bytes:
+        """A finished job's DP-SGD weights (safetensors)."""
+        response = self.http.get(f"/jobs/{job_id}/weights")
+        if response.status_code >= 400:
+            self._answer(response)
+        return response.content
 
     def application(self, application_id: int) -> Any:
         return self._answer(self.http.get(f"/applications/{application_id}"))

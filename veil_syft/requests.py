@@ -4,7 +4,11 @@ A job is accepted only in one of two forms:
 
 - a declared request, `veil_request.json` (or `.toml`) in the job's code folder:
   `{"kind": "query", "sql": "SELECT COUNT(*) FROM encounters", "epsilon": 0.5}` (optional: `confidence`,
-  `delta`, `accuracy` instead of `epsilon`);
+  `delta`, `accuracy` instead of `epsilon`), or a DP-SGD training job:
+  `{"kind": "training", "dataset": "patients", "features": ["age"], "label": "sex", "epsilon": 2.0,
+  "delta": 1e-5, "epochs": 10, "batch_size": 64, "learning_rate": 0.5}` (optional: `optimizer`,
+  `max_grad_norm`, `model` as the executor's ModelSpec, `holdout`, `evaluation_epsilon`), checked in full
+  by the executor;
 - a Python script that only uses the Veil SDK, in the shape the tutorials use, with literal arguments:
   `study.dataset("encounters").sql("SELECT ...").release(epsilon=0.5)` (assignments of those calls, `print`
   and `import veil` allowed; nothing else: no files, no other modules, no other calls).
@@ -21,13 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ACCEPTED = ("the bridge accepts only a Veil query: a veil_request.json in the job folder "
-            '({"kind": "query", "sql": "SELECT COUNT(*) FROM <dataset>", "epsilon": 0.5}) or a script that only '
-            'calls the Veil SDK, e.g. study.dataset("<dataset>").sql("SELECT ...").release(epsilon=0.5); '
-            "submitted code is never run and only DP releases leave the site")
+ACCEPTED = ("the bridge accepts only a Veil query or training request: a veil_request.json in the job folder "
+            '({"kind": "query", "sql": "SELECT COUNT(*) FROM <dataset>", "epsilon": 0.5}, or {"kind": "training", '
+            '"dataset": ..., "features": [...], "label": ..., "epsilon": ..., "delta": ..., "epochs": ..., '
+            '"batch_size": ..., "learning_rate": ...}) or a script that only calls the Veil SDK, e.g. '
+            'study.dataset("<dataset>").sql("SELECT ...").release(epsilon=0.5); submitted code is never run and only '
+            "DP releases leave the site")
 REQUEST_FILES = ("veil_request.json", "veil_request.toml")
 LOSS_KEYS = ("epsilon", "rho", "accuracy")
 OPTIONAL_KEYS = ("confidence", "delta")
+TRAIN_KEYS = ("epsilon", "delta", "epochs", "batch_size", "learning_rate")  # the executor's TrainSpec requires these
+TRAIN_OPTIONAL = ("optimizer", "max_grad_norm", "weight_decay")
+JOB_OPTIONAL = ("model", "holdout", "evaluation_epsilon")
 
 
 class NotAVeilRequest(Exception):
@@ -51,19 +60,62 @@ class VeilRequest:
         return {"sql": self.sql, **self.loss, "request_id": request_id}
 
 
+@dataclass(frozen=True)
+class TrainingRequest:
+    """One DP-SGD job at the site, as the executor's TrainRequest takes it (the executor checks it in full)."""
+
+    dataset: str
+    features: tuple[str, ...]
+    label: str
+    train: dict[str, Any]
+    options: dict[str, Any]  # model, holdout, evaluation_epsilon, where given
+    source: str
+    purpose: str | None = None
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.train["epsilon"])
+
+    def body(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "features": list(self.features), "label": self.label, "train": self.train,
+                **self.options}
+
+
+def _training(data: dict[str, Any], source: str) -> TrainingRequest:
+    unknown = set(data) - {"kind", "dataset", "features", "label", "purpose", *TRAIN_KEYS, *TRAIN_OPTIONAL,
+                           *JOB_OPTIONAL}
+    if unknown:
+        raise NotAVeilRequest(f"{source} has keys the bridge does not know for training: {sorted(unknown)}")
+    missing = [k for k in ("dataset", "features", "label", *TRAIN_KEYS) if k not in data]
+    if missing:
+        raise NotAVeilRequest(f"{source} asks for training without {', '.join(missing)}")
+    features = data["features"]
+    if not (isinstance(data["dataset"], str) and isinstance(data["label"], str) and isinstance(features, list)
+            and features and all(isinstance(f, str) for f in features)):
+        raise NotAVeilRequest(f"{source}: 'dataset' and 'label' must be names and 'features' a list of names")
+    purpose = data.get("purpose")
+    if purpose is not None and not isinstance(purpose, str):
+        raise NotAVeilRequest(f"{source}: 'purpose' must be text")
+    train = {k: data[k] for k in (*TRAIN_KEYS, *TRAIN_OPTIONAL) if k in data}
+    return TrainingRequest(dataset=data["dataset"], features=tuple(features), label=data["label"], train=train,
+                           options={k: data[k] for k in JOB_OPTIONAL if k in data}, source=source, purpose=purpose)
+
+
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise NotAVeilRequest(f"'{key}' must be a number")
     return float(value)
 
 
-def _from_mapping(data: Any, source: str) -> VeilRequest:
+def _from_mapping(data: Any, source: str) -> VeilRequest | TrainingRequest:
     if not isinstance(data, dict):
         raise NotAVeilRequest(f"{source} must hold one object")
     kind = data.get("kind", "query")
+    if kind == "training":
+        return _training(data, source)
     if kind != "query":
-        raise NotAVeilRequest(f"{source} asks for kind '{kind}': through PySyft only DP queries are served "
-                              "(training: use the Veil kernel)", code="unsupported_request")
+        raise NotAVeilRequest(f"{source} asks for kind '{kind}': through PySyft the site serves DP queries "
+                              "('query') and DP-SGD training ('training')", code="unsupported_request")
     unknown = set(data) - {"kind", "sql", *LOSS_KEYS, *OPTIONAL_KEYS, "purpose"}
     if unknown:
         raise NotAVeilRequest(f"{source} has keys the bridge does not know: {sorted(unknown)}")
@@ -146,10 +198,12 @@ def parse_script(text: str, source: str) -> VeilRequest:
         raise NotAVeilRequest(f"{source} must name the loss: .release(epsilon=...)")
     data = {"kind": "query", "sql": _literal(inner.args[0], "the SQL"),
             **{k.arg: _literal(k.value, k.arg or "an argument") for k in release.keywords if k.arg}}
-    return _from_mapping(data, source)
+    request = _from_mapping(data, source)
+    assert isinstance(request, VeilRequest)
+    return request
 
 
-def read_request(code_dir: Path, entrypoint: str | None = None) -> VeilRequest:
+def read_request(code_dir: Path, entrypoint: str | None = None) -> VeilRequest | TrainingRequest:
     """The Veil request a job's code folder declares; NotAVeilRequest when it declares none."""
     for name in REQUEST_FILES:
         path = code_dir / name
