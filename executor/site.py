@@ -59,6 +59,7 @@ from veil.wire import (
     StandingInfo,
     StandingWindow,
     StatisticsSheet,
+    TrainingCheck,
     TrainRequest,
     TransitionInfo,
     TransitionRequest,
@@ -483,6 +484,17 @@ class Site:
 
     def train(self, who: Principal, request: TrainRequest) -> JobInfo:
         """Start a DP-SGD job (budget reserved now, settled when it ends); poll it with `job`."""
+        dataset = self._trainable(who, request)
+        if request.federated is not None:
+            return self.rounds.join(who, dataset, request)
+        return self.trainer.start(who, dataset, request)
+
+    def check_training(self, who: Principal, request: TrainRequest) -> TrainingCheck:
+        """Whether `train` would accept the request now, reserving and reading nothing (a study asks every site
+        before any joins, so that one site's refusal costs the others nothing)."""
+        return self.trainer.check(who, self._trainable(who, request), request)
+
+    def _trainable(self, who: Principal, request: TrainRequest) -> Dataset:
         require(who, "researcher")
         dataset = self.dataset_for(who, request.dataset, use="train on")
         if not self.bound_holds(dataset):  # DP-SGD takes each row as a patient: it never truncates
@@ -490,9 +502,7 @@ class Site:
                             f"than its catalog's bound of {dataset.max_rows_per_unit}, so training on it would not "
                             "protect each patient; nothing was charged",
                             hint="ask the site's data steward to fix the file or the catalog", status=409)
-        if request.federated is not None:
-            return self.rounds.join(who, dataset, request)
-        return self.trainer.start(who, dataset, request)
+        return dataset
 
     def job(self, who: Principal, job_id: int) -> JobInfo:
         return self.trainer.info(who, job_id)

@@ -44,7 +44,7 @@ from veil.query.prepared import prepare
 from veil.query.release import run
 from veil.query.table import Table
 from veil.sql import parse_sql
-from veil.wire import MAX_EVALUATION_EPSILON, Cost, JobInfo, Layout, Release, TrainRequest
+from veil.wire import MAX_EVALUATION_EPSILON, Cost, JobInfo, Layout, Release, TrainingCheck, TrainRequest
 
 log = logging.getLogger("veil.executor.training")
 CONFIDENCE = 0.95
@@ -72,6 +72,19 @@ class Trainer:
         timer.daemon = True
         timer.start()
         return self.info(who, job_id)
+
+    def check(self, who: Principal, dataset: Dataset, request: TrainRequest) -> TrainingCheck:
+        """What `reserve` checks (policy, public metadata, the grant and the cap), reserving and reading nothing."""
+        self._check(dataset, request, who.project or "")
+        eval_rho = rho_for_epsilon(request.evaluation_epsilon, self.catalog.reporting_delta)
+        with self.engine.connect() as conn:
+            ledger.check(conn, self.catalog, who.project or "", dataset, 2 * eval_rho, request.train.delta,
+                         use="training", epsilon=request.train.epsilon)
+        layout = self.layout(dataset, request)
+        return TrainingCheck(dataset=dataset.name, epsilon=request.train.epsilon, delta=request.train.delta,
+                             rho=2 * eval_rho, layout=Layout(numeric=list(layout.numeric),
+                                                             categorical=[(n, k) for n, k in layout.categorical],
+                                                             outputs=layout.outputs))
 
     def reserve(self, who: Principal, dataset: Dataset, request: TrainRequest, **values: Any) -> tuple[int, float]:
         """Check the request, then reserve its target (epsilon, delta) and the rho of its two DP releases

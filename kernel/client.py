@@ -38,6 +38,7 @@ from veil.wire import (
     StandingInfo,
     StandingWindow,
     StatisticsSheet,
+    TrainingCheck,
     TrainRequest,
     TransitionInfo,
     TransitionRequest,
@@ -243,6 +244,10 @@ class SiteClient:
 
     def train(self, request: TrainRequest) -> JobInfo:
         return JobInfo.model_validate(self._call("POST", "/jobs", json=request.model_dump(mode="json")))
+
+    def check_training(self, request: TrainRequest) -> TrainingCheck:
+        """Whether the site would accept `request` now; nothing is reserved or read (VeilError if not)."""
+        return TrainingCheck.model_validate(self._call("POST", "/jobs/check", json=request.model_dump(mode="json")))
 
     def job(self, job_id: int) -> JobInfo:
         return JobInfo.model_validate(self._call("GET", f"/jobs/{job_id}"))

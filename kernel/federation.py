@@ -1,7 +1,8 @@
 """Federated DP-SGD from the researcher's side: the study's coordinator runs in the kernel.
 
-`Study.train(...)` joins each site to the study (POST /jobs with `federated`: the site checks its policy
-and reserves the study's budget on its own ledger), then runs Flower's FedAvg (the shared core's
+`Study.train(...)` asks every site whether it would take part (POST /jobs/check: nothing reserved), joins
+each site to the study (POST /jobs with `federated`: the site checks its policy and reserves the study's
+budget on its own ledger), then runs Flower's FedAvg (the shared core's
 `veil.federation.coordinator.coordinate`, which holds no data) over an `ExecutorGrid`, a Flower Grid
 whose nodes are the sites' executors: each train message goes to POST /jobs/{id}/round with the
 researcher's token, the site trains where its data lives and answers with DP weights and public
@@ -32,9 +33,10 @@ from veil.kernel.errors import VeilError
 from veil.kernel.result import Result
 from veil.kernel.training import TrainedModel
 from veil.models.layout import FeatureLayout
-from veil.wire import JobInfo, TrainRequest
+from veil.wire import JobInfo, TrainingCheck, TrainRequest
 
 Site = TypeVar("Site")
+Answer = TypeVar("Answer")
 SITE_FAILED = 1
 """The Flower error code a reply carries when a site refused or could not be reached."""
 
@@ -130,9 +132,20 @@ class FederatedModel:
 def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progress: bool = True) -> FederatedModel:
     """Join every site to the study, run its rounds with Flower's FedAvg, then have each site evaluate the
     global model and settle. The sites are asked at once (each joins, and later evaluates, on its own
-    machine). A site that refuses to join stops the study before any round (the sites that joined are
-    released, charged nothing for training)."""
+    machine). Every site first checks the request without reserving anything: a site that would refuse, or
+    sites whose catalogs encode the features differently, stop the study before any site spends anything.
+    A site that still refuses to join (its budget changed in between) stops it before any round (the sites
+    that joined are released, charged only their DP counts of rows)."""
     assert request.federated is not None
+    checked = _at_every_site(clients, lambda client: client.check_training(request))
+    refused = [error for error in checked if isinstance(error, VeilError)]
+    if refused:
+        raise refused[0]
+    if len({c.layout.model_dump_json() for c in checked if isinstance(c, TrainingCheck)}) != 1:
+        raise VeilError("incompatible_sites",
+                        "the sites encode the features differently (their public bounds or categories differ); "
+                        "nothing was reserved or charged",
+                        "align the catalogs, or train at each site alone")
     joined = _at_every_site(clients, lambda client: client.train(request))
     parts = [(client, job) for client, job in zip(clients, joined) if isinstance(job, JobInfo)]
     refused = [error for error in joined if isinstance(error, VeilError)]
@@ -140,7 +153,7 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
         for client, job in parts:
             client.cancel_job(job.id)
         raise refused[0]
-    if len({_layout_key(job) for _, job in parts}) != 1:
+    if len({_layout_key(job) for _, job in parts}) != 1:  # a catalog changed between the check and the join
         for client, job in parts:
             client.cancel_job(job.id)
         raise VeilError("incompatible_sites",
@@ -181,10 +194,10 @@ def train_federated(clients: Sequence[SiteClient], request: TrainRequest, progre
     return FederatedModel(result.weights, finished, result.rounds, failures)
 
 
-def _at_every_site(sites: Sequence[Site], call: Callable[[Site], JobInfo]) -> list[JobInfo | VeilError]:
+def _at_every_site(sites: Sequence[Site], call: Callable[[Site], Answer]) -> list[Answer | VeilError]:
     """`call` for every site at once (each site works on its own machine), in the order of `sites`: the
     site's answer, or the VeilError it refused with."""
-    def one(site: Site) -> JobInfo | VeilError:
+    def one(site: Site) -> Answer | VeilError:
         try:
             return call(site)
         except VeilError as exc:

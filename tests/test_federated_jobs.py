@@ -179,8 +179,8 @@ def test_a_job_row_written_before_accountant_state_dicts_resumes_its_history(
 
 
 def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(cancer_sites: dict[str, Deployment]) -> None:
-    """Valley refuses (this project has no grant there): north and central, already joined, are released
-    with their training reservation refunded; only their DP counts of training rows were spent."""
+    """Valley refuses (this project has no grant there) when every site is asked first (POST /jobs/check): the
+    study stops before any site joined, so none spends anything, not even a DP count of rows."""
     sites = study(cancer_sites).sites
     sites["valley"] = ResearcherSite("valley", cancer_sites["valley"].url, cancer_sites["valley"].tokens["outsider"])
     before = {n: charged(d) for n, d in cancer_sites.items()}
@@ -191,11 +191,33 @@ def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(cancer_sit
         after = charged(d)
         assert after["epsilon"] == pytest.approx(before[name]["epsilon"]), name
         assert after["delta"] == pytest.approx(before[name]["delta"]), name
-        counted = 0.0 if name == "valley" else release_rho(d)  # the joined sites' DP counts of rows, no more
-        assert after["rho"] - before[name]["rho"] == pytest.approx(counted, abs=1e-12), name
+        assert after["rho"] == before[name]["rho"], name
         assert audit.verify(d.engine).ok
         with d.engine.connect() as conn:
             assert not conn.execute(jobs.select().where(jobs.c.state == "running")).fetchall(), name
+
+
+def test_a_site_checks_a_request_without_reserving_or_reading_anything(cancer_sites: dict[str, Deployment]) -> None:
+    """POST /jobs/check answers what joining would reserve and how the features are encoded, or the refusal
+    joining would get (audited), and leaves the ledger and the jobs untouched."""
+    d = cancer_sites["north"]
+    request = train_request(DATASET, FEATURES, LABEL, 2.0, federated=Federation(study="s", rounds=2), **SGD)
+    before, log_before = charged(d), audit.count_entries(d.engine)
+    with d.engine.connect() as conn:
+        jobs_before = conn.execute(jobs.select()).fetchall()
+    check = d.client().check_training(request)
+    assert check.dataset == DATASET and check.epsilon == 2.0 and check.rho == pytest.approx(2 * release_rho(d))
+    assert check.layout.numeric == FEATURES and check.layout.outputs == len(CLASSES)
+    outsider = ResearcherSite("north", d.url, d.tokens["outsider"]).client
+    with pytest.raises(VeilPolicyError, match="unknown_dataset"):
+        outsider.check_training(request)
+    too_much = train_request(DATASET, FEATURES, LABEL, 2.0, federated=Federation(study="s", rounds=2),
+                             **{**SGD, "delta": 5e-3})
+    with pytest.raises(VeilError, match="delta_exhausted"):
+        d.client().check_training(too_much)
+    assert charged(d) == before and audit.count_entries(d.engine) == log_before + 2  # the two refusals only
+    with d.engine.connect() as conn:
+        assert conn.execute(jobs.select()).fetchall() == jobs_before
 
 
 def test_a_site_dropping_out_mid_study_is_charged_for_its_rounds_only(

@@ -686,6 +686,17 @@ class Layout(_Strict):
     outputs: int
 
 
+class TrainingCheck(_Strict):
+    """A training request a site would accept now (policy, public metadata, budget), checked without reserving
+    or reading anything: its features' encoding and what joining would reserve."""
+
+    dataset: str
+    layout: Layout
+    epsilon: float
+    delta: float
+    rho: float = Field(description="the rho of the job's two DP releases (its count of rows, its evaluation)")
+
+
 EVALUATION_EPSILON = 0.5
 """The one default for a trained model's held-out evaluation (the job's DP count of the dataset's rows
 costs the same). The evaluation is one DP sum of scores over a public held-out size

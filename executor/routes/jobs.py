@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from veil.executor.auth import Principal
 from veil.executor.routes.deps import Id, principal, site_of
 from veil.executor.site import Site
-from veil.wire import JobInfo, TrainRequest
+from veil.wire import JobInfo, TrainingCheck, TrainRequest
 
 router = APIRouter()
 
@@ -20,6 +20,15 @@ def train(body: TrainRequest, request: Request, who: Principal = Depends(princip
     """Start a DP-SGD training job; its budget is reserved now and settled to what the accountant spends."""
     request.state.context = {"dataset": body.dataset}
     return site.train(who, body)
+
+
+@router.post("/jobs/check", response_model=TrainingCheck)
+def check_training(body: TrainRequest, request: Request, who: Principal = Depends(principal),
+                   site: Site = Depends(site_of)) -> TrainingCheck:
+    """Whether POST /jobs would accept this request now (policy, public metadata, grant and cap), reserving and
+    reading nothing; with the features' encoding. A study asks every site before any joins."""
+    request.state.context = {"dataset": body.dataset}
+    return site.check_training(who, body)
 
 
 @router.get("/jobs", response_model=list[JobInfo])
