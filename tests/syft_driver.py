@@ -167,6 +167,15 @@ def main(url: str, token_file: str, site: str, workdir: str, out: str, other_tok
         shutil.copy(model_dir / "receipt.ipynb", root / "train_receipt.ipynb")
         job(do, "train").rerun()  # processed again: the same model, no second job
         seen["train_again"] = [o.__dict__ for o in bridge.process()]
+
+    # the executor does not answer (restarting, say): the job waits for the next pass, the bridge goes on
+    down = Bridge(do, ExecutorAPI("http://127.0.0.1:9", "veil_0_x"), site, root / "down-state")
+    late = root / "late_job"
+    late.mkdir()
+    (late / "main.py").write_text(COUNT)
+    ds.submit_python_job(user=DO, code_path=str(late / "main.py"), job_name="late", force_submission=True)
+    job(do, "late").approve()
+    seen["executor_down"] = [o.__dict__ for o in down.process()]
     Path(out).write_text(json.dumps(seen, indent=2, default=str))
 
 

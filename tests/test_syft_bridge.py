@@ -162,6 +162,12 @@ def test_training_job_returns_a_dp_model_with_a_verifiable_receipt(run: dict) ->
     assert [e["decision"] for e in train] == ["settled", "reserved"]  # newest first: one job, reserved and settled
 
 
+@needs_syft
+def test_an_executor_that_does_not_answer_leaves_the_job_waiting(run: dict) -> None:
+    [outcome] = run["seen"]["executor_down"]
+    assert outcome["status"] == "waiting" and "did not answer (ConnectError)" in outcome["message"]
+
+
 def test_training_requests_are_read_without_running_anything() -> None:
     """veil_request.json with kind 'training' becomes the executor's TrainRequest body; what it lacks or adds is
     refused with what is accepted."""

@@ -20,6 +20,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from veil_syft.api import ExecutorAPI, Refused
 from veil_syft.requests import NotAVeilRequest, TrainingRequest, VeilRequest, read_request
 
@@ -140,7 +142,11 @@ class Bridge:
         for job in self.rds.jobs:
             if job.status not in ("pending", "approved"):
                 continue
-            outcome = self.process_job(job)
+            try:
+                outcome = self.process_job(job)
+            except httpx.TransportError as exc:  # the executor is restarting, say: the next pass asks again
+                outcome = Outcome(job.name, job.submitted_by, "waiting", f"the site's executor did not answer "
+                                  f"({type(exc).__name__}); the bridge asks again on its next pass")
             if outcome is not None:
                 outcomes.append(outcome)
         self.rds.sync()
