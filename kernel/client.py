@@ -247,7 +247,7 @@ class SiteClient:
 
     def check_training(self, request: TrainRequest) -> TrainingCheck:
         """Whether the site would accept `request` now; nothing is reserved or read (VeilError if not)."""
-        return TrainingCheck.model_validate(self._call("POST", "/jobs/check", json=request.model_dump(mode="json")))
+        return TrainingCheck.model_validate(self._call("POST", "/job-checks", json=request.model_dump(mode="json")))
 
     def job(self, job_id: int) -> JobInfo:
         return JobInfo.model_validate(self._call("GET", f"/jobs/{job_id}"))

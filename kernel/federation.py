@@ -1,6 +1,6 @@
 """Federated DP-SGD from the researcher's side: the study's coordinator runs in the kernel.
 
-`Study.train(...)` asks every site whether it would take part (POST /jobs/check: nothing reserved), joins
+`Study.train(...)` asks every site whether it would take part (POST /job-checks: nothing reserved), joins
 each site to the study (POST /jobs with `federated`: the site checks its policy and reserves the study's
 budget on its own ledger), then runs Flower's FedAvg (the shared core's
 `veil.federation.coordinator.coordinate`, which holds no data) over an `ExecutorGrid`, a Flower Grid

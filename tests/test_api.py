@@ -32,7 +32,7 @@ ROUTES = {"/health", "/datasets", "/datasets/{name}", "/query", "/query/{request
           "/applications/{application_id}/withdraw", "/applications/{application_id}/reviews",
           "/grants/{grant_id}/revoke", "/budgets", "/budgets/{dataset}/cap", "/audit", "/audit/verify",
           "/audit/export",
-          "/jobs", "/jobs/check", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
+          "/jobs", "/job-checks", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/weights", "/jobs/{job_id}/round",
           "/jobs/{job_id}/finish", "/bridge/refusals",
           "/datasets/{name}/state", "/datasets/{name}/transitions", "/dataset-transitions",
           "/dataset-transitions/{transition_id}/reviews", "/datasets/{name}/sheet", "/report",

@@ -179,7 +179,7 @@ def test_a_job_row_written_before_accountant_state_dicts_resumes_its_history(
 
 
 def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(cancer_sites: dict[str, Deployment]) -> None:
-    """Valley refuses (this project has no grant there) when every site is asked first (POST /jobs/check): the
+    """Valley refuses (this project has no grant there) when every site is asked first (POST /job-checks): the
     study stops before any site joined, so none spends anything, not even a DP count of rows."""
     sites = study(cancer_sites).sites
     sites["valley"] = ResearcherSite("valley", cancer_sites["valley"].url, cancer_sites["valley"].tokens["outsider"])
@@ -198,7 +198,7 @@ def test_a_site_that_refuses_to_join_stops_the_study_before_any_round(cancer_sit
 
 
 def test_a_site_checks_a_request_without_reserving_or_reading_anything(cancer_sites: dict[str, Deployment]) -> None:
-    """POST /jobs/check answers what joining would reserve and how the features are encoded, or the refusal
+    """POST /job-checks answers what joining would reserve and how the features are encoded, or the refusal
     joining would get (audited), and leaves the ledger and the jobs untouched."""
     d = cancer_sites["north"]
     request = train_request(DATASET, FEATURES, LABEL, 2.0, federated=Federation(study="s", rounds=2), **SGD)

@@ -22,11 +22,12 @@ def train(body: TrainRequest, request: Request, who: Principal = Depends(princip
     return site.train(who, body)
 
 
-@router.post("/jobs/check", response_model=TrainingCheck)
+@router.post("/job-checks", response_model=TrainingCheck)
 def check_training(body: TrainRequest, request: Request, who: Principal = Depends(principal),
                    site: Site = Depends(site_of)) -> TrainingCheck:
     """Whether POST /jobs would accept this request now (policy, public metadata, grant and cap), reserving and
-    reading nothing; with the features' encoding. A study asks every site before any joins."""
+    reading nothing; with the features' encoding. A study asks every site before any joins. (Not under /jobs/:
+    /jobs/{job_id} would take its name for a job id.)"""
     request.state.context = {"dataset": body.dataset}
     return site.check_training(who, body)
 
