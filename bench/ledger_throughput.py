@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rho", type=float, default=1e-4, help="requested rho per release")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds to keep issuing requests")
     parser.add_argument("--patients", type=int, default=2000)
+    parser.add_argument("--query-workers", type=int, default=None,
+                        help="[limits] query_workers per executor process (default: the site's, 2); one principal "
+                             "holds at most query_workers - 1 at a time, and every client here is one principal")
     parser.add_argument("--raw-tx", type=int, default=2000, help="transactions per raw-ledger baseline")
     parser.add_argument("--baseline-s", type=float, default=15.0, help="time cap per baseline")
     parser.add_argument("--keep", action="store_true")
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     cohort = make_cohort(root / "data", patients=args.patients, seed=3)
     # The race measures the release path, not the per-token rate limit (600 a minute by default).
     config = cohort.site_config
-    config.write_text(config.read_text() + "\n[limits]\nrequests_per_minute = 1000000\n")
+    pool = f"query_workers = {args.query_workers}\n" if args.query_workers else ""
+    config.write_text(config.read_text() + f"\n[limits]\nrequests_per_minute = 1000000\n{pool}")
     backend = backend_of(args.database_url or "sqlite")
     print(f"dataset: {cohort.rows:,} encounter rows; state database: {backend}", flush=True)
     result: dict[str, Any] = {
