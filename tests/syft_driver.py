@@ -32,6 +32,13 @@ def job(ds: SyftRDSClient, name: str) -> object:
     return next(j for j in ds.jobs if j.name == name)
 
 
+def submit_script(ds: SyftRDSClient, folder: Path, script: str, name: str) -> None:
+    """The data scientist submits `script` as job `name` (its main.py in `folder`), the PySyft way."""
+    folder.mkdir()
+    (folder / "main.py").write_text(script)
+    ds.submit_python_job(user=DO, code_path=str(folder / "main.py"), job_name=name, force_submission=True)
+
+
 def outputs(ds: SyftRDSClient, name: str) -> dict[str, Path]:
     return {p.name: p for p in job(ds, name).output_paths}
 
@@ -68,10 +75,7 @@ def main(url: str, token_file: str, site: str, workdir: str, out: str, other_tok
             next(p for p in pat.mock_files if p.name == "veil_metadata.json").read_text())["mock"]}
 
     # a DP count job, the PySyft way
-    code = root / "count_job"
-    code.mkdir()
-    (code / "main.py").write_text(COUNT)
-    ds.submit_python_job(user=DO, code_path=str(code / "main.py"), job_name="dp_count", force_submission=True)
+    submit_script(ds, root / "count_job", COUNT, "dp_count")
     seen["pass1"] = [o.__dict__ for o in bridge.process()]  # pending: waits for the steward's approval
     job(do, "dp_count").approve(reason="looks fine")  # the steward approves in syft
     seen["pass2"] = [o.__dict__ for o in bridge.process()]
@@ -92,20 +96,14 @@ def main(url: str, token_file: str, site: str, workdir: str, out: str, other_tok
     seen["release_after_reruns"] = json.loads((outputs(ds, "dp_count")[OUTPUT_FOLDER] / "release.json").read_text())
 
     # a job that tries to read the private data
-    peek = root / "peek_job"
-    peek.mkdir()
-    (peek / "main.py").write_text(PEEK)
-    ds.submit_python_job(user=DO, code_path=str(peek / "main.py"), job_name="peek", force_submission=True)
+    submit_script(ds, root / "peek_job", PEEK, "peek")
     seen["pass5"] = [o.__dict__ for o in bridge.process()]
     ds.sync()
     seen["peek_status"] = job(ds, "peek").status
     seen["peek_reason"] = job(ds, "peek").review_reason
 
     # the same job approved in syft before the bridge saw it: still refused, with the refusal as its output
-    peek2 = root / "peek2_job"
-    peek2.mkdir()
-    (peek2 / "main.py").write_text(PEEK)
-    ds.submit_python_job(user=DO, code_path=str(peek2 / "main.py"), job_name="peek_approved", force_submission=True)
+    submit_script(ds, root / "peek2_job", PEEK, "peek_approved")
     job(do, "peek_approved").approve()
     seen["pass6"] = [o.__dict__ for o in bridge.process()]
     ds.sync()
@@ -127,10 +125,7 @@ def main(url: str, token_file: str, site: str, workdir: str, out: str, other_tok
     seen["rows_refusal"] = json.loads((outputs(ds, "rows")[REFUSAL_FOLDER] / "refusal.json").read_text())
     # a project without a grant: the bridge files a Veil application; the job waits for the stewards, not syft
     other = Bridge(do, ExecutorAPI(url, Path(other_token).read_text().strip()), site, root / "other-state")
-    ask = root / "ask_job"
-    ask.mkdir()
-    (ask / "main.py").write_text(COUNT)
-    ds.submit_python_job(user=DO, code_path=str(ask / "main.py"), job_name="no_grant", force_submission=True)
+    submit_script(ds, root / "ask_job", COUNT, "no_grant")
     job(do, "no_grant").approve()
     seen["pass8"] = [o.__dict__ for o in other.process()]
     seen["pass9"] = [o.__dict__ for o in other.process()]  # still waiting: no second application, no new refusal
@@ -170,10 +165,7 @@ def main(url: str, token_file: str, site: str, workdir: str, out: str, other_tok
 
     # the executor does not answer (restarting, say): the job waits for the next pass, the bridge goes on
     down = Bridge(do, ExecutorAPI("http://127.0.0.1:9", "veil_0_x"), site, root / "down-state")
-    late = root / "late_job"
-    late.mkdir()
-    (late / "main.py").write_text(COUNT)
-    ds.submit_python_job(user=DO, code_path=str(late / "main.py"), job_name="late", force_submission=True)
+    submit_script(ds, root / "late_job", COUNT, "late")
     job(do, "late").approve()
     seen["executor_down"] = [o.__dict__ for o in down.process()]
     Path(out).write_text(json.dumps(seen, indent=2, default=str))
