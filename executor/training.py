@@ -80,11 +80,8 @@ class Trainer:
         with self.engine.connect() as conn:
             ledger.check(conn, self.catalog, who.project or "", dataset, 2 * eval_rho, request.train.delta,
                          use="training", epsilon=request.train.epsilon)
-        layout = self.layout(dataset, request)
         return TrainingCheck(dataset=dataset.name, epsilon=request.train.epsilon, delta=request.train.delta,
-                             rho=2 * eval_rho, layout=Layout(numeric=list(layout.numeric),
-                                                             categorical=[(n, k) for n, k in layout.categorical],
-                                                             outputs=layout.outputs))
+                             rho=2 * eval_rho, layout=self.wire_layout(dataset, request))
 
     def reserve(self, who: Principal, dataset: Dataset, request: TrainRequest, **values: Any) -> tuple[int, float]:
         """Check the request, then reserve its target (epsilon, delta) and the rho of its two DP releases
@@ -117,16 +114,13 @@ class Trainer:
         request = TrainRequest.model_validate_json(row["request"])
         evaluation = Release.model_validate_json(row["evaluation"]) if row["evaluation"] else None
         rounds = request.federated.rounds if request.federated else 1
-        layout = self.layout(self.catalog.dataset(row["dataset"]), request)
         return JobInfo(id=row["id"], project=row["project"], dataset=row["dataset"], state=row["state"],
                        progress=row["progress"], epoch=row["epoch"], epochs=request.train.epochs * rounds,
                        epsilon=row["epsilon"], target_epsilon=request.train.epsilon, delta=request.train.delta,
                        rows=row["rows"], evaluation=evaluation, error=row["error"], receipt=row["receipt"],
                        created_at=row["created_at"], updated_at=row["updated_at"],
                        study=request.federated.study if request.federated else None, round=row["round"],
-                       rounds=rounds, layout=Layout(numeric=list(layout.numeric),
-                                                    categorical=[list(c) for c in layout.categorical],  # type: ignore[misc]
-                                                    outputs=layout.outputs))
+                       rounds=rounds, layout=self.wire_layout(self.catalog.dataset(row["dataset"]), request))
 
     def listing(self, who: Principal, limit: int) -> list[JobInfo]:
         """The caller's project's jobs (a steward's: every job), newest first, at most `limit`."""
@@ -207,6 +201,12 @@ class Trainer:
                                   f"{rule.max_epsilon_per_model:g} per trained model at this site",
                                   hint=f"ask for epsilon <= {rule.max_epsilon_per_model:g}", status=403)
         models.build_model(request.model, self.layout(dataset, request))
+
+    def wire_layout(self, dataset: Dataset, request: TrainRequest) -> Layout:
+        """`layout` as the researcher receives it."""
+        layout = self.layout(dataset, request)
+        return Layout(numeric=list(layout.numeric), categorical=[(n, k) for n, k in layout.categorical],
+                      outputs=layout.outputs)
 
     def layout(self, dataset: Dataset, request: TrainRequest) -> FeatureLayout:
         """How the request's features are encoded, from public metadata alone."""
